@@ -1,0 +1,123 @@
+// CPU kernel of adakv::score (SnapKV observation-window scoring), the reference backend.
+//
+// Computes, per (batch b, KV head h), fp32 scores [L = N - W] from q_window [B, Hq, W, D] and
+// key [B, Hk, N, D]: window logits (causal inside the window, padding keys excluded), fp32
+// softmax, aggregate over the W window queries (mean or max), reduce over the G query heads
+// of the group (mean or max), then 1-D pooling over the prefix (max / avg / none).
+// Parallelised over the B * Hk (b, h) pairs with at::parallel_for. See docs/semantics.md.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace adakv {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start, float* out,
+                  const ScoreShape& s, float scale, Pooling pooling, int64_t kernel_size,
+                  Reduce aggregate, Reduce gqa_reduce) {
+  const int64_t G = s.Hq / s.Hk, N = s.N, W = s.W, D = s.D, L = s.L;
+  at::parallel_for(0, s.B * s.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kf(N * D), qt(D), logits(N), agg(L), red(L);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.Hk, h = bh % s.Hk;
+      const int64_t ks = key_start ? std::clamp<int64_t>(key_start[b], 0, N) : 0;
+      const scalar_t* kb = k + bh * N * D;
+      for (int64_t i = 0; i < N * D; ++i) kf[i] = static_cast<float>(kb[i]);
+      std::fill(red.begin(), red.end(), 0.0f);
+      for (int64_t g = 0; g < G; ++g) {
+        std::fill(agg.begin(), agg.end(), 0.0f);
+        const scalar_t* qg = q + ((b * s.Hq + h * G + g) * W) * D;
+        for (int64_t t = 0; t < W; ++t) {
+          const int64_t pos = L + t;  // position of this window query
+          if (pos < ks) continue;     // a padding query contributes nothing
+          for (int64_t d = 0; d < D; ++d) qt[d] = static_cast<float>(qg[t * D + d]) * scale;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t n = ks; n <= pos; ++n) {
+            const float* kn = kf.data() + n * D;
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += qt[d] * kn[d];
+            logits[n] = acc;
+            mx = std::max(mx, acc);
+          }
+          float sum = 0.f;
+          for (int64_t n = ks; n <= pos; ++n) {
+            logits[n] = std::exp(logits[n] - mx);
+            sum += logits[n];
+          }
+          const float inv = 1.0f / sum;
+          const int64_t last = std::min(pos + 1, L);  // only prefix columns are scored
+          if (aggregate == Reduce::kMean) {
+            for (int64_t n = ks; n < last; ++n) agg[n] += logits[n] * inv;
+          } else {
+            for (int64_t n = ks; n < last; ++n) agg[n] = std::max(agg[n], logits[n] * inv);
+          }
+        }
+        if (aggregate == Reduce::kMean) {
+          for (int64_t n = 0; n < L; ++n) agg[n] /= static_cast<float>(W);
+        }
+        if (gqa_reduce == Reduce::kMean) {
+          for (int64_t n = 0; n < L; ++n) red[n] += agg[n];
+        } else {
+          for (int64_t n = 0; n < L; ++n) red[n] = g == 0 ? agg[n] : std::max(red[n], agg[n]);
+        }
+      }
+      if (gqa_reduce == Reduce::kMean) {
+        for (int64_t n = 0; n < L; ++n) red[n] /= static_cast<float>(G);
+      }
+      float* o = out + bh * L;
+      const int64_t r = kernel_size / 2;
+      for (int64_t n = 0; n < L; ++n) {
+        if (pooling == Pooling::kNone) {
+          o[n] = red[n];
+          continue;
+        }
+        const int64_t lo = std::max<int64_t>(0, n - r), hi = std::min<int64_t>(L - 1, n + r);
+        if (pooling == Pooling::kMax) {
+          float m = red[lo];
+          for (int64_t j = lo + 1; j <= hi; ++j) m = std::max(m, red[j]);
+          o[n] = m;
+        } else {
+          float acc = 0.f;
+          for (int64_t j = lo; j <= hi; ++j) acc += red[j];
+          o[n] = acc / static_cast<float>(kernel_size);
+        }
+      }
+      for (int64_t n = 0; n < std::min(ks, L); ++n) o[n] = -std::numeric_limits<float>::infinity();
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kernel_size,
+                 c10::string_view pooling, c10::string_view aggregate,
+                 c10::string_view gqa_reduce, const OptTensor& key_start,
+                 c10::optional<double> scale) {
+  const ScoreShape s = validate_score(q_window, key, kernel_size, key_start);
+  const Pooling pool = parse_pooling(std::string(pooling));
+  const Reduce agg = parse_reduce(std::string(aggregate), "aggregate");
+  const Reduce red = parse_reduce(std::string(gqa_reduce), "gqa_reduce");
+  check_key_start_range(key_start, s.N);
+  at::Tensor out = at::empty({s.B, s.Hk, s.L}, q_window.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const float sc = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(s.D))));
+  const int32_t* ks = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "adakv_score", [&] {
+    score_kernel<scalar_t>(q_window.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(), ks,
+                           out.data_ptr<float>(), s, sc, pool, kernel_size, agg, red);
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace adakv

@@ -1,0 +1,137 @@
+"""Typed Python wrappers of ``torch.ops.adakv``.
+
+Each wrapper calls the registered op (so it works in eager mode, under ``torch.compile`` and
+in CUDA graphs) and documents shapes and dtypes. The exact semantics of every argument are in
+``docs/semantics.md``; the op schemas are in ``csrc/bindings.cpp``.
+
+Shapes: batch ``B``, query heads ``Hq``, KV heads ``Hk`` (``Hq % Hk == 0``, query head ``j``
+reads KV head ``j // (Hq // Hk)``), window ``W``, prompt ``N``, prefix ``L = N - W``, head dim
+``D``, segments ``S = B * Hk`` (segment ``s = b * Hk + h``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FlatCache = Tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def score(q_window: Tensor, key: Tensor, kernel_size: int = 7, pooling: str = "max",
+          aggregate: str = "mean", gqa_reduce: str = "mean",
+          key_start: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """SnapKV observation-window scores.
+
+    Args:
+        q_window: ``[B, Hq, W, D]`` the last ``W`` queries (after RoPE); fp32/fp16/bf16.
+        key: ``[B, Hk, N, D]`` keys (after RoPE), same dtype.
+        kernel_size: odd pooling width; pooling: ``"max"``, ``"avg"`` or ``"none"``.
+        aggregate: over window queries, ``"mean"`` or ``"max"``.
+        gqa_reduce: over the query heads of a KV group, ``"mean"`` or ``"max"``.
+        key_start: ``[B]`` int32 first non-padding position per row (left padding).
+        scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, Hk, L]`` float32 scores; padding columns are ``-inf``.
+    """
+    return torch.ops.adakv.score(q_window, key, kernel_size, pooling, aggregate, gqa_reduce,
+                                 key_start, scale)
+
+
+def allocate(scores: Tensor, budget: int, floor_alpha: float = 0.2, adaptive: bool = True,
+             rounding: str = "exact", key_start: Optional[Tensor] = None) -> Tensor:
+    """Ada-KV per-head budgets ``[B, Hk]`` int32 from ``scores [B, Hk, L]`` float32.
+
+    ``budget`` is the average per-head budget ``C`` (window not counted). With
+    ``rounding="exact"`` every evicted row's budgets sum to ``Hk * C``; ``"official"``
+    reproduces the official code's per-head rounding. ``adaptive=False`` gives ``C`` for
+    every head (SnapKV). Rows with no more than ``C`` valid prefix tokens are not evicted and
+    get ``C`` per head.
+    """
+    return torch.ops.adakv.allocate(scores, budget, floor_alpha, adaptive, rounding, key_start)
+
+
+def select(scores: Tensor, budgets: Tensor,
+           key_start: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Segmented top-k: per (b, h) the top ``min(budgets[b, h], valid)`` prefix tokens.
+
+    Returns ``kept_idx [B, Hk, L]`` int32 (kept token indices ascending, then ``-1``) and
+    ``kept_count [B, Hk]`` int32. Ties go to the lower token index.
+    """
+    return torch.ops.adakv.select(scores, budgets, key_start)
+
+
+def compact(key: Tensor, value: Tensor, kept_idx: Tensor, kept_count: Tensor, budgets: Tensor,
+            window: int, reserve: int = 0, rows: Optional[int] = None,
+            key_start: Optional[Tensor] = None) -> FlatCache:
+    """Gather kept prefix tokens and the window into the head-flattened cache.
+
+    Segment ``s`` gets capacity ``budgets[s] + window + reserve``. ``rows`` fixes the total
+    number of rows (static shape; default: the sum of capacities, which needs a host sync on
+    CUDA). Returns ``(k_flat [rows, D], v_flat [rows, D], seg_start [S], seg_len [S])``.
+    """
+    return torch.ops.adakv.compact(key, value, kept_idx, kept_count, budgets, window, reserve,
+                                   rows, key_start)
+
+
+def evict(q_window: Tensor, key: Tensor, value: Tensor, budget: int, floor_alpha: float = 0.2,
+          pooling: str = "max", kernel_size: int = 7, gqa_reduce: str = "mean",
+          adaptive: bool = True, rounding: str = "exact", reserve: int = 0,
+          key_start: Optional[Tensor] = None, aggregate: str = "mean",
+          scale: Optional[float] = None) -> FlatCache:
+    """Score, allocate, select and compact in one call: the main entry point.
+
+    Args:
+        q_window: ``[B, Hq, W, D]``; key, value: ``[B, Hk, N, D]`` (same dtype, after RoPE).
+        budget: average kept prefix tokens per KV head ``C``.
+        floor_alpha: Ada-KV safeguard fraction (``0.2`` with GQA, ``0.5`` without).
+        adaptive: ``False`` gives uniform SnapKV budgets.
+        rounding: ``"exact"`` (static output size) or ``"official"``.
+        reserve: extra rows per segment for in-place decode appends.
+        key_start: ``[B]`` int32 left-padding offsets.
+
+    Returns:
+        ``(k_flat, v_flat, seg_start, seg_len)``; with exact rounding
+        ``k_flat.shape[0] == B * Hk * (budget + W + reserve)``.
+    """
+    return torch.ops.adakv.evict(q_window, key, value, budget, floor_alpha, pooling,
+                                 kernel_size, gqa_reduce, adaptive, rounding, reserve,
+                                 key_start, aggregate, scale)
+
+
+def append_(k_flat: Tensor, v_flat: Tensor, seg_start: Tensor, seg_len: Tensor,
+            key_new: Tensor, value_new: Tensor, overflow: Optional[Tensor] = None) -> None:
+    """Append ``key_new``/``value_new [B, Hk, T, D]`` to every segment, in place.
+
+    Mutates ``k_flat``, ``v_flat``, ``seg_len`` (and ``overflow``). On CPU an append past a
+    segment's capacity raises before anything is written; on CUDA that segment is left
+    unchanged and ``overflow[s]`` is set to 1. With the environment variable ``ADAKV_DEBUG=1``
+    the CUDA overflow flags are checked after every call (a host sync).
+    """
+    if overflow is None and k_flat.is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
+        flags = torch.zeros_like(seg_len)
+        torch.ops.adakv.append_(k_flat, v_flat, seg_start, seg_len, key_new, value_new, flags)
+        bad = torch.nonzero(flags).flatten().tolist()
+        if bad:
+            raise RuntimeError(f"adakv: append_ overflowed the capacity of segments {bad}")
+        return
+    torch.ops.adakv.append_(k_flat, v_flat, seg_start, seg_len, key_new, value_new, overflow)
+
+
+def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: Tensor,
+                     seg_len: Tensor, scale: Optional[float] = None,
+                     return_lse: bool = False):
+    """Attention of ``query [B, Hq, T, D]`` over the flat cache (GQA-aware).
+
+    The ``T`` query tokens are the segment's ``T`` newest tokens (already appended) and
+    attend causally among themselves. Returns ``out [B, Hq, T, D]`` (query dtype), and with
+    ``return_lse=True`` also ``lse [B, Hq, T]`` float32 (natural log; ``-inf`` for an empty
+    segment, whose output is 0).
+    """
+    if return_lse:
+        return torch.ops.adakv.decode_attention_lse(query, k_flat, v_flat, seg_start, seg_len,
+                                                    scale)
+    return torch.ops.adakv.decode_attention(query, k_flat, v_flat, seg_start, seg_len, scale)
