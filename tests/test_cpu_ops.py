@@ -211,6 +211,13 @@ def test_compact_budget_zero_and_window_only(device):
     got = ops.compact(*to(device, key, value, idx, cnt, bud), W)
     for name, g_, e_ in zip(("k_flat", "v_flat", "seg_start", "seg_len"), got, exp):
         assert_equal(g_, e_, name)
+    # window = 0: prefix tokens only (all N positions are selectable)
+    s0 = rand_scores(B, Hk, N, 4)
+    idx0, cnt0 = ref.select_ref(s0, bud)
+    exp = ref.compact_ref(key, value, idx0, cnt0, bud, 0, reserve=1)
+    got = ops.compact(*to(device, key, value, idx0, cnt0, bud), 0, reserve=1)
+    for name, g_, e_ in zip(("k_flat", "v_flat", "seg_start", "seg_len"), got, exp):
+        assert_equal(g_, e_, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +230,7 @@ EVICT_SHAPES = [
     (2, 4, 4, 97, 8, 8, 30, 2, True),  # G = 1
     (3, 6, 2, 50, 8, 8, 64, 1, True),  # C >= L: nothing evicted
     (2, 8, 1, 2999, 64, 64, 256, 8, True),
+    (2, 4, 2, 40, 8, 8, 0, 1, True),  # C = 0: window only
 ]
 EVICT_OPTS = [
     # alpha, pooling, kernel, aggregate, gqa_reduce, rounding, adaptive
