@@ -24,11 +24,11 @@ if has build; then
   echo "build: $(( $(date +%s) - start )) s"
 fi
 if has test; then
-  $PY -m pytest tests -x -q -k "cuda or CUDA" -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | tail -n 40
+  $PY -m pytest tests -q -k "cuda or CUDA" -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | grep -E "FAILED|ERROR|Fatal|passed|failed" | head -n 60
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if has alltests; then
-  $PY -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$out/test_all.log" | tail -n 30
+if has cputests; then
+  $PY -m pytest tests -q -p no:cacheprovider -k "not cuda and not CUDA" 2>&1 | tee "$out/test_cpu.log" | tail -n 30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if has sanitize; then

@@ -1,0 +1,456 @@
+// Split-K decode attention kernel over the head-flattened cache (flash-decoding).
+//
+// One CTA = (segment s, split, query-row block mb), blockIdx.x = (s * num_splits + split) *
+// num_mblocks + mb, so the CTAs that share a K/V chunk run next to each other. The CTA's query
+// rows are rows [mb * kRows, +kRows) of the segment's GT = G * T rows: with G * T <= 16
+// (fp16/bf16) every query head of the KV head is in one CTA and each K/V byte is read from HBM
+// once. The split covers keys [begin, end) of the segment,
+//   chunk = roundup(ceil(len / num_splits), kTileKeys), begin = min(split * chunk, len),
+// computed on device from seg_len: the launch shape depends on tensor shapes only (CUDA graphs).
+// Warp w streams tiles w, w + 4, ... of the split (kTileKeys rows of K and of V each) through its
+// own kStages-deep ring of 16-byte cp.async copies (no CTA barrier inside the key loop), keeps an
+// online-softmax state (m, l, O) per query row in fp32, and the 4 warp states are merged in
+// shared memory at the end. The result is the final output (num_splits == 1) or a normalised
+// fp32 partial plus its base-2 log-sum-exp (merged by decode_merge.cuh).
+// Row r sees keys n < n_r = len - T + 1 + (r % T) (causal among the T newest); a row with no
+// visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/decode_params.cuh"
+
+namespace adakv {
+namespace cuda {
+namespace decode {
+
+constexpr float kLn2 = 0.693147180559945309f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy (L2 only). valid == false zero-fills the destination and reads
+// nothing (rows past the split: zero K and V keep masked products finite).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// D[16x8] += A[16x16] (row) * B[16x8] (col), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one 32-bit register of two 16-bit values (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return uint32_t{__half_as_ushort(h.x)} | (uint32_t{__half_as_ushort(h.y)} << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return uint32_t{__bfloat16_as_ushort(h.x)} | (uint32_t{__bfloat16_as_ushort(h.y)} << 16);
+}
+
+// Stores 8 consecutive values a[i] * scale (16-B aligned destination): one 16-B store for
+// 16-bit types, two for fp32.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float (&a)[8], float scale) {
+  if constexpr (std::is_same_v<T, float>) {
+    reinterpret_cast<float4*>(dst)[0] =
+        make_float4(a[0] * scale, a[1] * scale, a[2] * scale, a[3] * scale);
+    reinterpret_cast<float4*>(dst)[1] =
+        make_float4(a[4] * scale, a[5] * scale, a[6] * scale, a[7] * scale);
+  } else {
+    uint4 u;
+    u.x = pack2<T>(a[0] * scale, a[1] * scale);
+    u.y = pack2<T>(a[2] * scale, a[3] * scale);
+    u.z = pack2<T>(a[4] * scale, a[5] * scale);
+    u.w = pack2<T>(a[6] * scale, a[7] * scale);
+    *reinterpret_cast<uint4*>(dst) = u;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Issues the copies of one warp tile: kTileKeys rows of K and V starting at cache row `row0`
+// into the (swizzled) shared tiles at byte addresses sk / sv. Only the first `valid_rows` rows
+// are read; the others are zero-filled.
+template <typename Tr, typename T>
+__device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __restrict__ k,
+                                          const T* __restrict__ v, int64_t row0, int valid_rows,
+                                          int lane) {
+  constexpr int kChunks = Tr::kTileKeys * Tr::kCPR;
+  constexpr int D = Tr::kCPR * Tr::kEPC;
+#pragma unroll
+  for (int it = 0; it < (kChunks + 31) / 32; ++it) {
+    const int i = lane + it * 32;
+    if (kChunks % 32 == 0 || i < kChunks) {
+      const int r = i / Tr::kCPR, c = i % Tr::kCPR;
+      const bool ok = r < valid_rows;
+      // bounds: only rows < valid_rows (inside the split, hence inside the clamped segment and
+      // the cache) are read; the others read nothing (src-size 0) and use the base pointer.
+      const int64_t off = ok ? (row0 + r) * D + c * Tr::kEPC : 0;
+      const uint32_t dst = static_cast<uint32_t>(r * Tr::kCPR + (c ^ (r & Tr::kSwz))) * 16u;
+      cp_async_16(sk + dst, k + off, ok);
+      cp_async_16(sv + dst, v + off, ok);
+    }
+  }
+}
+
+// Cross-warp merge of the per-warp states (o_s [warp][row][kLdO] unnormalised, m_s / l_s
+// [warp][row], base-2 max and sum) and the store of the CTA's rows: final output + lse when
+// num_splits == 1, else the normalised fp32 partial and its base-2 lse.
+template <typename Tr, typename T>
+__device__ __forceinline__ void combine_and_store(const DecodeParams& p, const float* o_s,
+                                                  const float* m_s, const float* l_s, int s,
+                                                  int split, int row_base) {
+  constexpr int D = Tr::kCPR * Tr::kEPC;
+  constexpr int kGroups = D / 8;  // 8 dims per item: one 16-B store of a 16-bit output
+  static_assert(D % 8 == 0, "head dim must be a multiple of 8");
+  for (int i = threadIdx.x; i < Tr::kRows * kGroups; i += Tr::kThreads) {
+    const int r = i / kGroups, d0 = (i % kGroups) * 8;
+    const int rg = row_base + r;
+    if (rg >= p.GT) continue;  // padding rows of the last query block
+    float M = neg_inf();
+#pragma unroll
+    for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
+    float L = 0.f;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (M != neg_inf()) {
+#pragma unroll
+      for (int w = 0; w < Tr::kWarps; ++w) {
+        const float wgt = exp2f(m_s[w * Tr::kRows + r] - M);  // 0 for an empty warp (-inf)
+        L += wgt * l_s[w * Tr::kRows + r];
+        const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
+        const float4 a = src[0], b = src[1];
+        acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
+        acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
+      }
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;  // L > 0 iff some key was visible
+    const int64_t row = static_cast<int64_t>(s) * p.GT + rg;
+    if (p.num_splits == 1) {
+      store8<T>(static_cast<T*>(p.out) + row * D + d0, acc, inv);
+      if (p.lse != nullptr && d0 == 0) p.lse[row] = L > 0.f ? (M + log2f(L)) * kLn2 : neg_inf();
+    } else {
+      const int64_t prow = static_cast<int64_t>(split) * p.S * p.GT + row;
+      store8<float>(p.part_o + prow * D + d0, acc, inv);
+      if (d0 == 0) p.part_lse[prow] = L > 0.f ? M + log2f(L) : neg_inf();
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
+    decode_split_kernel(const DecodeParams p) {
+  using Tr = DecodeTraits<T, D>;
+  constexpr int kWarps = Tr::kWarps, kRows = Tr::kRows, kTileKeys = Tr::kTileKeys;
+  constexpr int kStages = Tr::kStages, kCPR = Tr::kCPR, kEPC = Tr::kEPC, kSwz = Tr::kSwz;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int bid = blockIdx.x;
+  const int mb = bid % p.num_mblocks;
+  bid /= p.num_mblocks;
+  const int split = bid % p.num_splits;
+  const int s = bid / p.num_splits;
+
+  // bounds: the segment geometry comes from device memory; clamp it into the cache so that
+  // every row read below lies in [0, rows).
+  const int64_t start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
+  const int64_t len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - start);
+  int64_t chunk = (len + p.num_splits - 1) / p.num_splits;
+  chunk = (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int begin = static_cast<int>(min(static_cast<int64_t>(split) * chunk, len));
+  const int end = static_cast<int>(min(static_cast<int64_t>(begin) + chunk, len));
+  const int n_tiles = (end - begin + kTileKeys - 1) / kTileKeys;
+  const int my_tiles = warp < n_tiles ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
+  const int row_base = mb * kRows;
+
+  const T* __restrict__ kp = static_cast<const T*>(p.k);
+  const T* __restrict__ vp = static_cast<const T*>(p.v);
+  unsigned char* ring = smem + Tr::kQBytes;
+  const uint32_t ring_addr = smem_addr(ring) + static_cast<uint32_t>(warp * kStages * Tr::kStageBytes);
+  constexpr uint32_t kVOffset = Tr::kTileElems * sizeof(T);
+  auto tile_key0 = [&](int j) { return begin + (warp + j * kWarps) * kTileKeys; };
+  auto issue = [&](int j) {
+    const int key0 = tile_key0(j);
+    const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
+    load_tile<Tr>(sk, sk + kVOffset, kp, vp, start + key0, end - key0, lane);
+  };
+  // Exclusive key limit of local query row r, clamped into [begin, end] (begin: no key).
+  auto row_limit = [&](int r) -> int {
+    const int rg = row_base + r;
+    if (rg >= p.GT) return begin;
+    const int64_t n = len - p.T + 1 + rg % p.T;
+    return static_cast<int>(min(max(n, static_cast<int64_t>(begin)), static_cast<int64_t>(end)));
+  };
+
+  // Prologue: put kStages - 1 tiles in flight (empty groups keep the group count uniform).
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < my_tiles) issue(st);
+    cp_async_commit();
+  }
+
+  float* o_s = reinterpret_cast<float*>(ring);
+  float* m_s = o_s + kWarps * kRows * Tr::kLdO;
+  float* l_s = m_s + kWarps * kRows;
+
+  if constexpr (Tr::kMma) {
+    static_assert(kSwz == 7 && D % 16 == 0, "mma path needs D >= 64");
+    // Q tile [kRows][D] in shared memory (swizzled like K/V), rows past GT zero.
+    T* q_s = reinterpret_cast<T*>(smem);
+    const T* __restrict__ qp = static_cast<const T*>(p.q);
+    for (int i = threadIdx.x; i < kRows * kCPR; i += Tr::kThreads) {
+      const int r = i / kCPR, c = i % kCPR, rg = row_base + r;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (rg < p.GT) {
+        val = *reinterpret_cast<const uint4*>(qp + (static_cast<int64_t>(s) * p.GT + rg) * D +
+                                              c * kEPC);
+      }
+      *reinterpret_cast<uint4*>(q_s + (r * kCPR + (c ^ (r & kSwz))) * kEPC) = val;
+    }
+    __syncthreads();
+
+    // Fragment ownership (m16n8k16): this lane holds rows r_lo = lane / 4 and r_lo + 8 and key
+    // columns (lane % 4) * 2 + {0, 1} (+ 8) of S, and the same rows of O.
+    const int r_lo = lane >> 2;
+    const int lim_lo = row_limit(r_lo), lim_hi = row_limit(r_lo + 8);
+    // ldmatrix source rows: A operand (Q) and V^T (trans) use matrices (rows 0-7 | 8-15) x
+    // (chunk 2k | 2k + 1) in the order lo/lo, hi/lo, lo/hi, hi/hi; K uses lo/lo, lo/hi, hi/lo,
+    // hi/hi so that registers {0, 1} / {2, 3} are the two 8-key n-tiles.
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
+    const int sw = lane & 7;  // == row & 7 for every source row above
+    const uint32_t q_addr = smem_addr(q_s);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.f, l_hi = 0.f;
+
+    for (int j = 0; j < my_tiles; ++j) {
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();  // this lane's copies of tile j have landed
+      __syncwarp();                  // ... and every lane's are visible
+      const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
+      const uint32_t sv = sk + kVOffset;
+
+      // S = Q K^T (16 rows x 16 keys)
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, q_addr + static_cast<uint32_t>(a_row * kCPR + ((2 * ks + a_chunk) ^ sw)) * 16u);
+        ldmatrix_x4(b, sk + static_cast<uint32_t>(b_row * kCPR + ((2 * ks + b_chunk) ^ sw)) * 16u);
+        mma_16816<T>(sc[0], a, b[0], b[1]);
+        mma_16816<T>(sc[1], a, b[2], b[3]);
+      }
+
+      // scale (base 2), causal / split mask, online softmax
+      const int kc = tile_key0(j) + (lane & 3) * 2;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = kc + nt * 8 + e;
+          sc[nt][e] = n < lim_lo ? sc[nt][e] * p.scale_log2 : neg_inf();
+          sc[nt][2 + e] = n < lim_hi ? sc[nt][2 + e] * p.scale_log2 : neg_inf();
+        }
+      }
+      float mx_lo = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+      float mx_hi = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+      // a row with no visible key so far keeps m = -inf; subtract 0 then (exp2(-inf) = 0)
+      const float mu_lo = mn_lo == neg_inf() ? 0.f : mn_lo;
+      const float mu_hi = mn_hi == neg_inf() ? 0.f : mn_hi;
+      const float c_lo = exp2f(m_lo - mu_lo), c_hi = exp2f(m_hi - mu_hi);
+      m_lo = mn_lo;
+      m_hi = mn_hi;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        sc[nt][0] = exp2f(sc[nt][0] - mu_lo);
+        sc[nt][1] = exp2f(sc[nt][1] - mu_lo);
+        sc[nt][2] = exp2f(sc[nt][2] - mu_hi);
+        sc[nt][3] = exp2f(sc[nt][3] - mu_hi);
+      }
+      l_lo = l_lo * c_lo + (sc[0][0] + sc[0][1]) + (sc[1][0] + sc[1][1]);
+      l_hi = l_hi * c_hi + (sc[0][2] + sc[0][3]) + (sc[1][2] + sc[1][3]);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][0] *= c_lo;
+        o[i][1] *= c_lo;
+        o[i][2] *= c_hi;
+        o[i][3] *= c_hi;
+      }
+
+      // O += P V: the two S n-tiles (C layout) are exactly the A fragment of a k16 step.
+      const uint32_t pa[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
+                              pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sv + static_cast<uint32_t>(a_row * kCPR + ((2 * dp + a_chunk) ^ sw)) * 16u);
+        mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
+        mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
+      }
+      __syncwarp();  // all lanes are done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    __syncthreads();  // every warp is done with the ring: reuse it for the cross-warp merge
+    float* ow = o_s + warp * kRows * Tr::kLdO;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = i * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(ow + r_lo * Tr::kLdO + col) = make_float2(o[i][0], o[i][1]);
+      *reinterpret_cast<float2*>(ow + (r_lo + 8) * Tr::kLdO + col) = make_float2(o[i][2], o[i][3]);
+    }
+    if ((lane & 3) == 0) {
+      m_s[warp * kRows + r_lo] = m_lo;
+      m_s[warp * kRows + r_lo + 8] = m_hi;
+      l_s[warp * kRows + r_lo] = l_lo;
+      l_s[warp * kRows + r_lo + 8] = l_hi;
+    }
+  } else {
+    // CUDA-core path (fp32, small head dims): lane owns dims d = lane + 32 i; every lane keeps
+    // the (warp-uniform) m, l of all kRows rows. One key at a time, warp-reduced dot products.
+    constexpr int kDPL = Tr::kDimsPerLane;
+    const T* __restrict__ qp = static_cast<const T*>(p.q);
+    float q[kRows][kDPL], acc[kRows][kDPL], m[kRows], l[kRows];
+    int lim[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int rg = row_base + r;
+#pragma unroll
+      for (int i = 0; i < kDPL; ++i) {
+        const int d = lane + 32 * i;
+        q[r][i] = (rg < p.GT && (D % 32 == 0 || d < D))
+                      ? to_float(qp[(static_cast<int64_t>(s) * p.GT + rg) * D + d])
+                      : 0.f;
+        acc[r][i] = 0.f;
+      }
+      m[r] = neg_inf();
+      l[r] = 0.f;
+      lim[r] = row_limit(r);
+    }
+    const T* ring_t = reinterpret_cast<const T*>(ring + warp * kStages * Tr::kStageBytes);
+    for (int j = 0; j < my_tiles; ++j) {
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();
+      const T* tk = ring_t + (j % kStages) * (2 * Tr::kTileElems);
+      const T* tv = tk + Tr::kTileElems;
+      const int key0 = tile_key0(j);
+      const int nk = min(kTileKeys, end - key0);
+      for (int kk = 0; kk < nk; ++kk) {
+        float kv[kDPL], vv[kDPL];
+#pragma unroll
+        for (int i = 0; i < kDPL; ++i) {
+          const int d = lane + 32 * i;
+          const int idx = kk * D + ((d / kEPC) ^ (kk & kSwz)) * kEPC + d % kEPC;
+          const bool ok = D % 32 == 0 || d < D;
+          kv[i] = ok ? to_float(tk[idx]) : 0.f;
+          vv[i] = ok ? to_float(tv[idx]) : 0.f;
+        }
+        const int n = key0 + kk;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < kDPL; ++i) dot = fmaf(q[r][i], kv[i], dot);
+          dot = warp_sum(dot);
+          if (n < lim[r]) {  // warp-uniform
+            const float x = dot * p.scale_log2;
+            const float mn = fmaxf(m[r], x);
+            const float c = exp2f(m[r] - mn), pr = exp2f(x - mn);
+            l[r] = l[r] * c + pr;
+#pragma unroll
+            for (int i = 0; i < kDPL; ++i) acc[r][i] = fmaf(pr, vv[i], acc[r][i] * c);
+            m[r] = mn;
+          }
+        }
+      }
+      __syncwarp();
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring: reuse it for the cross-warp merge
+    float* ow = o_s + warp * kRows * Tr::kLdO;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int i = 0; i < kDPL; ++i) {
+        const int d = lane + 32 * i;
+        if (D % 32 == 0 || d < D) ow[r * Tr::kLdO + d] = acc[r][i];
+      }
+      if (lane == 0) {
+        m_s[warp * kRows + r] = m[r];
+        l_s[warp * kRows + r] = l[r];
+      }
+    }
+  }
+  __syncthreads();
+  combine_and_store<Tr, T>(p, o_s, m_s, l_s, s, split, row_base);
+}
+
+}  // namespace decode
+}  // namespace cuda
+}  // namespace adakv

@@ -1,0 +1,76 @@
+// Log-sum-exp merge of the split partials of decode_kernel.cuh.
+//
+// One warp per query row (n_rows = S * G * T), 4 rows per 128-thread CTA; lane owns dims
+// lane * 4 + 128 i (16-byte fp32 loads). out = sum_i w_i o_i / sum_i w_i with
+// w_i = 2^(lse_i - max_i lse_i) (partials are normalised, lse_i base 2, -inf when empty);
+// lse = (max + log2(sum w)) * ln 2. A row whose every partial is empty gets out 0, lse -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/decode_kernel.cuh"
+
+namespace adakv {
+namespace cuda {
+namespace decode {
+
+constexpr int kMergeThreads = 128;
+constexpr int kMergeRowsPerCta = kMergeThreads / 32;
+
+// Stores 4 consecutive values (fp32: 16 B, 16-bit: 8 B).
+template <typename T>
+__device__ __forceinline__ void store4(T* dst, float4 a) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(dst) = a;
+  } else {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a.x, a.y), pack2<T>(a.z, a.w));
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const MergeParams p) {
+  static_assert(D % 4 == 0, "head dim must be a multiple of 4");
+  constexpr int kIters = (D + 127) / 128;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + (threadIdx.x >> 5);
+  if (row >= p.n_rows) return;  // bounds: grid rounds n_rows up to whole CTAs
+
+  float M = neg_inf();
+  for (int sp = 0; sp < p.num_splits; ++sp) M = fmaxf(M, p.part_lse[sp * p.n_rows + row]);
+  float sum = 0.f;
+  float4 acc[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (M != neg_inf()) {
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const int64_t prow = sp * p.n_rows + row;
+      const float w = exp2f(p.part_lse[prow] - M);  // 0 for an empty partial
+      sum += w;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int d = lane * 4 + it * 128;
+        if (D % 128 == 0 || d < D) {
+          const float4 x = *reinterpret_cast<const float4*>(p.part_o + prow * D + d);
+          acc[it].x += w * x.x;
+          acc[it].y += w * x.y;
+          acc[it].z += w * x.z;
+          acc[it].w += w * x.w;
+        }
+      }
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int d = lane * 4 + it * 128;
+    if (D % 128 == 0 || d < D) {
+      store4<T>(static_cast<T*>(p.out) + row * D + d,
+                make_float4(acc[it].x * inv, acc[it].y * inv, acc[it].z * inv, acc[it].w * inv));
+    }
+  }
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = sum > 0.f ? (M + log2f(sum)) * kLn2 : neg_inf();
+}
+
+}  // namespace decode
+}  // namespace cuda
+}  // namespace adakv

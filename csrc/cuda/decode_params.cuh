@@ -1,0 +1,97 @@
+// Parameters and compile-time traits of the decode_attention kernels (decode_kernel.cuh: the
+// split-K attention kernel, decode_merge.cuh: the log-sum-exp merge of the split partials).
+//
+// Problem view: query [B, Hq, T, D] is read as [S, GT, D] with S = B * Hk segments and
+// GT = G * T query rows per segment (row r = g * T + t of segment s = b * Hk + h is query head
+// j = h * G + g, token t): the GT rows of a KV head are contiguous, so are their outputs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+
+namespace adakv {
+namespace cuda {
+namespace decode {
+
+struct DecodeParams {
+  const void* __restrict__ q;          // [S, GT, D] query dtype
+  const void* __restrict__ k;          // [rows, D]
+  const void* __restrict__ v;          // [rows, D]
+  const int32_t* __restrict__ seg_start;  // [S]
+  const int32_t* __restrict__ seg_len;    // [S]
+  void* __restrict__ out;              // [S, GT, D] query dtype (written when num_splits == 1)
+  float* __restrict__ lse;             // [S, GT] natural log, or nullptr (num_splits == 1)
+  float* __restrict__ part_o;          // [num_splits, S, GT, D] fp32, normalised (num_splits > 1)
+  float* __restrict__ part_lse;        // [num_splits, S, GT] base-2 lse of each partial
+  int64_t rows;                        // cache rows (bounds for seg_start / seg_len)
+  int S, GT, T;
+  int num_splits, num_mblocks;
+  float scale_log2;                    // softmax scale * log2(e): logits are kept in base 2
+};
+
+struct MergeParams {
+  const float* __restrict__ part_o;    // [num_splits, n_rows, D]
+  const float* __restrict__ part_lse;  // [num_splits, n_rows] base 2, -inf for an empty partial
+  void* __restrict__ out;              // [n_rows, D] query dtype
+  float* __restrict__ lse;             // [n_rows] natural log, or nullptr
+  int64_t n_rows;                      // S * GT
+  int num_splits;
+};
+
+// Compile-time shape of one CTA of the split kernel.
+//   * kMma: fp16/bf16 with D >= 64 use mma.sync m16n8k16 (fp32 accumulate) for Q.K^T and P.V,
+//     with a 16-row query tile (kRows) shared by the 4 warps; fp32 (the test path) and the small
+//     head dims 8/16/32 use a plain CUDA-core path (one lane per head dim, warp reductions).
+//   * Each warp streams its own key tiles (kTileKeys rows of K and V) through a kStages-deep
+//     cp.async ring in shared memory; warp w takes tiles w, w + 4, w + 8, ... of the split.
+template <typename T, int D>
+struct DecodeTraits {
+  static constexpr bool kIsFloat = std::is_same_v<T, float>;
+  static constexpr bool kMma = !kIsFloat && D >= 64;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = kMma ? 16 : 8;        // query rows per CTA (grid dim "mblock")
+  static constexpr int kTileKeys = kMma ? 16 : 8;    // keys per warp per pipeline stage
+  static constexpr int kEPC = 16 / static_cast<int>(sizeof(T));  // elements per 16-B chunk
+  static constexpr int kCPR = D / kEPC;              // 16-B chunks per K/V row
+  static_assert(D % kEPC == 0, "a K/V row must be a whole number of 16-byte chunks");
+  // XOR swizzle of 16-B chunks within a row (chunk c of row r lives at c ^ (r & kSwz)):
+  // 8 consecutive rows read at one logical chunk hit 8 different 16-B bank groups.
+  static constexpr int kSwz = (kCPR >= 8 ? 8 : kCPR) - 1;
+  static constexpr int kTileElems = kTileKeys * D;   // one K (or V) tile
+  static constexpr int kStageBytes = 2 * kTileElems * static_cast<int>(sizeof(T));
+  static constexpr int kStages = kStageBytes <= 8192 ? 3 : 2;
+  static constexpr int kDimsPerLane = (D + 31) / 32; // CUDA-core path: dims d = lane + 32 i
+  // Shared memory: [Q tile (mma path)] [ring: warp x stage x {K, V} x tile] ; the ring is
+  // reused after the key loop for the cross-warp merge: o [warp][row][kLdO] + m, l [warp][row].
+  static constexpr int kLdO = D + 4;                 // fp32 row stride (16-B aligned, fewer conflicts)
+  static constexpr int kQBytes = kMma ? kRows * D * static_cast<int>(sizeof(T)) : 0;
+  static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
+  static constexpr int kMergeBytes = (kWarps * kRows * kLdO + 2 * kWarps * kRows) * 4;
+  static constexpr int kSmemBytes =
+      kQBytes + (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes);
+  static_assert(kQBytes % 128 == 0, "ring must stay 128-B aligned");
+};
+
+}  // namespace decode
+}  // namespace cuda
+}  // namespace adakv
+
+// Head dims the CUDA decode kernels are built for. 64 / 128 / 256 are the tuned sizes (tensor
+// cores for fp16/bf16); 8 / 16 / 32 run the CUDA-core path (small test models).
+#define ADAKV_DECODE_HEADDIM_SWITCH(HEAD_DIM, NAME, ...)                                     \
+  [&] {                                                                                      \
+    switch (HEAD_DIM) {                                                                      \
+      case 8: { constexpr int NAME = 8; return __VA_ARGS__(); }                              \
+      case 16: { constexpr int NAME = 16; return __VA_ARGS__(); }                            \
+      case 32: { constexpr int NAME = 32; return __VA_ARGS__(); }                            \
+      case 64: { constexpr int NAME = 64; return __VA_ARGS__(); }                            \
+      case 128: { constexpr int NAME = 128; return __VA_ARGS__(); }                          \
+      case 256: { constexpr int NAME = 256; return __VA_ARGS__(); }                          \
+      default:                                                                               \
+        TORCH_CHECK(false, "adakv: decode_attention is not implemented for CUDA with head dim ", \
+                    (HEAD_DIM), " (supported: 8, 16, 32, 64, 128, 256)");                    \
+    }                                                                                        \
+  }()

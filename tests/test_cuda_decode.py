@@ -1,0 +1,355 @@
+"""CUDA decode_attention / decode_attention_lse against the CPU op (the reference backend).
+
+Covers: random segment lengths including 0 and == capacity, GQA groups 1/4/8, batch 1/3,
+T 1/3 (and up to 8, more query blocks than one CTA), head dims 64/128/256 (tensor-core path)
+and 8/16/32 (CUDA-core path), fp32/fp16/bf16, lse, custom scale, the split-K path (few long
+segments) and the single-split path (many short segments), long segments (32K), rows past
+seg_len poisoned with NaN (never read), out-of-range metadata (clamped on CUDA), opcheck,
+no host sync, CUDA-graph capture + replay after in-place cache updates, and clear errors for
+unsupported shapes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from conftest import assert_equal, gen, rel_err, requires_ops
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+    requires_ops,
+]
+
+A = torch.ops.adakv if hasattr(torch.ops, "adakv") else None
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["fp32", "fp16", "bf16"]
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def flat_cache(caps, lens, D, dtype, seed, extra_rows=5, order=None, gap=0):
+    """Flat cache with segment capacities ``caps`` and lengths ``lens`` (CPU tensors).
+
+    Rows past each segment's length (and the spare rows at the end, which belong to the last
+    segment by position) hold NaN: they must never be read. ``order`` lays the segments out in
+    memory in that order (default: ascending), ``gap`` rows of NaN between consecutive blocks.
+    """
+    caps = torch.as_tensor(caps, dtype=torch.long)
+    lens = torch.as_tensor(lens, dtype=torch.long)
+    S = caps.numel()
+    order = list(range(S)) if order is None else list(order)
+    st = torch.zeros(S, dtype=torch.long)
+    pos = 0
+    for s in order:
+        st[s] = pos
+        pos += int(caps[s]) + gap
+    rows = pos + extra_rows
+    g = gen(seed)
+    kf = torch.full((rows, D), float("nan"))
+    vf = torch.full((rows, D), float("nan"))
+    for s in range(S):
+        a, n = int(st[s]), int(lens[s])
+        kf[a : a + n] = torch.randn(n, D, generator=g)
+        vf[a : a + n] = torch.randn(n, D, generator=g)
+    return kf.to(dtype), vf.to(dtype), st.int(), lens.int()
+
+
+def random_lens(caps, T, g):
+    """Random lengths in [0, cap]; first segment empty, last full, second shorter than T."""
+    caps = torch.as_tensor(caps, dtype=torch.long)
+    lens = (torch.rand(caps.numel(), generator=g, dtype=torch.float64) * (caps + 1)).long()
+    lens = lens.clamp(max=caps)
+    lens[0] = 0
+    lens[-1] = caps[-1]
+    if caps.numel() > 2:
+        lens[1] = min(int(caps[1]), max(T - 1, 1))
+    return lens
+
+
+def make_case(B, Hq, Hk, T, D, dtype, seed, cap_lo=None, cap_hi=300, q_scale=2.0, **kw):
+    g = gen(seed)
+    S = B * Hk
+    cap_lo = T if cap_lo is None else cap_lo
+    caps = torch.randint(cap_lo, cap_hi + 1, (S,), generator=g)
+    lens = random_lens(caps, T, g)
+    kf, vf, st, ln = flat_cache(caps, lens, D, dtype, seed + 1, **kw)
+    q = (torch.randn((B, Hq, T, D), generator=g) * q_scale).to(dtype)
+    return q, kf, vf, st, ln
+
+
+def cuda(*ts):
+    return tuple(t.cuda() for t in ts)
+
+
+def cpu_ref(q, kf, vf, st, ln, scale=None):
+    return A.decode_attention_lse(q.cpu(), kf.cpu(), vf.cpu(), st.cpu(), ln.cpu(), scale)
+
+
+def check(out, lse, exp_out, exp_lse, dtype):
+    out, lse = out.cpu(), lse.cpu()
+    assert out.dtype == dtype and tuple(out.shape) == tuple(exp_out.shape)
+    assert lse.dtype == torch.float32 and tuple(lse.shape) == tuple(exp_lse.shape)
+    assert torch.isfinite(out).all(), "non-finite output (poisoned row read?)"
+    empty = torch.isneginf(exp_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "empty rows differ"
+    assert (out[empty] == 0).all(), "rows without visible keys must be 0"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, exp_out) < tol
+    # per query row too, so that one wrong row cannot hide in the global norm
+    o, e = out.double().flatten(0, 2), exp_out.double().flatten(0, 2)
+    row_err = (o - e).norm(dim=-1) / e.norm(dim=-1).clamp_min(1e-3)
+    assert row_err.max().item() < 5 * tol, f"worst row error {row_err.max().item():.3g}"
+    fin = ~empty
+    torch.testing.assert_close(lse[fin], exp_lse[fin], rtol=1e-5,
+                               atol=1e-5 if dtype == torch.float32 else 1e-4)
+
+
+def run_and_check(q, kf, vf, st, ln, dtype, scale=None):
+    exp_out, exp_lse = cpu_ref(q, kf, vf, st, ln, scale)
+    args = cuda(q, kf, vf, st, ln)
+    out = A.decode_attention(*args, scale)
+    out2, lse = A.decode_attention_lse(*args, scale)
+    check(out2, lse, exp_out, exp_lse, dtype)
+    assert_equal(out, out2, "decode_attention vs decode_attention_lse")
+    assert_equal(args[1].cpu(), kf, "k_flat untouched")
+    assert_equal(args[4].cpu(), ln, "seg_len untouched")
+    return out2, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness vs the CPU op
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_matches_cpu(B, G, T, D, dtype):
+    Hk = 2
+    sd = seed_of("cuda_decode", B, G, T, D, str(dtype))
+    q, kf, vf, st, ln = make_case(B, G * Hk, Hk, T, D, dtype, sd)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_decode_custom_scale(D, dtype):
+    sd = seed_of("cuda_decode_scale", D, str(dtype))
+    q, kf, vf, st, ln = make_case(2, 8, 2, 2, D, dtype, sd, q_scale=1.0)
+    for scale in (0.37, 1.0 / 64, 0.0):
+        run_and_check(q, kf, vf, st, ln, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("G,T", [(4, 8), (8, 5), (16, 1), (2, 16)])
+def test_decode_many_query_rows(G, T, dtype):
+    """G * T > 16: the query rows of one KV head span several CTAs."""
+    sd = seed_of("cuda_decode_rows", G, T, str(dtype))
+    q, kf, vf, st, ln = make_case(2, 2 * G, 2, T, 128, dtype, sd)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [8, 16, 32])
+def test_decode_small_head_dims(D, dtype):
+    sd = seed_of("cuda_decode_small", D, str(dtype))
+    q, kf, vf, st, ln = make_case(3, 8, 2, 3, D, dtype, sd)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_decode_single_split_many_segments(dtype):
+    """Many short segments (batch 64, Llama-8B heads): one split, no merge kernel."""
+    sd = seed_of("cuda_decode_nosplit", str(dtype))
+    q, kf, vf, st, ln = make_case(64, 32, 8, 1, 128, dtype, sd, cap_lo=1, cap_hi=60)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_long_segments(T, dtype):
+    """32K-token segments (batch 1, Llama-8B heads): many splits merged by log-sum-exp."""
+    sd = seed_of("cuda_decode_long", T, str(dtype))
+    g = gen(sd)
+    caps = torch.tensor([32768 + 64, 32768, 20000, 64, 32768, 1, 17, 31000])
+    lens = torch.tensor([32768, 32768, 1234, 0, 32767, 1, 17, 30001])
+    kf, vf, st, ln = flat_cache(caps, lens, 128, dtype, sd)
+    q = (torch.randn((1, 32, T, 128), generator=g) * 2).to(dtype)
+    run_and_check(q, kf, vf, st, ln, dtype, scale=None if T == 1 else 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_segments_out_of_order_with_gaps(dtype):
+    sd = seed_of("cuda_decode_order", str(dtype))
+    g = gen(sd)
+    S = 6
+    caps = torch.randint(3, 200, (S,), generator=g)
+    lens = random_lens(caps, 2, g)
+    kf, vf, st, ln = flat_cache(caps, lens, 64, dtype, sd, order=[4, 1, 5, 0, 3, 2], gap=7)
+    q = (torch.randn((2, 12, 2, 64), generator=g) * 2).to(dtype)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float16, 256),
+                                     (torch.float32, 128), (torch.bfloat16, 16)],
+                         ids=["bf16-64", "fp16-256", "fp32-128", "bf16-16"])
+@pytest.mark.parametrize("cap_hi", [40, 700], ids=["short", "split"])
+def test_decode_sanitize_small(dtype, D, cap_hi):
+    """Small cases for compute-sanitizer (memcheck / racecheck): both the single-split and the
+    split + merge paths, empty / full / shorter-than-T segments, NaN-poisoned spare rows."""
+    sd = seed_of("cuda_decode_san", str(dtype), D, cap_hi)
+    q, kf, vf, st, ln = make_case(1, 8, 2, 3, D, dtype, sd, cap_hi=cap_hi)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_out_of_range_metadata_is_clamped(dtype):
+    """seg_start / seg_len outside the cache: CUDA clamps (no host sync to raise), reads
+    nothing outside [0, rows) and matches the CPU op on the clamped metadata."""
+    sd = seed_of("cuda_decode_clamp", str(dtype))
+    caps = [30, 50, 40, 20]
+    kf, vf, st, ln = flat_cache(caps, [30, 50, 40, 20], 64, dtype, sd, extra_rows=0)
+    rows = kf.shape[0]
+    st_bad = st.clone()
+    ln_bad = ln.clone()
+    st_bad[0] = -7  # -> 0
+    ln_bad[1] = 10**6  # -> rows - st[1]
+    ln_bad[2] = -3  # -> 0
+    st_bad[3] = rows + 100  # -> rows, length 0
+    st_ok = st_bad.clamp(0, rows)
+    ln_ok = torch.minimum(ln_bad.clamp(min=0), rows - st_ok).int()
+    kf = torch.nan_to_num(kf, nan=0.5)  # every row may now be read legitimately
+    vf = torch.nan_to_num(vf, nan=-0.5)
+    q = (torch.randn((2, 4, 1, 64), generator=gen(sd)) * 2).to(dtype)
+    exp_out, exp_lse = cpu_ref(q, kf, vf, st_ok.int(), ln_ok)
+    out, lse = A.decode_attention_lse(*cuda(q, kf, vf, st_bad.int(), ln_bad.int()))
+    check(out, lse, exp_out, exp_lse, dtype)
+
+
+def test_decode_zero_query_heads():
+    q = torch.empty((2, 0, 1, 64), device="cuda")
+    kf, vf, st, ln = cuda(*flat_cache([4, 4], [2, 3], 64, torch.float32, 1))
+    out, lse = A.decode_attention_lse(q, kf, vf, st, ln)
+    assert out.shape == (2, 0, 1, 64) and lse.shape == (2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def test_decode_unsupported_head_dim_raises():
+    q, kf, vf, st, ln = cuda(*make_case(1, 4, 2, 1, 80, torch.bfloat16, 3))
+    with pytest.raises(RuntimeError, match="not implemented for CUDA"):
+        A.decode_attention(q, kf, vf, st, ln)
+    with pytest.raises(RuntimeError, match="not implemented for CUDA"):
+        A.decode_attention_lse(q, kf, vf, st, ln)
+
+
+def test_decode_misaligned_view_raises():
+    q, kf, vf, st, ln = cuda(*make_case(1, 4, 2, 1, 64, torch.bfloat16, 4))
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_odd = flat[1:].view(q.shape)  # contiguous, 2-byte aligned only
+    q_odd.copy_(q)
+    with pytest.raises(RuntimeError, match="not implemented for CUDA"):
+        A.decode_attention(q_odd, kf, vf, st, ln)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck, host sync, CUDA graphs
+
+
+OPCHECK_CASES = [
+    # B, Hq, Hk, T, D, dtype, cap_hi
+    (1, 8, 2, 1, 64, torch.bfloat16, 600),  # split path
+    (3, 4, 4, 3, 128, torch.float32, 50),
+    (2, 16, 2, 2, 256, torch.float16, 80),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=["bf16-split", "fp32-T3", "fp16-d256"])
+def test_decode_opcheck_cuda(case):
+    B, Hq, Hk, T, D, dtype, cap_hi = case
+    q, kf, vf, st, ln = cuda(*make_case(B, Hq, Hk, T, D, dtype, 11, cap_hi=cap_hi))
+    for scale in (None, 0.3):
+        torch.library.opcheck(A.decode_attention.default, (q, kf, vf, st, ln, scale),
+                              raise_exception=True)
+        torch.library.opcheck(A.decode_attention_lse.default, (q, kf, vf, st, ln, scale),
+                              raise_exception=True)
+
+
+@pytest.mark.parametrize("cap_hi", [40, 2000], ids=["single-split", "split"])
+def test_decode_no_host_sync(cap_hi):
+    args = cuda(*make_case(2, 8, 2, 1, 128, torch.bfloat16, 12, cap_hi=cap_hi))
+    A.decode_attention(*args)  # first call configures the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = A.decode_attention(*args)
+        out2, lse = A.decode_attention_lse(*args, 0.25)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert out.shape == args[0].shape and lse.shape == args[0].shape[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("B,cap", [(1, 1500), (16, 40)], ids=["split", "single-split"])
+def test_decode_cuda_graph_replay(B, cap, dtype):
+    """Capture decode_attention(_lse), then change seg_len / k_flat / v_flat / query in place
+    (decode steps) and replay: the graph result equals a fresh eager call (bitwise: same launch
+    shape, deterministic kernels) and the CPU op."""
+    Hq, Hk, T, D = 8, 2, 1, 128
+    S = B * Hk
+    sd = seed_of("cuda_decode_graph", B, cap, str(dtype))
+    g = gen(sd)
+    caps = torch.full((S,), cap)
+    lens = (torch.rand(S, generator=g) * (cap - 8)).long() + 1
+    lens[0] = 0
+    kf, vf, st, ln = flat_cache(caps, lens, D, dtype, sd)
+    kf, vf = torch.nan_to_num(kf, nan=9.0), torch.nan_to_num(vf, nan=-9.0)
+    q = (torch.randn((B, Hq, T, D), generator=g) * 2).to(dtype)
+    q, kf, vf, st, ln = cuda(q, kf, vf, st, ln)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            A.decode_attention(q, kf, vf, st, ln)
+            A.decode_attention_lse(q, kf, vf, st, ln, 0.2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = A.decode_attention(q, kf, vf, st, ln)
+        g_out2, g_lse = A.decode_attention_lse(q, kf, vf, st, ln, 0.2)
+
+    for step in range(3):
+        # one decode step in place: new token per segment (within capacity), new query,
+        # some old rows rewritten
+        new_len = (ln + 1 + step).clamp(max=cap)
+        rows = (st.long() + new_len.long() - 1).clamp(min=0)
+        kf[rows] = (torch.randn((S, D), device="cuda") * 1.5).to(dtype)
+        vf[rows] = torch.randn((S, D), device="cuda").to(dtype)
+        kf[:64].mul_(-1)
+        ln.copy_(new_len.int())
+        q.copy_((torch.randn(q.shape, device="cuda") * 2).to(dtype))
+        graph.replay()
+        e_out = A.decode_attention(q, kf, vf, st, ln)
+        e_out2, e_lse = A.decode_attention_lse(q, kf, vf, st, ln, 0.2)
+        torch.cuda.synchronize()
+        assert_equal(g_out, e_out, f"graph vs eager out (step {step})")
+        assert_equal(g_out2, e_out2, f"graph vs eager out, lse op (step {step})")
+        assert_equal(g_lse, e_lse, f"graph vs eager lse (step {step})")
+        exp_out, exp_lse = cpu_ref(q, kf, vf, st, ln, 0.2)
+        check(g_out2, g_lse, exp_out, exp_lse, dtype)
