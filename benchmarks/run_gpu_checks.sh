@@ -10,6 +10,9 @@ steps=${*:-all}
 export PYTHONUNBUFFERED=1
 [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
 PY=${PY:-python3}
+# The GPU image puts a GCC at /opt/gcc first on PATH whose libstdc++ ends up linked into the
+# module (a C++ exception then crashes inside its private iostreams); use the system compiler.
+if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 status=0
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
