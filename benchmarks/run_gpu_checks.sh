@@ -12,13 +12,17 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 # The GPU image puts a GCC at /opt/gcc first on PATH whose libstdc++ ends up linked into the
 # module (a C++ exception then crashes inside its private iostreams); use the system compiler.
-if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+# (that image also exports CXX=/opt/gcc/bin/g++, so override it there)
+if [ -x /usr/bin/g++ ] && [[ -z "${CXX:-}" || "${CXX}" == /opt/gcc/* ]]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++
+fi
 status=0
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
 if has build; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   start=$(date +%s)
+  rm -rf build/cp*  # a cached CMAKE_CXX_COMPILER would ignore the compiler chosen above
   # sm_90a only on the device: halves the build time; CI builds both targets.
   ADAKV_CUDA_ARCHS=${ADAKV_CUDA_ARCHS:-90a} CMAKE_BUILD_PARALLEL_LEVEL=16 \
     $PY -m pip install --no-build-isolation -e . -v > "$out/build.log" 2>&1 \
