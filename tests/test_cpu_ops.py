@@ -517,7 +517,8 @@ def test_append_overflow_cuda_flags(T, monkeypatch):
     (sticky); the other segments are appended normally. ADAKV_DEBUG=1 makes the wrapper raise."""
     B, Hk, D = 2, 2, 64
     caps = torch.tensor([10, 10, 10, 10])
-    lens = torch.tensor([2, 10 - T + 1, 0, 10])  # segments 1 and 3 overflow
+    # random_flat_cache adds 3 spare rows, which belong to the last segment (capacity 13).
+    lens = torch.tensor([2, 10 - T + 1, 0, 13])  # segments 1 and 3 overflow
     kf, vf, st, ln = random_flat_cache(4, D, torch.float32, 9, caps, lens)
     kn = randn((B, Hk, T, D), 4)
     vn = randn((B, Hk, T, D), 5)
