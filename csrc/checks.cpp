@@ -113,6 +113,12 @@ void validate_scores(const at::Tensor& scores, const c10::optional<at::Tensor>& 
   check_key_start(key_start, scores, "scores", scores.size(0));
 }
 
+void validate_budget_args(int64_t budget, double floor_alpha) {
+  TORCH_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
+  TORCH_CHECK(floor_alpha >= 0.0 && floor_alpha <= 1.0,
+              "adakv: floor_alpha must be in [0, 1], got ", floor_alpha);
+}
+
 void validate_budgets(const at::Tensor& budgets, const at::Tensor& scores) {
   check_int32(budgets, "budgets [B, Hk]", 2);
   check_same_device(scores, budgets, "scores", "budgets");

@@ -30,6 +30,8 @@ ScoreShape validate_score(const at::Tensor& q_window, const at::Tensor& key,
 void validate_key_value(const at::Tensor& key, const at::Tensor& value);
 // scores [B, Hk, L] fp32; returns {B, Hk, L} via out-params.
 void validate_scores(const at::Tensor& scores, const c10::optional<at::Tensor>& key_start);
+// budget >= 0 and 0 <= floor_alpha <= 1 (allocate on every backend).
+void validate_budget_args(int64_t budget, double floor_alpha);
 void validate_budgets(const at::Tensor& budgets, const at::Tensor& scores);
 void validate_compact(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kept_idx,
                       const at::Tensor& kept_count, const at::Tensor& budgets, int64_t window,

@@ -27,18 +27,12 @@ inline uint64_t order_key(float score, uint32_t tiebreak) {
   return (static_cast<uint64_t>(descending_key(score)) << 32) | tiebreak;
 }
 
-void check_budget_args(int64_t budget, double floor_alpha) {
-  TORCH_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
-  TORCH_CHECK(floor_alpha >= 0.0 && floor_alpha <= 1.0,
-              "adakv: floor_alpha must be in [0, 1], got ", floor_alpha);
-}
-
 }  // namespace
 
 at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
                     c10::string_view rounding, const OptTensor& key_start) {
   validate_scores(scores, key_start);
-  check_budget_args(budget, floor_alpha);
+  validate_budget_args(budget, floor_alpha);
   const Rounding round = parse_rounding(std::string(rounding));
   const int64_t B = scores.size(0), Hk = scores.size(1), L = scores.size(2);
   TORCH_CHECK(Hk * L < (int64_t{1} << 32), "adakv: Hk * L must be < 2^32");

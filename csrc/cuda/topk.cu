@@ -768,12 +768,6 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes) {
                                         static_cast<int>(bytes)));
 }
 
-void check_budget_args(int64_t budget, double floor_alpha) {
-  TORCH_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
-  TORCH_CHECK(floor_alpha >= 0.0 && floor_alpha <= 1.0,
-              "adakv: floor_alpha must be in [0, 1], got ", floor_alpha);
-}
-
 void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with a tensor on ", t.device());
 }
@@ -783,7 +777,7 @@ void check_cuda(const at::Tensor& t, const char* op) {
 at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
                     c10::string_view rounding, const OptTensor& key_start) {
   validate_scores(scores, key_start);
-  check_budget_args(budget, floor_alpha);
+  validate_budget_args(budget, floor_alpha);
   const Rounding round = parse_rounding(std::string(rounding));
   check_cuda(scores, "allocate");
   const c10::cuda::CUDAGuard guard(scores.device());
