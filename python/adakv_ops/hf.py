@@ -103,14 +103,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from . import ops as _ops
 from .budgets import pyramid_budgets
 
-__all__ = ["AdaKVCache", "AdaKVLayer", "CacheSnapshot", "METHODS", "restore_attention",
-           "original_attn_implementation"]
+__all__ = ["AdaKVCache", "AdaKVLayer", "CacheSnapshot", "METHODS", "QueryRecorder",
+           "restore_attention", "original_attn_implementation"]
 
 METHODS = ("full", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "streaming")
 _ADAPTIVE = {"ada_snapkv": True, "ada_pyramid": True, "snapkv": False, "pyramid": False}
 _SUPPORTED_ORIGINALS = ("sdpa", "eager")
 _PREFIX = "adakv_"
 _MAILBOX = "_adakv_mailbox"
+_RECORDER = "_adakv_query_recorder"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +133,9 @@ def _original_attention(orig: str, module: torch.nn.Module):
 
 def _make_attention_fn(orig: str):
     def adakv_attention(module, query, key, value, attention_mask, **kwargs):
+        recorder = getattr(module, _RECORDER, None)
+        if recorder is not None:
+            recorder._record(module.layer_idx, query)
         box = getattr(module, _MAILBOX, None)
         layer = box.pop(module.layer_idx, None) if box is not None else None
         original = _original_attention(orig, module)
@@ -201,6 +205,55 @@ def _mark_static(*tensors: Tensor) -> None:
     if not _is_compiling():
         for t in tensors:
             torch._dynamo.mark_static_address(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# query recorder (evict a cache that was filled elsewhere)
+
+
+class QueryRecorder(contextlib.AbstractContextManager):
+    """Record the last ``window`` post-RoPE queries of every attention layer while a model runs
+    with any cache (e.g. a ``DynamicCache``), for :meth:`AdaKVCache.evict_from`.
+
+    ``with QueryRecorder(model, window=32) as rec: model(...)``; then ``rec.windows[i]`` is the
+    ``[B, Hq, min(window, tokens seen), D]`` query tensor of layer ``i`` (successive forwards
+    are concatenated, so a context followed by a question gives the question-aware window).
+    Like :class:`AdaKVCache`, it switches the model instance to the ``adakv_*`` attention
+    implementation (which delegates to the original one); nothing else changes.
+    """
+
+    def __init__(self, model, window: int = 32):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"adakv: window must be an int >= 1, got {window!r}")
+        orig = original_attn_implementation(model)
+        if orig not in _SUPPORTED_ORIGINALS:
+            raise ValueError(f"adakv: the model's attention implementation must be one of "
+                             f"{_SUPPORTED_ORIGINALS} (got {orig!r})")
+        impl = _register(orig)
+        if model.config._attn_implementation != impl:
+            model.set_attn_implementation(impl)
+        self.window = window
+        self.windows: dict[int, Tensor] = {}
+        self._modules = list(_attention_modules(model))
+
+    def _record(self, layer_idx: int, query: Tensor) -> None:
+        prev = self.windows.get(layer_idx)
+        q = query.detach() if prev is None else torch.cat([prev, query.detach()], dim=2)
+        self.windows[layer_idx] = q[:, :, max(q.shape[2] - self.window, 0):]
+
+    def clear(self) -> None:
+        self.windows = {}
+
+    def __enter__(self):
+        for m in self._modules:
+            setattr(m, _RECORDER, self)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self._modules:
+            if getattr(m, _RECORDER, None) is self:
+                delattr(m, _RECORDER)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +477,10 @@ class AdaKVLayer(CacheLayerMixin):
             k, v = self._pending
             self._pending = None
             out = original(module, query, key, value, attention_mask, **kwargs)
-            self._evict_prefill(query, k, v, attention_mask, scale)
+            B, _, N, _ = k.shape
+            W = min(self.settings.window, N)
+            self._evict_prefill(query[:, :, N - W:], k, v,
+                                _key_start_from_mask(attention_mask, B, N), scale)
             return out
         if getattr(module, "attn_logit_softcapping", None) is not None:
             raise NotImplementedError("adakv: attention logit softcapping is not supported")
@@ -434,13 +490,15 @@ class AdaKVLayer(CacheLayerMixin):
             self._push_queries(q)
         return out.transpose(1, 2), None
 
-    def _evict_prefill(self, query: Tensor, key: Tensor, value: Tensor, mask, scale) -> None:
+    def _evict_prefill(self, q_window: Tensor, key: Tensor, value: Tensor,
+                       ks: Optional[Tensor], scale) -> None:
+        """Evict the full ``key``/``value [B, Hk, N, D]`` of this layer with the window
+        queries ``q_window [B, Hq, W, D]`` (the last ``W = min(window, N)`` prompt tokens)."""
         s = self.settings
         B, Hk, N, D = key.shape
-        Hq = query.shape[1]
-        W = min(s.window, N)
-        ks = _key_start_from_mask(mask, B, N)
-        q_window = query[:, :, N - W:].contiguous()
+        Hq = q_window.shape[1]
+        W = q_window.shape[2]
+        q_window = q_window.contiguous()
         H = Hq if s.per_query_head else Hk
         self.n_heads, self._batch = H, B
         key, value = self._expand(key), self._expand(value)
@@ -469,7 +527,7 @@ class AdaKVLayer(CacheLayerMixin):
         self.budget, self.window, self._scale = C, W, scale
         self.free = self.reserve_total = R
         if s.max_growth is not None:
-            qbuf = query.new_zeros((B, Hq, s.window, D))
+            qbuf = q_window.new_zeros((B, Hq, s.window, D))
             qbuf[:, :, s.window - W:] = q_window
             self.qbuf = qbuf
             _mark_static(qbuf)
@@ -738,6 +796,55 @@ class AdaKVCache(Cache):
             kwargs["position_ids"] = pos.masked_fill(attention_mask == 0, 0)
         return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self,
                      use_cache=True, logits_to_keep=1, **kwargs)
+
+    @torch.no_grad()
+    def evict_from(self, full_cache: Cache, query_windows: dict, attention_mask=None) -> None:
+        """Fill this (empty) cache by evicting a full cache that was filled elsewhere, e.g. a
+        ``DynamicCache`` after a plain forward: each full-attention layer runs the same eviction
+        as at prefill, with ``query_windows[i]`` (``[B, Hq, W', D]`` post-RoPE queries of the
+        last prompt tokens, see :class:`QueryRecorder`; the last ``min(window, N)`` are used).
+        Sliding layers are shared by reference (their update never writes in place).
+        ``attention_mask [B, N]`` (1 = token) marks left padding. ``full_cache`` is not modified,
+        so one prefill can be evicted with many methods/budgets."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("adakv: the model of this cache was garbage-collected")
+        if self.get_seq_length() != 0:
+            raise RuntimeError("adakv: evict_from() needs an empty cache")
+        if len(full_cache.layers) != len(self.layers):
+            raise ValueError(f"adakv: full cache has {len(full_cache.layers)} layers, this cache "
+                             f"{len(self.layers)}")
+        scales = {m.layer_idx: getattr(m, "scaling", None) for m in _attention_modules(model)}
+        for i, (layer, src) in enumerate(zip(self.layers, full_cache.layers)):
+            if not isinstance(layer, AdaKVLayer):
+                if getattr(src, "is_initialized", False):
+                    layer.lazy_initialization(src.keys, src.values)
+                    layer.keys, layer.values = src.keys, src.values
+                    if hasattr(src, "cumulative_length"):
+                        layer.cumulative_length = src.cumulative_length
+                continue
+            key, value = src.keys, src.values
+            if key is None or key.dim() != 4:
+                raise ValueError(f"adakv: layer {i} of the full cache holds no [B, H, N, D] keys")
+            if i not in query_windows:
+                raise ValueError(f"adakv: no query window for layer {i}")
+            B, _, N, _ = key.shape
+            q = query_windows[i]
+            W = min(self.settings.window, N)
+            if q.dim() != 4 or q.shape[0] != B or q.shape[2] < W:
+                raise ValueError(f"adakv: query window of layer {i} has shape {tuple(q.shape)}; "
+                                 f"need [{B}, Hq, >= {W}, D]")
+            ks = None
+            if attention_mask is not None:
+                if attention_mask.shape != (B, N):
+                    raise ValueError(f"adakv: attention_mask must be [{B}, {N}], got "
+                                     f"{tuple(attention_mask.shape)}")
+                ks = (attention_mask != 0).to(torch.float32).argmax(-1).to(torch.int32)
+                ks = ks.to(key.device).contiguous()
+            layer.lazy_initialization(key, value)
+            layer.seen = N
+            layer._evict_prefill(q[:, :, q.shape[2] - W:], key.contiguous(), value.contiguous(),
+                                 ks, scales.get(i))
 
     def snapshot(self) -> CacheSnapshot:
         """Record the current state (cheap: segment lengths are cloned, tensors referenced)."""
