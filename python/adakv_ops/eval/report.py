@@ -1,0 +1,213 @@
+"""Aggregates, tables and plots of an evaluation result (the JSON written by the CLI)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["aggregate", "markdown", "plot"]
+
+_ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
+_PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"))
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def aggregate(records: list[dict], text_records: list[dict]) -> dict:
+    """``accuracy[setting][method][frac]``, the same per task and per length, eviction loss
+    (mean over samples and layers), kept fraction, and the text measures."""
+    acc = defaultdict(lambda: defaultdict(list))
+    by_task = defaultdict(lambda: defaultdict(list))
+    by_len = defaultdict(lambda: defaultdict(list))
+    loss = defaultdict(lambda: defaultdict(list))
+    rel = defaultdict(lambda: defaultdict(list))
+    kept = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        k = (r["method"], r["budget_frac"])
+        acc[r["setting"]][k].append(float(r["correct"]))
+        by_task[(r["setting"], r["task"])][k].append(float(r["correct"]))
+        by_len[(r["setting"], r["length"])][k].append(float(r["correct"]))
+        loss[r["setting"]][k].append(_mean(r["evict_l1"]))
+        rel[r["setting"]][k].append(_mean(r["evict_rel"]))
+        kept[r["setting"]][k].append(r["kept_fraction"])
+
+    def fold(d):
+        return {s: {f"{m}@{f:g}": {"mean": _mean(v), "n": len(v)}
+                    for (m, f), v in sorted(d[s].items())} for s in d}
+
+    def fold2(d):
+        return {f"{s}/{x}": {f"{m}@{f:g}": _mean(v) for (m, f), v in sorted(d[(s, x)].items())}
+                for (s, x) in sorted(d)}
+
+    text = defaultdict(lambda: defaultdict(list))
+    for r in text_records:
+        for key in ("kl", "top1_agreement", "nll"):
+            text[key][(r["method"], r["budget_frac"])].append(r[key])
+    out = {"accuracy": fold(acc), "accuracy_by_task": fold2(by_task),
+           "accuracy_by_length": fold2(by_len), "eviction_l1": fold(loss),
+           "eviction_rel": fold(rel), "kept_fraction": fold(kept),
+           "text": {key: {f"{m}@{f:g}": {"mean": _mean(v), "n": len(v)}
+                          for (m, f), v in sorted(d.items())} for key, d in text.items()}}
+    out["ada_vs_uniform"] = _compare(records)
+    return out
+
+
+def _compare(records: list[dict]) -> list[dict]:
+    """Per setting, budget and pair (ada vs uniform): accuracy and eviction-loss means and the
+    paired sample counts where ada is better / worse."""
+    idx = {}
+    for r in records:
+        idx[(r["setting"], r["task"], r["length"], r["sample"], r["method"], r["budget_frac"])] = r
+    rows = []
+    settings = sorted({r["setting"] for r in records})
+    fracs = sorted({r["budget_frac"] for r in records if r["method"] != "full"})
+    for s in settings:
+        for f in fracs:
+            for ada, uni in _PAIRS:
+                pairs = [(idx[k], idx[k[:4] + (uni, f)]) for k in idx
+                         if k[0] == s and k[4] == ada and k[5] == f and k[:4] + (uni, f) in idx]
+                if not pairs:
+                    continue
+                a_acc = _mean(float(a["correct"]) for a, _ in pairs)
+                u_acc = _mean(float(u["correct"]) for _, u in pairs)
+                a_l = _mean(_mean(a["evict_l1"]) for a, _ in pairs)
+                u_l = _mean(_mean(u["evict_l1"]) for _, u in pairs)
+                rows.append({"setting": s, "budget_frac": f, "ada": ada, "uniform": uni,
+                             "n": len(pairs), "acc_ada": a_acc, "acc_uniform": u_acc,
+                             "ada_wins": sum(a["correct"] and not u["correct"] for a, u in pairs),
+                             "uniform_wins": sum(u["correct"] and not a["correct"]
+                                                 for a, u in pairs),
+                             "l1_ada": a_l, "l1_uniform": u_l,
+                             "l1_lower_ada": sum(_mean(a["evict_l1"]) < _mean(u["evict_l1"])
+                                                 for a, u in pairs)})
+    return rows
+
+
+def _methods_fracs(table: dict):
+    methods, fracs = [], set()
+    for key in table:
+        m, f = key.split("@")
+        if m not in methods:
+            methods.append(m)
+        fracs.add(float(f))
+    methods.sort(key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
+    return methods, sorted(fracs - {1.0}) or sorted(fracs)
+
+
+def markdown(result: dict) -> str:
+    """Tables: accuracy and eviction loss per setting (rows = methods, columns = budgets),
+    Ada vs uniform, and the text measures."""
+    agg = result["aggregates"]
+    lines = []
+    for name, title, fmt in (("accuracy", "accuracy (teacher-forced greedy exact match)", "{:.3f}"),
+                             ("eviction_l1", "eviction loss (L1, mean over layers)", "{:.4g}")):
+        for setting, table in agg[name].items():
+            methods, fracs = _methods_fracs(table)
+            lines.append(f"\n**{title}, question-{setting}**\n")
+            lines.append("| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |")
+            lines.append("|---|" + "---|" * len(fracs))
+            for m in methods:
+                cells = []
+                for f in fracs:
+                    e = table.get(f"{m}@{f:g}") or table.get(f"{m}@1")
+                    cells.append(fmt.format(e["mean"]) if e else "-")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if agg.get("ada_vs_uniform"):
+        lines.append("\n**Ada vs uniform (paired samples)**\n")
+        lines.append("| setting | budget | pair | n | acc ada | acc uniform | ada-only correct | "
+                     "uniform-only correct | L1 ada | L1 uniform | samples with lower L1 (ada) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in agg["ada_vs_uniform"]:
+            lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | {r['ada']} vs "
+                         f"{r['uniform']} | {r['n']} | {r['acc_ada']:.3f} | "
+                         f"{r['acc_uniform']:.3f} | {r['ada_wins']} | {r['uniform_wins']} | "
+                         f"{r['l1_ada']:.4g} | {r['l1_uniform']:.4g} | {r['l1_lower_ada']} |")
+    text = agg.get("text") or {}
+    if text.get("kl"):
+        methods, fracs = _methods_fracs(text["kl"])
+        lines.append("\n**natural text: KL(full || evicted) / top-1 agreement**\n")
+        lines.append("| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |")
+        lines.append("|---|" + "---|" * len(fracs))
+        for m in methods:
+            cells = []
+            for f in fracs:
+                k = f"{m}@{f:g}" if f"{m}@{f:g}" in text["kl"] else f"{m}@1"
+                if k in text["kl"]:
+                    cells.append(f"{text['kl'][k]['mean']:.4f} / "
+                                 f"{text['top1_agreement'][k]['mean']:.3f}")
+                else:
+                    cells.append("-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, stem: Path) -> list[Path]:
+    """PNG plots next to ``stem``: accuracy, eviction loss, text agreement vs budget, one
+    line per method (``full`` dashed). Needs matplotlib; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = result["aggregates"]
+    written = []
+    panels = [("accuracy", "accuracy", "accuracy"), ("eviction_l1", "eviction_loss",
+                                                     "eviction loss (L1)")]
+    for key, suffix, ylabel in panels:
+        settings = list(agg[key])
+        if not settings:
+            continue
+        fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4),
+                                 squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            table = agg[key][setting]
+            methods, fracs = _methods_fracs(table)
+            for m in methods:
+                if m == "full":
+                    e = table.get("full@1")
+                    if e:
+                        ax.axhline(e["mean"], color="k", ls="--", lw=1, label="full")
+                    continue
+                ys = [table.get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
+                ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
+                        ls="-" if m.startswith("ada") else ":")
+            ax.set_xscale("log")
+            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            ax.set_xlabel("budget (share of prompt tokens kept per head, + window)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{result['model']['name']}, question-{setting}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(f"{stem}-{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    text = agg.get("text") or {}
+    if text.get("kl"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        for ax, key, ylabel in ((axes[0][0], "kl", "KL(full || evicted), nats/token"),
+                                (axes[0][1], "top1_agreement", "top-1 agreement with full")):
+            methods, fracs = _methods_fracs(text[key])
+            for m in methods:
+                if m == "full":
+                    continue
+                ys = [text[key].get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
+                ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
+                        ls="-" if m.startswith("ada") else ":")
+            ax.set_xscale("log")
+            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            ax.set_xlabel("budget (share of prefix tokens kept per head, + window)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{result['model']['name']}, natural text")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(f"{stem}-text.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

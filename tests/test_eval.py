@@ -1,0 +1,181 @@
+"""Tests of the evaluation pipeline (``adakv_ops.eval``) and of the pieces of ``adakv_ops.hf``
+it relies on (``QueryRecorder``, ``AdaKVCache.evict_from``), on tiny random models (CPU).
+The CLI test is the end-to-end smoke run CI does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import HAVE_OPS
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
+
+if HAVE_OPS:
+    from adakv_ops.eval import (METHODS_ALL, PromptBuilder, TASKS, load_model, make_samples,
+                                run_sample, run_text)
+    from adakv_ops.eval.__main__ import main as eval_main
+    from adakv_ops.eval.models import ByteTokenizer
+    from adakv_ops.hf import AdaKVCache, QueryRecorder
+
+from transformers import DynamicCache  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-gemma3"])
+def tiny(request):
+    model, tok, info = load_model(request.param)
+    return model, tok, info
+
+
+def _prefill_adakv(model, ids, method, budget, window):
+    cache = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return cache, out
+
+
+@pytest.mark.parametrize("method", ["ada_snapkv", "snapkv", "pyramid", "streaming", "full"])
+def test_evict_from_matches_prefill_eviction(tiny, method):
+    """Evicting a DynamicCache afterwards == evicting inside the prefill forward: same flat
+    caches, and the same logits for the tokens that follow."""
+    model, _, _ = tiny
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (1, 97))
+    nxt = torch.randint(0, 256, (1, 5))
+    window, budget = 8, 13
+    ref, _ = _prefill_adakv(model, ids, method, budget, window)
+    full = DynamicCache(config=model.config)
+    with QueryRecorder(model, window) as rec:
+        model(input_ids=ids, past_key_values=full, use_cache=True)
+    got = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16)
+    got.evict_from(full, rec.windows)
+    assert got.get_seq_length() == ref.get_seq_length() == ids.shape[1]
+    assert len(got.adakv_layers) >= 1
+    for a, b in zip(ref.adakv_layers, got.adakv_layers):
+        assert torch.equal(a.seg_start, b.seg_start) and torch.equal(a.seg_len, b.seg_len)
+        torch.testing.assert_close(a.k_flat, b.k_flat, rtol=0, atol=0)
+        torch.testing.assert_close(a.v_flat, b.v_flat, rtol=0, atol=0)
+        assert a.budget == b.budget
+    l_ref = model(input_ids=nxt, past_key_values=ref, use_cache=True).logits
+    l_got = model(input_ids=nxt, past_key_values=got, use_cache=True).logits
+    torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-5)
+    # the full cache is untouched and reusable
+    assert full.get_seq_length() == ids.shape[1]
+
+
+def test_query_recorder_concatenates_forwards(tiny):
+    model, _, _ = tiny
+    torch.manual_seed(2)
+    a, b = torch.randint(0, 256, (1, 40)), torch.randint(0, 256, (1, 5))
+    one = DynamicCache(config=model.config)
+    with QueryRecorder(model, 12) as rec1:
+        model(input_ids=torch.cat([a, b], 1), past_key_values=one, use_cache=True)
+    two = DynamicCache(config=model.config)
+    with QueryRecorder(model, 12) as rec2:
+        model(input_ids=a, past_key_values=two, use_cache=True)
+        model(input_ids=b, past_key_values=two, use_cache=True)
+    assert set(rec1.windows) == set(rec2.windows) == set(range(model.config.num_hidden_layers))
+    for i in rec1.windows:
+        assert rec1.windows[i].shape[2] == 12
+        torch.testing.assert_close(rec1.windows[i], rec2.windows[i], rtol=1e-5, atol=1e-5)
+    # outside the context manager nothing is recorded
+    model(input_ids=b, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    assert rec2.windows[0].shape[2] == 12
+
+
+def test_evict_from_errors(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(0, 256, (1, 30))
+    full = DynamicCache(config=model.config)
+    with QueryRecorder(model, 8) as rec:
+        model(input_ids=ids, past_key_values=full, use_cache=True)
+    cache = AdaKVCache(model, budget=4, window=8)
+    with pytest.raises(ValueError, match="query window"):
+        cache.evict_from(full, {i: w[:, :, :2] for i, w in rec.windows.items()})
+    cache = AdaKVCache(model, budget=4, window=8)
+    cache.evict_from(full, rec.windows)
+    with pytest.raises(RuntimeError, match="empty cache"):
+        cache.evict_from(full, rec.windows)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tasks_are_seeded_sized_and_answerable(task):
+    tok = ByteTokenizer()
+    a = make_samples(task, 600, 3, tok, seed=5)
+    b = make_samples(task, 600, 3, tok, seed=5)
+    c = make_samples(task, 600, 3, tok, seed=6)
+    assert [s.context for s in a] == [s.context for s in b]
+    assert [s.context for s in a] != [s.context for s in c]
+    assert [s.depth for s in a] == [0.0, 0.5, 1.0]
+    builder = PromptBuilder(tok, chat=False)
+    for s in a:
+        p = builder.build(s)
+        n = len(p.context) + len(p.question)
+        assert 0.75 * 600 <= n <= 1.1 * 600, n
+        assert tok.decode(p.answer) == s.answer
+        # every answer item is stated in the context
+        for item in s.answer.replace(", and ", ", ").replace("VAR ", "").strip(" \"").split(", "):
+            assert item in s.context, (item, task)
+
+
+def test_run_sample_records(tiny):
+    model, tok, info = tiny
+    s = make_samples("passkey", 300, 1, tok)[0]
+    p = PromptBuilder(tok, info["chat"]).build(s)
+    fracs = [0.1, 0.3]
+    recs = run_sample(model, p, METHODS_ALL, fracs, window=8)
+    assert len(recs) == 2 * (1 + (len(METHODS_ALL) - 1) * len(fracs))
+    for r in recs:
+        assert len(r["evict_l1"]) == len(r["layer_budgets"]) >= 1
+        if r["method"] == "full":
+            assert max(r["evict_l1"]) == 0.0 and r["kept_fraction"] == 1.0
+        else:
+            assert r["C"] == max(1, round(r["budget_frac"] * r["n_tokens"]))
+            assert r["kept_fraction"] < 1.0
+            assert min(r["evict_l1"]) >= 0.0
+    # agnostic compresses the context only
+    n = {r["setting"]: r["n_tokens"] for r in recs}
+    assert n["aware"] == len(p.context) + len(p.question) and n["agnostic"] == len(p.context)
+
+
+def test_run_text_full_is_exact(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(0, 256, (200,)).tolist()
+    recs = run_text(model, ids, ["full", "snapkv"], [0.2], prefix=160, cont=40, window=8)
+    full = [r for r in recs if r["method"] == "full"][0]
+    assert abs(full["kl"]) < 1e-6 and full["top1_agreement"] == 1.0
+    ev = [r for r in recs if r["method"] == "snapkv"][0]
+    assert ev["kl"] >= 0.0 and 0.0 <= ev["top1_agreement"] <= 1.0
+
+
+def test_cli_smoke(tmp_path):
+    """End to end, as in CI: tiny random model, two samples per task, every method, JSON +
+    markdown (+ plots when matplotlib is installed), then --resume adds nothing."""
+    out = tmp_path / "tiny.json"
+    args = ["--model", "tiny-random-llama", "--lengths", "200", "--samples", "2", "--budgets",
+            "0.1", "0.4", "--window", "8", "--text-prefix", "128", "--text-cont", "16",
+            "--text-segments", "1", "--out", str(out), "--no-progress"]
+    assert eval_main(args) == 0
+    res = json.loads(out.read_text())
+    assert len(res["records"]) == len(TASKS) * 2 * 2 * (1 + 5 * 2)
+    assert res["aggregates"]["accuracy"]["aware"]["full@1"]["n"] == len(TASKS) * 2
+    assert len(res["text_records"]) == 1 + 5 * 2
+    assert out.with_suffix(".md").exists()
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "tiny-accuracy.png").exists()
+        assert (tmp_path / "tiny-eviction_loss.png").exists()
+    except ImportError:
+        pass
+    assert eval_main(args + ["--resume"]) == 0
+    assert len(json.loads(out.read_text())["records"]) == len(res["records"])
