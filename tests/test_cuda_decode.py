@@ -202,6 +202,74 @@ def test_decode_segments_out_of_order_with_gaps(dtype):
     run_and_check(q, kf, vf, st, ln, dtype)
 
 
+# Split-count / merge-path overrides (read by the CUDA launcher on every call): splits 1 (no
+# merge), 2..16 (sm_90: one thread-block cluster per query block, merged in distributed shared
+# memory; elsewhere the two-launch merge), 20 and 40 (more than a cluster: two-launch merge), and
+# ADAKV_DECODE_CLUSTER=0 (two-launch merge at any split count).
+SPLIT_CASES = [("auto", "1"), ("1", "1"), ("2", "1"), ("3", "1"), ("5", "1"), ("8", "1"),
+               ("16", "1"), ("20", "1"), ("40", "1"), ("auto", "0"), ("4", "0")]
+
+
+def _set_split_env(monkeypatch, splits, cluster):
+    if splits == "auto":
+        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
+    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("splits,cluster", SPLIT_CASES,
+                         ids=[f"s{a}-c{b}" for a, b in SPLIT_CASES])
+def test_decode_split_counts(monkeypatch, splits, cluster, dtype):
+    """Every split count / merge path gives the CPU result: batch 2, G 4, T 2, segments of
+    length 0, 1 (< T), short, longer than the splits, full; more splits than keys."""
+    _set_split_env(monkeypatch, splits, cluster)
+    sd = seed_of("cuda_decode_splits", splits, cluster, str(dtype))
+    q, kf, vf, st, ln = make_case(2, 16, 4, 2, 128, dtype, sd, cap_hi=900)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [16, 64, 256])
+@pytest.mark.parametrize("G,T", [(4, 1), (8, 3)])
+@pytest.mark.parametrize("splits", ["3", "16"])
+def test_decode_cluster_merge_shapes(monkeypatch, splits, G, T, D, dtype):
+    """The in-launch (cluster) merge over head dims, dtypes, T > 1 and G * T > 16 (several
+    query blocks per segment, each its own cluster)."""
+    _set_split_env(monkeypatch, splits, "1")
+    sd = seed_of("cuda_decode_cluster", splits, G, T, D, str(dtype))
+    q, kf, vf, st, ln = make_case(3, 2 * G, 2, T, D, dtype, sd, cap_hi=500)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_b1_llama_skewed(dtype):
+    """The batch-1 benchmark regime with the default split choice: Llama-3.1-8B heads, Ada-like
+    skewed lengths (one head ~2.8K, others a few hundred), capacity with reserve."""
+    sd = seed_of("cuda_decode_b1", str(dtype))
+    g = gen(sd)
+    lens = torch.tensor([2855, 300, 410, 1500, 260, 980, 700, 1443])
+    caps = lens + 64
+    kf, vf, st, ln = flat_cache(caps, lens, 128, dtype, sd)
+    q = (torch.randn((1, 32, 1, 128), generator=g) * 2).to(dtype)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("splits,cluster", [("4", "1"), ("16", "1"), ("4", "0")],
+                         ids=["cluster4", "cluster16", "twolaunch4"])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 64)],
+                         ids=["bf16-128", "fp32-64"])
+def test_decode_sanitize_merge_paths(monkeypatch, splits, cluster, dtype, D):
+    """Sanitizer cases for both merge paths (cluster / distributed shared memory and the
+    two-launch workspace merge), T 3, empty and full segments."""
+    _set_split_env(monkeypatch, splits, cluster)
+    sd = seed_of("cuda_decode_san_merge", splits, cluster, str(dtype), D)
+    q, kf, vf, st, ln = make_case(1, 8, 2, 3, D, dtype, sd, cap_hi=300)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
 @pytest.mark.sanitize
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float16, 256),
                                      (torch.float32, 128), (torch.bfloat16, 16)],

@@ -11,10 +11,19 @@
 // own kStages-deep ring of 16-byte cp.async copies (no CTA barrier inside the key loop), keeps an
 // online-softmax state (m, l, O) per query row in fp32, and the 4 warp states are merged in
 // shared memory at the end. The result is the final output (num_splits == 1) or a normalised
-// fp32 partial plus its base-2 log-sum-exp (merged by decode_merge.cuh).
+// fp32 partial plus its base-2 log-sum-exp, merged either by decode_merge.cuh (second launch)
+// or, on sm_90 (kCluster), inside the same launch: the num_splits CTAs of a (segment, query
+// block) form one thread-block cluster (split innermost in blockIdx.x, cluster rank == split),
+// keep their partials in shared memory and read each other's through distributed shared memory
+// after a cluster barrier (cluster_combine_and_store). One launch, no global workspace.
+// On sm_90 the kernel is launched with programmatic stream serialization: it waits for the
+// previous kernel of the stream (griddepcontrol.wait) before reading any input, so only its
+// launch overlaps that kernel's tail.
 // Row r sees keys n < n_r = len - T + 1 + (r % T) (causal among the T newest); a row with no
 // visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf.
 #pragma once
+
+#include <cooperative_groups.h>
 
 #include <cstdint>
 
@@ -188,7 +197,97 @@ __device__ __forceinline__ void combine_and_store(const DecodeParams& p, const f
   }
 }
 
-template <typename T, int D>
+// Largest cluster the launcher asks for (16 needs the non-portable cluster-size attribute).
+constexpr int kMaxCluster = 16;
+
+// Cluster path (sm_90): merges the CTA's warps into a normalised partial kept in its own shared
+// memory (part [kRows][kLdO] + base-2 lse [kRows]), then, after a cluster barrier, the cluster's
+// CTAs merge the num_splits partials of the (segment, query block) by log-sum-exp, reading the
+// peers' partials through distributed shared memory; CTA `split` takes every num_splits-th
+// (row, 4-dim group) item of the real query rows. A second cluster barrier keeps every CTA's
+// shared memory alive until all peers are done reading it.
+template <typename Tr, typename T>
+__device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p, const float* o_s,
+                                                          const float* m_s, const float* l_s,
+                                                          float* part, int s, int split,
+                                                          int row_base) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int D = Tr::kCPR * Tr::kEPC;
+  constexpr int kGroups = D / 8;
+  float* part_lse = part + Tr::kRows * Tr::kLdO;
+  const int rows_here = min(Tr::kRows, p.GT - row_base);  // >= 1: grid has no empty block
+  for (int i = threadIdx.x; i < rows_here * kGroups; i += Tr::kThreads) {
+    const int r = i / kGroups, d0 = (i % kGroups) * 8;
+    float M = neg_inf();
+#pragma unroll
+    for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
+    float L = 0.f;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (M != neg_inf()) {
+#pragma unroll
+      for (int w = 0; w < Tr::kWarps; ++w) {
+        const float wgt = exp2f(m_s[w * Tr::kRows + r] - M);
+        L += wgt * l_s[w * Tr::kRows + r];
+        const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
+        const float4 a = src[0], b = src[1];
+        acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
+        acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
+      }
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    store8<float>(part + r * Tr::kLdO + d0, acc, inv);
+    if (d0 == 0) part_lse[r] = L > 0.f ? M + log2f(L) : neg_inf();
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every partial of the cluster is written (release / acquire)
+
+  const int ns = p.num_splits;  // == cluster size
+  constexpr int kG4 = D / 4;
+  for (int i = split * Tr::kThreads + threadIdx.x; i < rows_here * kG4; i += ns * Tr::kThreads) {
+    const int r = i / kG4, d0 = (i % kG4) * 4;
+    float lv[kMaxCluster];
+    float M = neg_inf();
+#pragma unroll
+    for (int sp = 0; sp < kMaxCluster; ++sp) {
+      lv[sp] = neg_inf();
+      if (sp < ns) {
+        lv[sp] = cluster.map_shared_rank(part_lse, static_cast<unsigned>(sp))[r];
+        M = fmaxf(M, lv[sp]);
+      }
+    }
+    float sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (M != neg_inf()) {
+#pragma unroll
+      for (int sp = 0; sp < kMaxCluster; ++sp) {
+        if (sp < ns) {
+          const float w = exp2f(lv[sp] - M);  // 0 for an empty partial
+          const float4 x = *reinterpret_cast<const float4*>(
+              cluster.map_shared_rank(part, static_cast<unsigned>(sp)) + r * Tr::kLdO + d0);
+          sum += w;
+          acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
+        }
+      }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int64_t row = static_cast<int64_t>(s) * p.GT + row_base + r;
+    T* dst = static_cast<T*>(p.out) + row * D + d0;
+    if constexpr (std::is_same_v<T, float>) {
+      *reinterpret_cast<float4*>(dst) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+    } else {
+      *reinterpret_cast<uint2*>(dst) =
+          make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
+    }
+    if (p.lse != nullptr && d0 == 0) p.lse[row] = sum > 0.f ? (M + log2f(sum)) * kLn2 : neg_inf();
+  }
+  cluster.sync();  // no CTA leaves while a peer may still read its shared memory
+#else
+  __trap();  // the launcher uses the cluster path on sm_90 and newer only
+#endif
+}
+
+template <typename T, int D, bool kCluster>
 __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     decode_split_kernel(const DecodeParams p) {
   using Tr = DecodeTraits<T, D>;
@@ -198,10 +297,22 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int bid = blockIdx.x;
-  const int mb = bid % p.num_mblocks;
-  bid /= p.num_mblocks;
-  const int split = bid % p.num_splits;
-  const int s = bid / p.num_splits;
+  int mb, split, s;
+  if constexpr (kCluster) {  // (s, mb, split): the splits of one query block form a cluster
+    split = bid % p.num_splits;
+    bid /= p.num_splits;
+    mb = bid % p.num_mblocks;
+    s = bid / p.num_mblocks;
+  } else {  // (s, split, mb)
+    mb = bid % p.num_mblocks;
+    bid /= p.num_mblocks;
+    split = bid % p.num_splits;
+    s = bid / p.num_splits;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch: nothing of the previous kernel is read before this point.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   // bounds: the segment geometry comes from device memory; clamp it into the cache so that
   // every row read below lies in [0, rows).
@@ -448,7 +559,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     }
   }
   __syncthreads();
-  combine_and_store<Tr, T>(p, o_s, m_s, l_s, s, split, row_base);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The next PDL kernel may start launching; its griddepcontrol.wait still waits for all of us.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  if constexpr (kCluster) {
+    cluster_combine_and_store<Tr, T>(p, o_s, m_s, l_s, l_s + kWarps * kRows, s, split, row_base);
+  } else {
+    combine_and_store<Tr, T>(p, o_s, m_s, l_s, s, split, row_base);
+  }
 }
 
 }  // namespace decode

@@ -21,7 +21,7 @@ struct DecodeParams {
   const void* __restrict__ v;          // [rows, D]
   const int32_t* __restrict__ seg_start;  // [S]
   const int32_t* __restrict__ seg_len;    // [S]
-  void* __restrict__ out;              // [S, GT, D] query dtype (written when num_splits == 1)
+  void* __restrict__ out;              // [S, GT, D] query dtype (num_splits == 1 or cluster merge)
   float* __restrict__ lse;             // [S, GT] natural log, or nullptr (num_splits == 1)
   float* __restrict__ part_o;          // [num_splits, S, GT, D] fp32, normalised (num_splits > 1)
   float* __restrict__ part_lse;        // [num_splits, S, GT] base-2 lse of each partial
@@ -70,8 +70,12 @@ struct DecodeTraits {
   static constexpr int kQBytes = kMma ? kRows * D * static_cast<int>(sizeof(T)) : 0;
   static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = (kWarps * kRows * kLdO + 2 * kWarps * kRows) * 4;
+  // Cluster path (sm_90, decode_kernel.cuh): the CTA's normalised partial o [row][kLdO] and its
+  // base-2 lse [row] stay in shared memory, after the merge area, for the cluster's CTAs to read.
+  static constexpr int kPartBytes = (kRows * kLdO + kRows) * 4;
+  static constexpr int kTailBytes = kMergeBytes + kPartBytes;
   static constexpr int kSmemBytes =
-      kQBytes + (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes);
+      kQBytes + (kRingBytes > kTailBytes ? kRingBytes : kTailBytes);
   static_assert(kQBytes % 128 == 0, "ring must stay 128-B aligned");
 };
 
