@@ -108,14 +108,29 @@ ALLOC_SHAPES = [
     (2, 4, 9001, 700, "edge"),  # several CTAs per head
     (1, 32, 2049, 100, None),  # many heads
     (1, 8, 32768, 1024, None),
+    (2, 256, 300, 20, "pad"),  # the most heads of the one-launch (cluster) path
+    (1, 300, 64, 3, None),  # more: multi-launch passes on every device
+    (64, 8, 130, 16, "edge"),  # many batch rows (one cluster each)
 ]
 ALLOC_IDS = ["x".join(map(str, s)) for s in ALLOC_SHAPES]
 
 
+# "cluster": the one-launch allocate forced at every size (sm_90; by default it takes rows of
+# Hk * L <= 2^17; elsewhere the same as "multi"); "multi": ADAKV_ALLOCATE_CLUSTER=0, the
+# multi-launch radix passes.
+ALLOC_PATHS = ["cluster", "multi"]
+
+
+def _alloc_path(monkeypatch, path):
+    monkeypatch.setenv("ADAKV_ALLOCATE_CLUSTER", "1" if path == "cluster" else "0")
+
+
+@pytest.mark.parametrize("path", ALLOC_PATHS)
 @pytest.mark.parametrize("shape", ALLOC_SHAPES, ids=ALLOC_IDS)
 @pytest.mark.parametrize("kind", ["rand", "tie", "const", "mixed"])
 @pytest.mark.parametrize("rounding", ["exact", "official"])
-def test_allocate(shape, kind, rounding):
+def test_allocate(monkeypatch, shape, kind, rounding, path):
+    _alloc_path(monkeypatch, path)
     B, Hk, L, C, mode = shape
     sd = seed_of("allocate", shape, kind, rounding)
     ks = make_key_start(B, L, L + 8, sd, mode)
@@ -128,7 +143,9 @@ def test_allocate(shape, kind, rounding):
                  A.allocate(s, C, 0.2, False, rounding, ks), "allocate adaptive=False")
 
 
-def test_allocate_unaligned_and_large():
+@pytest.mark.parametrize("path", ALLOC_PATHS)
+def test_allocate_unaligned_and_large(monkeypatch, path):
+    _alloc_path(monkeypatch, path)
     B, Hk, L, C = 1, 8, 131070, 1024  # L % 4 != 0 and an unaligned row: scalar loads
     s = make_scores("tie", B, Hk, L, 11, None)
     exp = A.allocate(s, C, 0.2, True, "exact", None)
@@ -140,7 +157,9 @@ def test_allocate_unaligned_and_large():
 
 
 @pytest.mark.sanitize
-def test_allocate_small_sanitize():
+@pytest.mark.parametrize("path", ALLOC_PATHS)
+def test_allocate_small_sanitize(monkeypatch, path):
+    _alloc_path(monkeypatch, path)
     ks = torch.tensor([0, 3, 40], dtype=torch.int32)
     s = make_scores("tie", 3, 4, 37, 5, ks)
     for rounding in ("exact", "official"):
@@ -160,8 +179,21 @@ SELECT_SHAPES = [
     (3, 3, 1023, 300, "pad"),
     (2, 4, 9001, 700, "edge"),
     (1, 8, 4097, 1024, None),
+    (64, 8, 300, 16, "edge"),  # many segments (one cluster each)
 ]
 SELECT_IDS = ["x".join(map(str, s)) for s in SELECT_SHAPES]
+# "cluster": the one-launch select (sm_90; forced for every length, by default it takes
+# L >= 16384; elsewhere the paths below); "smem": one CTA per segment with the row in shared
+# memory; "multi": the multi-launch radix passes.
+SELECT_PATHS = ["cluster", "smem", "multi"]
+
+
+def _select_path(monkeypatch, path):
+    monkeypatch.setenv("ADAKV_SELECT_CLUSTER", "1" if path == "cluster" else "0")
+    if path == "multi":
+        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "0")
+    else:
+        monkeypatch.delenv("ADAKV_SELECT_SMEM_MAX_L", raising=False)
 
 
 def budget_variants(B, Hk, L, C, s, ks, g):
@@ -183,12 +215,11 @@ def check_select(s, bud, ks, what):
     assert_equal(got_idx, exp_idx, f"{what}: kept_idx")
 
 
-@pytest.mark.parametrize("path", ["smem", "multi"])
+@pytest.mark.parametrize("path", SELECT_PATHS)
 @pytest.mark.parametrize("shape", SELECT_SHAPES, ids=SELECT_IDS)
 @pytest.mark.parametrize("kind", ["rand", "tie", "const", "mixed"])
 def test_select(shape, kind, path, monkeypatch):
-    if path == "multi":
-        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "0")
+    _select_path(monkeypatch, path)
     B, Hk, L, C, mode = shape
     sd = seed_of("select", shape, kind)
     ks = make_key_start(B, L, L + 8, sd, mode)
@@ -199,10 +230,9 @@ def test_select(shape, kind, path, monkeypatch):
         check_select(s, bud, ks, f"{path}/{name}")
 
 
-@pytest.mark.parametrize("path", ["smem", "multi"])
+@pytest.mark.parametrize("path", SELECT_PATHS)
 def test_select_negative_budgets_and_unaligned(path, monkeypatch):
-    if path == "multi":
-        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "0")
+    _select_path(monkeypatch, path)
     B, Hk, L = 2, 3, 1030  # L % 4 != 0
     ks = torch.tensor([0, 5], dtype=torch.int32)
     s = make_scores("tie", B, Hk, L, 3, ks)
@@ -217,9 +247,11 @@ def test_select_negative_budgets_and_unaligned(path, monkeypatch):
     assert_equal(got[1], exp[1], "unaligned kept_count")
 
 
-@pytest.mark.parametrize("L,kind", [(32768, "rand"), (40000, "tie"), (131072, "rand")])
+@pytest.mark.parametrize("L,kind", [(2048, "tie"), (8160, "rand"), (32768, "rand"),
+                                    (40000, "tie"), (131072, "rand")])
 def test_select_long(L, kind):
-    """32K runs the shared-memory path, longer rows the multi-CTA one."""
+    """Default path choice: sm_90 runs the cluster kernel for L >= 16384 (the shared-memory
+    kernel below); elsewhere 32K runs the shared-memory path, longer rows the multi-CTA one."""
     B, Hk, C = 1, 8, 1024
     s = make_scores(kind, B, Hk, L, L, None)
     bud = A.allocate(s, C, 0.2, True, "exact", None)
@@ -236,10 +268,9 @@ def test_select_empty_shapes():
 
 
 @pytest.mark.sanitize
-@pytest.mark.parametrize("path", ["smem", "multi"])
+@pytest.mark.parametrize("path", SELECT_PATHS)
 def test_select_small_sanitize(path, monkeypatch):
-    if path == "multi":
-        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "0")
+    _select_path(monkeypatch, path)
     ks = torch.tensor([0, 3, 40], dtype=torch.int32)
     s = make_scores("tie", 3, 4, 37, 6, ks)
     bud = torch.tensor([[0, 5, 37, 9], [2, 34, 100, 1], [3, 3, 3, 3]], dtype=torch.int32)
@@ -459,8 +490,8 @@ def test_evict_stages_cuda_graph(monkeypatch):
         return (bud, idx, cnt) + tuple(A.compact(k_, v_, idx, cnt, bud, W, reserve, rows, ks_))
 
     exp = run(s, key, value, ks)
-    for path in ("smem", "multi"):
-        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "32768" if path == "smem" else "0")
+    for path in SELECT_PATHS:
+        _select_path(monkeypatch, path)
         inp = [cuda(t) for t in (s, key, value, ks)]
         run(*inp)  # warm up (kernel attributes, allocator)
         side = torch.cuda.Stream()
@@ -480,10 +511,9 @@ def test_evict_stages_cuda_graph(monkeypatch):
             assert_equal(g, e, f"graph replay ({path})")
 
 
-@pytest.mark.parametrize("path", ["smem", "multi"])
+@pytest.mark.parametrize("path", SELECT_PATHS)
 def test_no_host_sync(path, monkeypatch):
-    if path == "multi":
-        monkeypatch.setenv("ADAKV_SELECT_SMEM_MAX_L", "0")
+    _select_path(monkeypatch, path)
     B, Hk, N, W, D, C = 2, 4, 300, 16, 64, 20
     L = N - W
     ks = cuda(torch.tensor([0, 21], dtype=torch.int32))

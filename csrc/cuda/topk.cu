@@ -17,6 +17,10 @@
 //   (largest remainder) or official rounding of allocation_rules.h, and writes the budgets.
 //   Rows that are not evicted get C. Counts are order-independent, so results are
 //   deterministic although CTAs finish in any order.
+//   sm_90, Hk <= 256, Hk * L <= 2^17 (the default there): the same digits in ONE launch, one
+//   thread-block cluster (16 CTAs on an H100) per batch row, histograms summed through
+//   distributed shared memory (allocate_cluster_kernel); no scratch, no memset.
+//   ADAKV_ALLOCATE_CLUSTER=0 / 1 turns it off / on at any size (tests).
 //
 // select(scores [B, Hk, L], budgets [B, Hk]) -> kept_idx [B, Hk, L], kept_count [B, Hk]
 //   Per segment s = b * Hk + h: k = clamp(budgets[s], 0, L_b); threshold of the k-th key, then
@@ -26,6 +30,11 @@
 //     tests) and the row fits in shared memory: one kernel (select_smem_kernel), one CTA of
 //     1024 threads per segment keeps the segment's keys in shared memory and runs the three
 //     digit passes and the compaction on them.
+//   * sm_90 and L >= 16384 (the default there): one launch, one thread-block cluster (16 CTAs
+//     on an H100) per segment: the digit passes with histograms summed through distributed
+//     shared memory, then an ordered compaction of each CTA's columns at the offsets of the
+//     CTAs before it (select_cluster_kernel). ADAKV_SELECT_CLUSTER=0 / 1 turns it off / on for
+//     every length (tests).
 //   * longer rows: grid = B * Hk * chunks CTAs of 512 threads for every launch. The three digit
 //     passes (radix_pass_kernel, as in allocate with groups of one row; pass 0 also writes the
 //     -1 tail and the segments that need no threshold, k == 0 or k == L_b), then
@@ -36,11 +45,13 @@
 // launch shapes depend on tensor shapes only (CUDA-graph capturable).
 #include <ATen/ATen.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
 
 #include "allocation_rules.h"
@@ -701,6 +712,315 @@ select_smem_kernel(const SelectParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// allocate in one launch (sm_90): one thread-block cluster per batch row
+
+constexpr int kClusterMax = 16;      // largest cluster asked for (non-portable above 8)
+constexpr int kClusterMaxHk = 256;   // more heads: the multi-launch passes
+constexpr int64_t kClusterMaxRowElems = int64_t{1} << 17;  // allocate: Hk * L per batch row
+
+// Dynamic shared memory of allocate_cluster_kernel: local histogram, this CTA's slice of the
+// cluster-summed histogram, per-head counts of this CTA (less / equal to the threshold), and
+// the AllocateSmem of the finishing CTA.
+__host__ __device__ constexpr size_t cluster_alloc_smem(int Hk) {
+  return 2 * kBins * sizeof(uint32_t) + 2 * static_cast<size_t>(Hk) * sizeof(uint32_t) +
+         static_cast<size_t>(Hk) * (sizeof(double) + 2 * sizeof(uint32_t));
+}
+
+// grid = B * cs CTAs, cluster = cs CTAs (one batch row each). CTA `r` of the cluster owns the
+// float4 groups [r * per, (r + 1) * per) of the row's Hk x ceil(L / 4) groups. Per digit: the
+// CTA histograms its keys that match the prefix in shared memory; cluster barrier; CTA r sums
+// bins [r * kBins / cs, +kBins / cs) over the cluster (distributed shared memory) into its
+// slice; cluster barrier; every CTA gathers the summed histogram and finds the same digit
+// (identical inputs, identical result: no broadcast needed). After the last digit the threshold
+// key and the number of equal keys to take are known; one more sweep counts per head the keys
+// below / equal to it, and CTA 0 sums those over the cluster and runs allocate_finish. Same
+// result as the multi-launch passes (counts are order-independent), one launch, no scratch.
+template <bool kVec>
+__global__ void __launch_bounds__(kPassThreads)
+allocate_cluster_kernel(const RadixParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int BPT = kBins / kPassThreads;
+  using Finder = BinFinder<kPassThreads, BPT>;
+  __shared__ typename Finder::TempStorage find_tmp;
+  __shared__ int sh_bin;
+  __shared__ uint32_t sh_before;
+  extern __shared__ __align__(16) char dyn_smem[];
+  uint32_t* hist = reinterpret_cast<uint32_t*>(dyn_smem);
+  uint32_t* tot = hist + kBins;
+  uint32_t* hless = tot + kBins;
+  uint32_t* heq = hless + p.Hk;
+  const AllocateSmem fin = allocate_smem(reinterpret_cast<char*>(heq + p.Hk), p.Hk);
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int cs = static_cast<int>(cluster.num_blocks());
+  const int rank_in = static_cast<int>(cluster.block_rank());
+  const int64_t b = blockIdx.x / cs;
+  const GroupTask task = group_task<false>(p, b, b * p.Hk);  // same for every head of row b
+  if (!task.active) {  // uniform over the cluster: every CTA returns, no barrier is pending
+    if (rank_in == 0)
+      for (int i = threadIdx.x; i < p.Hk; i += kPassThreads)
+        p.out[b * p.Hk + i] = static_cast<int32_t>(p.C);
+    return;
+  }
+  const int g4 = (p.L + 3) >> 2;  // float4 groups per head row
+  const int64_t total = static_cast<int64_t>(p.Hk) * g4;
+  const int64_t per = (total + cs - 1) / cs;
+  const int64_t my_lo = min(total, rank_in * per), my_hi = min(total, my_lo + per);
+  const float* rows = p.scores + b * p.Hk * static_cast<int64_t>(p.L);
+  const int bins_per = kBins / cs;  // cs divides kBins (a power of two <= 16)
+
+  uint32_t prefix = 0, rank = task.k;
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    for (int i = threadIdx.x; i < kBins; i += kPassThreads) hist[i] = 0;
+    __syncthreads();
+    for (int64_t i0 = my_lo + threadIdx.x; i0 < my_hi; i0 += kPassThreads * kPassUnroll) {
+      uint32_t key[kPassUnroll][4];
+      int col[kPassUnroll];
+      const float* src[kPassUnroll];
+#pragma unroll
+      for (int u = 0; u < kPassUnroll; ++u) {
+        const int64_t i = i0 + u * kPassThreads;
+        const int h = static_cast<int>(i / g4);
+        col[u] = 4 * static_cast<int>(i - static_cast<int64_t>(h) * g4);
+        src[u] = rows + static_cast<int64_t>(h) * p.L;
+        if (i < my_hi) load_keys4<kVec>(src[u], col[u], p.L, key[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kPassUnroll; ++u) {
+        if (i0 + u * kPassThreads < my_hi)
+          hist_add4(hist, key[u], col[u], task.ks, p.L, prefix, pass);
+      }
+    }
+    cluster.sync();  // every CTA's histogram of this digit is complete
+    for (int j = threadIdx.x; j < bins_per; j += kPassThreads) {
+      const int bin = rank_in * bins_per + j;
+      uint32_t sum = 0;
+#pragma unroll
+      for (int q = 0; q < kClusterMax; ++q)
+        if (q < cs) sum += cluster.map_shared_rank(hist, static_cast<unsigned>(q))[bin];
+      tot[bin] = sum;
+    }
+    cluster.sync();  // every slice of the summed histogram is complete
+    uint32_t cnt[BPT];
+    {
+      const int first = static_cast<int>(threadIdx.x) * BPT;  // BPT consecutive bins, one owner
+      const uint4 v = *reinterpret_cast<const uint4*>(
+          cluster.map_shared_rank(tot, static_cast<unsigned>(first / bins_per)) + first);
+      cnt[0] = v.x;
+      cnt[1] = v.y;
+      cnt[2] = v.z;
+      cnt[3] = v.w;
+    }
+    if (threadIdx.x == 0) {
+      sh_bin = 0;
+      sh_before = 0;
+    }
+    __syncthreads();
+    Finder::run(find_tmp, cnt, rank, &sh_bin, &sh_before);
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(sh_bin) << digit_shift(pass);
+    rank -= sh_before;
+    // tot is rewritten only after the next digit's first cluster barrier, which every CTA
+    // reaches after its gather above; hist is no longer read by any peer.
+  }
+
+  // prefix = the threshold key; rank = equal keys to take (in head, then column order).
+  for (int i = threadIdx.x; i < p.Hk; i += kPassThreads) {
+    hless[i] = 0;
+    heq[i] = 0;
+  }
+  __syncthreads();
+  for (int64_t i = my_lo + threadIdx.x; i < my_hi; i += kPassThreads) {
+    const int h = static_cast<int>(i / g4);
+    const int c = 4 * static_cast<int>(i - static_cast<int64_t>(h) * g4);
+    uint32_t key[4];
+    load_keys4<kVec>(rows + static_cast<int64_t>(h) * p.L, c, p.L, key);
+    uint32_t nl = 0, ne = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c + j >= task.ks && c + j < p.L) {
+        nl += key[j] < prefix ? 1u : 0u;
+        ne += key[j] == prefix ? 1u : 0u;
+      }
+    }
+    if (nl) atomicAdd(hless + h, nl);
+    if (ne) atomicAdd(heq + h, ne);
+  }
+  cluster.sync();  // every CTA's per-head counts are complete
+  if (rank_in == 0) {
+    for (int h = threadIdx.x; h < p.Hk; h += kPassThreads) {
+      uint32_t l = 0, e = 0;
+      for (int q = 0; q < cs; ++q) {
+        l += cluster.map_shared_rank(hless, static_cast<unsigned>(q))[h];
+        e += cluster.map_shared_rank(heq, static_cast<unsigned>(q))[h];
+      }
+      fin.less[h] = l;
+      fin.eq[h] = e;
+    }
+  }
+  cluster.sync();  // CTA 0 has read every peer: the others may exit
+  if (rank_in != 0) return;
+  __syncthreads();
+  allocate_finish(p, b, rank, fin);
+#else
+  __trap();  // launched on sm_90 and newer only
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// select in one launch (sm_90): one thread-block cluster per segment
+
+// Shorter rows: the one-CTA shared-memory kernel (H100, 8 segments: 13 us at L 8K against 23 us
+// for the cluster kernel; at 32K 37 against 25 us, at 128K the multi-launch path 37 against 35).
+constexpr int64_t kSelectClusterMinL = 16384;
+
+// Shared memory of select_cluster_kernel: local histogram, this CTA's slice of the summed
+// histogram (dynamic), and this CTA's (less, equal) counts of its columns (static).
+constexpr size_t kClusterSelectSmem = 2 * kBins * sizeof(uint32_t);
+
+// grid = S * cs CTAs, cluster = cs CTAs (one segment each). CTA r owns the columns
+// [r * per, (r + 1) * per) of the segment's row (per a multiple of 4). The threshold key of the
+// k-th best valid column is found digit by digit as in allocate_cluster_kernel; then each CTA
+// counts its keys below / equal to it, gets the counts of the CTAs before it through
+// distributed shared memory, and compacts its columns in order (compact_columns) at those
+// offsets. The -1 tail, rows that keep nothing or every valid column, and kept_count are
+// written as in the multi-launch path. One launch, no scratch.
+template <bool kVec>
+__global__ void __launch_bounds__(kPassThreads)
+select_cluster_kernel(const RadixParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int BPT = kBins / kPassThreads;
+  using Finder = BinFinder<kPassThreads, BPT>;
+  __shared__ typename PairScan<kPassThreads>::TempStorage scan_tmp;
+  __shared__ int sh_bin;
+  __shared__ uint32_t sh_before;
+  __shared__ uint32_t sh_cnt[2];
+  extern __shared__ __align__(16) char dyn_smem[];
+  uint32_t* hist = reinterpret_cast<uint32_t*>(dyn_smem);
+  uint32_t* tot = hist + kBins;
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int cs = static_cast<int>(cluster.num_blocks());
+  const int rank_in = static_cast<int>(cluster.block_rank());
+  const int64_t row = blockIdx.x / cs;
+  const int64_t b = row / p.Hk;
+  const GroupTask task = group_task<true>(p, b, row);
+  const int per = (((p.L + cs - 1) / cs) + 3) / 4 * 4;
+  const int c_begin = min(p.L, rank_in * per), c_end = min(p.L, c_begin + per);
+  const int lo = max(c_begin, task.ks), hi = c_end;
+  int32_t* out = p.kept_idx + row * p.L;
+  const float* srow = p.scores + row * p.L;
+  const int k = static_cast<int>(task.k);
+  for (int i = c_begin + threadIdx.x; i < c_end; i += kPassThreads) {
+    if (i >= k) {
+      out[i] = -1;
+    } else if (!task.active) {
+      out[i] = task.ks + i;  // k == L_b: every valid column, in order
+    }
+  }
+  if (rank_in == 0 && threadIdx.x == 0) p.kept_count[row] = k;
+  if (!task.active) return;  // uniform over the cluster: no barrier is pending
+
+  const int bins_per = kBins / cs;
+  uint32_t prefix = 0, rank = task.k;
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    for (int i = threadIdx.x; i < kBins; i += kPassThreads) hist[i] = 0;
+    __syncthreads();
+    if (lo < hi) {
+      const int g_end = (hi + 3) >> 2;
+      for (int g0 = (lo >> 2) + threadIdx.x; g0 < g_end; g0 += kPassThreads * kPassUnroll) {
+        uint32_t key[kPassUnroll][4];
+#pragma unroll
+        for (int u = 0; u < kPassUnroll; ++u) {
+          const int g = g0 + u * kPassThreads;
+          if (g < g_end) load_keys4<kVec>(srow, 4 * g, p.L, key[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kPassUnroll; ++u) {
+          const int g = g0 + u * kPassThreads;
+          if (g < g_end) hist_add4(hist, key[u], 4 * g, lo, hi, prefix, pass);
+        }
+      }
+    }
+    cluster.sync();  // every CTA's histogram of this digit is complete
+    for (int j = threadIdx.x; j < bins_per; j += kPassThreads) {
+      const int bin = rank_in * bins_per + j;
+      uint32_t sum = 0;
+#pragma unroll
+      for (int q = 0; q < kClusterMax; ++q)
+        if (q < cs) sum += cluster.map_shared_rank(hist, static_cast<unsigned>(q))[bin];
+      tot[bin] = sum;
+    }
+    cluster.sync();  // every slice of the summed histogram is complete
+    uint32_t cnt[BPT];
+    {
+      const int first = static_cast<int>(threadIdx.x) * BPT;
+      const uint4 v = *reinterpret_cast<const uint4*>(
+          cluster.map_shared_rank(tot, static_cast<unsigned>(first / bins_per)) + first);
+      cnt[0] = v.x;
+      cnt[1] = v.y;
+      cnt[2] = v.z;
+      cnt[3] = v.w;
+    }
+    if (threadIdx.x == 0) {
+      sh_bin = 0;
+      sh_before = 0;
+    }
+    __syncthreads();
+    Finder::run(scan_tmp, cnt, rank, &sh_bin, &sh_before);
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(sh_bin) << digit_shift(pass);
+    rank -= sh_before;
+  }
+  const uint32_t thr = prefix, need = rank;
+
+  // This CTA's keys below / equal to the threshold, then the counts of the CTAs before it.
+  uint32_t nl = 0, ne = 0;
+  if (lo < hi) {
+    const int g_end = (hi + 3) >> 2;
+    for (int g = (lo >> 2) + threadIdx.x; g < g_end; g += kPassThreads) {
+      uint32_t key[4];
+      load_keys4<kVec>(srow, 4 * g, p.L, key);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = 4 * g + j;
+        if (c >= lo && c < hi) {
+          nl += key[j] < thr ? 1u : 0u;
+          ne += key[j] == thr ? 1u : 0u;
+        }
+      }
+    }
+  }
+  uint32_t el, ee, tl, te;
+  __syncthreads();  // scan_tmp is free again
+  PairScan<kPassThreads>::run(scan_tmp, nl, ne, el, ee, tl, te);
+  if (threadIdx.x == 0) {
+    sh_cnt[0] = tl;
+    sh_cnt[1] = te;
+  }
+  cluster.sync();  // every CTA's counts are written
+  uint32_t run_less = 0, run_eq = 0;
+  for (int q = 0; q < rank_in; ++q) {
+    const uint32_t* c = cluster.map_shared_rank(sh_cnt, static_cast<unsigned>(q));
+    run_less += c[0];
+    run_eq += c[1];
+  }
+  cluster.sync();  // every CTA has read its predecessors: the counts may go away
+  __syncthreads();
+  if (lo < hi)
+    compact_columns<kPassThreads, /*IPT=*/8, false, kVec>(
+        scan_tmp, nullptr, srow, p.L, lo, hi, thr, need, static_cast<uint32_t>(k), run_less,
+        run_eq, out);
+#else
+  __trap();  // launched on sm_90 and newer only
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // host helpers
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -768,6 +1088,76 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes) {
                                         static_cast<int>(bytes)));
 }
 
+// Cluster size of allocate_cluster_kernel on this device (a power of two, 0: not available:
+// device or binary older than sm_90, or no cluster of 2 fits). Configured once per device.
+int allocate_cluster_size(int device) {
+  static std::mutex mu;
+  static int cache[64];
+  static bool ready[64] = {};
+  const bool cacheable = device >= 0 && device < 64;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cacheable && ready[device]) return cache[device];
+  int size = 0;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, allocate_cluster_kernel<true>));
+  if (major >= 9 && fa.binaryVersion >= 90) {
+    const size_t smem = cluster_alloc_smem(kClusterMaxHk);
+    for (auto kernel : {allocate_cluster_kernel<true>, allocate_cluster_kernel<false>}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      allow_dynamic_smem(kernel, smem);
+    }
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(kClusterMax, 1, 1);
+    cfg.blockDim = dim3(kPassThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    int max_size = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, allocate_cluster_kernel<true>, &cfg));
+    size = 1;
+    while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
+    if (size < 2) size = 0;
+  }
+  if (cacheable) {
+    cache[device] = size;
+    ready[device] = true;
+  }
+  return size;
+}
+
+// Cluster size of select_cluster_kernel on this device (as allocate_cluster_size).
+int select_cluster_size(int device) {
+  static std::mutex mu;
+  static int cache[64];
+  static bool ready[64] = {};
+  const bool cacheable = device >= 0 && device < 64;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cacheable && ready[device]) return cache[device];
+  int size = 0;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, select_cluster_kernel<true>));
+  if (major >= 9 && fa.binaryVersion >= 90) {
+    for (auto kernel : {select_cluster_kernel<true>, select_cluster_kernel<false>})
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(kClusterMax, 1, 1);
+    cfg.blockDim = dim3(kPassThreads, 1, 1);
+    cfg.dynamicSmemBytes = kClusterSelectSmem;
+    int max_size = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, select_cluster_kernel<true>, &cfg));
+    size = 1;
+    while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
+    if (size < 2) size = 0;
+  }
+  if (cacheable) {
+    cache[device] = size;
+    ready[device] = true;
+  }
+  return size;
+}
+
 void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with a tensor on ", t.device());
 }
@@ -797,6 +1187,43 @@ at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha
   RadixParams p{};
   p.rows = B * Hk;
   p.L = static_cast<int>(L);
+  // sm_90: one launch, one thread-block cluster per batch row, for rows of at most
+  // kClusterMaxRowElems scores (one cluster's SMs stream longer rows slower than the
+  // multi-launch passes: H100, Hk 8, B 1: 23 vs 31 us at L 8K, 37 vs 31 us at 32K, 88 vs 35 us
+  // at 128K). ADAKV_ALLOCATE_CLUSTER=0 / 1: off / on at any length (tests); more than
+  // kClusterMaxHk heads always take the multi-launch passes.
+  const char* cl_env = std::getenv("ADAKV_ALLOCATE_CLUSTER");
+  const bool cl_off = cl_env != nullptr && std::string(cl_env) == "0";
+  const bool cl_force = cl_env != nullptr && std::string(cl_env) == "1";
+  const int cs = (Hk <= kClusterMaxHk && !cl_off && (cl_force || Hk * L <= kClusterMaxRowElems))
+                     ? allocate_cluster_size(scores.get_device())
+                     : 0;
+  if (cs >= 2) {
+    TORCH_CHECK(B * cs <= std::numeric_limits<int32_t>::max(), "adakv: scores are too large");
+    p.scores = scores.data_ptr<float>();
+    p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
+    p.out = out.data_ptr<int32_t>();
+    p.C = C;
+    p.alpha = floor_alpha;
+    p.Hk = static_cast<int>(Hk);
+    p.official = round == Rounding::kOfficial;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(B * cs), 1, 1);
+    cfg.blockDim = dim3(kPassThreads, 1, 1);
+    cfg.dynamicSmemBytes = cluster_alloc_smem(static_cast<int>(Hk));
+    cfg.stream = current_stream();
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    ADAKV_BOOL_SWITCH(scores_vectorizable(scores, L), kVec, [&] {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, allocate_cluster_kernel<kVec>, p));
+    });
+    return out;
+  }
   p.chunk = static_cast<int>(pass_chunk(B * Hk, L, scores.get_device()));
   p.chunks = static_cast<int>((L + p.chunk - 1) / p.chunk);
   PassScratch scratch = make_scratch(scores, B * Hk, B, p.chunks, /*allocate=*/true);
@@ -842,6 +1269,40 @@ std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Te
 
   const cudaStream_t stream = current_stream();
   const bool vec = scores_vectorizable(scores, L);
+  // sm_90: one launch, one thread-block cluster per segment, when a segment row is long enough
+  // to keep the cluster busy (ADAKV_SELECT_CLUSTER=0: the paths below; =1: any length).
+  const char* cl_env = std::getenv("ADAKV_SELECT_CLUSTER");
+  const bool cl_off = cl_env != nullptr && std::string(cl_env) == "0";
+  const bool cl_force = cl_env != nullptr && std::string(cl_env) == "1";
+  const int cs = cl_off ? 0 : select_cluster_size(scores.get_device());
+  if (cs >= 2 && (cl_force || L >= kSelectClusterMinL)) {
+    TORCH_CHECK(S * cs <= std::numeric_limits<int32_t>::max(), "adakv: too many segments");
+    RadixParams p{};
+    p.rows = S;
+    p.L = static_cast<int>(L);
+    p.scores = scores.data_ptr<float>();
+    p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
+    p.budgets = budgets.data_ptr<int32_t>();
+    p.kept_idx = kept_idx.data_ptr<int32_t>();
+    p.kept_count = kept_count.data_ptr<int32_t>();
+    p.Hk = static_cast<int>(Hk);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(S * cs), 1, 1);
+    cfg.blockDim = dim3(kPassThreads, 1, 1);
+    cfg.dynamicSmemBytes = kClusterSelectSmem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    ADAKV_BOOL_SWITCH(vec, kVec, [&] {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_cluster_kernel<kVec>, p));
+    });
+    return {kept_idx, kept_count};
+  }
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         scores.get_device()));
