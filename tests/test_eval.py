@@ -18,6 +18,8 @@ if HAVE_OPS:
     from adakv_ops.eval import (METHODS_ALL, PromptBuilder, TASKS, load_model, make_samples,
                                 run_sample, run_text)
     from adakv_ops.eval.__main__ import main as eval_main
+    from adakv_ops.eval.report import aggregate, compact_record, sign_test_p
+    from adakv_ops.eval.report import main as report_main
     from adakv_ops.eval.models import ByteTokenizer
     from adakv_ops.hf import AdaKVCache, QueryRecorder
 
@@ -136,7 +138,11 @@ def test_run_sample_records(tiny):
     recs = run_sample(model, p, METHODS_ALL, fracs, window=8)
     assert len(recs) == 2 * (1 + (len(METHODS_ALL) - 1) * len(fracs))
     for r in recs:
-        assert len(r["evict_l1"]) == len(r["layer_budgets"]) >= 1
+        types = (getattr(model.config, "layer_types", None)
+                 or ["full_attention"] * model.config.num_hidden_layers)
+        n_global = sum(t == "full_attention" for t in types)
+        assert len(r["evict_l1"]) == n_global >= 1     # one entry per evicted layer
+        assert r["evict_rel_mean"] >= 0.0
         if r["method"] == "full":
             assert max(r["evict_l1"]) == 0.0 and r["kept_fraction"] == 1.0
         else:
@@ -175,7 +181,32 @@ def test_cli_smoke(tmp_path):
         import matplotlib  # noqa: F401
         assert (tmp_path / "tiny-accuracy.png").exists()
         assert (tmp_path / "tiny-eviction_loss.png").exists()
+        assert (tmp_path / "tiny-ada_vs_uniform.png").exists()
     except ImportError:
         pass
     assert eval_main(args + ["--resume"]) == 0
     assert len(json.loads(out.read_text())["records"]) == len(res["records"])
+    # the report alone rewrites the markdown from the JSON, identically
+    md = out.with_suffix(".md").read_text()
+    out.with_suffix(".md").unlink()
+    assert report_main([str(out), "--no-plots"]) == 0
+    assert out.with_suffix(".md").read_text() == md
+
+
+def test_sign_test_p():
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(5, 5) == 1.0
+    assert sign_test_p(0, 10) == pytest.approx(2 / 1024)
+    assert sign_test_p(10, 0) == sign_test_p(0, 10)
+    assert sign_test_p(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_compact_record_and_old_records_aggregate_alike():
+    old = {"task": "passkey", "length": 100, "sample": 0, "setting": "aware",
+           "method": "snapkv", "budget_frac": 0.1, "correct": True, "kept_fraction": 0.123456789,
+           "evict_l1": [1.0, 3.0], "evict_rel": [0.1, 0.3], "layer_budgets": [10, 10]}
+    new = compact_record(old)
+    assert "layer_budgets" not in new and "evict_rel" not in new
+    assert new["evict_rel_mean"] == pytest.approx(0.2) and new["kept_fraction"] == 0.12346
+    a, b = aggregate([old], []), aggregate([new], [])
+    assert a["eviction_rel"] == b["eviction_rel"] and a["eviction_l1"] == b["eviction_l1"]
+    assert b["eviction_l1_by_layer"]["aware"]["snapkv@0.1"] == [1.0, 3.0]

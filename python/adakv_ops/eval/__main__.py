@@ -66,11 +66,11 @@ def _default_text() -> list[Path]:
 
 
 def _save(path: Path, result: dict) -> None:
-    from .report import aggregate
+    from .report import aggregate, dumps
 
     result["aggregates"] = aggregate(result["records"], result["text_records"])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(dumps(result))
     tmp.replace(path)
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from .models import load_model
-    from .report import markdown, plot
+    from .report import write_report
     from .runner import PromptBuilder, run_sample, run_text
     from .tasks import make_samples
 
@@ -141,19 +141,8 @@ def main(argv=None) -> int:
     result["elapsed_s"] += time.time() - t0
     _save(out, result)
     result = json.loads(out.read_text())
-    md = markdown(result)
-    out.with_suffix(".md").write_text(
-        f"# {info['name']} ({info['source']})\n\n- date {today}, torch {result['torch']}, "
-        f"device {result['device']}, {len(result['records'])} records, "
-        f"{result['elapsed_s']:.0f} s\n- config: `{json.dumps(config)}`\n" + md)
-    print(md)
-    if not args.no_plots:
-        try:
-            for path in plot(result, out.with_suffix("")):
-                print(f"wrote {path}")
-        except ImportError:
-            print("matplotlib is not installed: no plots (pip install matplotlib)",
-                  file=sys.stderr)
+    for path in write_report(result, out, plots=not args.no_plots):
+        print(f"wrote {path}")
     print(f"wrote {out} ({'stopped at --time-limit; rerun with --resume' if stopped else 'done'})")
     return 0
 

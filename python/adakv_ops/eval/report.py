@@ -1,11 +1,17 @@
-"""Aggregates, tables and plots of an evaluation result (the JSON written by the CLI)."""
+"""Aggregates, tables and plots of an evaluation result (the JSON written by the CLI).
+
+``python -m adakv_ops.eval.report RESULT.json`` rewrites the markdown and the plots of a result
+(for instance after a change of the plotting code) without running anything."""
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["aggregate", "markdown", "plot"]
+__all__ = ["aggregate", "compact_record", "dumps", "markdown", "plot", "write_report"]
 
 _ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
 _PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"))
@@ -16,22 +22,54 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _round(x, digits: int = 5):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, list):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def compact_record(r: dict) -> dict:
+    """A record as stored: floats to 5 significant digits; the relative eviction loss as its
+    mean over layers (older runs stored it per layer, and the per-layer budgets, which
+    follow from method, budget and prompt length)."""
+    r = {k: v for k, v in r.items() if k != "layer_budgets"}
+    if isinstance(r.get("evict_rel"), list):
+        r["evict_rel_mean"] = _mean(r.pop("evict_rel"))
+    return {k: _round(v) for k, v in r.items()}
+
+
+def dumps(result: dict) -> str:
+    """The result JSON: compact, one record per line (a full sweep is a few MB, diffable)."""
+    head = {k: v for k, v in result.items() if k not in ("records", "text_records")}
+    body = json.dumps(head, indent=1)[:-2]
+    for key in ("records", "text_records"):
+        rows = ",\n".join(json.dumps(compact_record(r), separators=(",", ":"))
+                          for r in result.get(key, []))
+        body += f',\n "{key}": [\n{rows}\n ]'
+    return body + "\n}\n"
+
+
 def aggregate(records: list[dict], text_records: list[dict]) -> dict:
     """``accuracy[setting][method][frac]``, the same per task and per length, eviction loss
-    (mean over samples and layers), kept fraction, and the text measures."""
+    (mean over samples and layers, and per layer), kept fraction, and the text measures."""
     acc = defaultdict(lambda: defaultdict(list))
     by_task = defaultdict(lambda: defaultdict(list))
     by_len = defaultdict(lambda: defaultdict(list))
     loss = defaultdict(lambda: defaultdict(list))
     rel = defaultdict(lambda: defaultdict(list))
     kept = defaultdict(lambda: defaultdict(list))
+    by_layer = defaultdict(lambda: defaultdict(list))
     for r in records:
         k = (r["method"], r["budget_frac"])
         acc[r["setting"]][k].append(float(r["correct"]))
         by_task[(r["setting"], r["task"])][k].append(float(r["correct"]))
         by_len[(r["setting"], r["length"])][k].append(float(r["correct"]))
         loss[r["setting"]][k].append(_mean(r["evict_l1"]))
-        rel[r["setting"]][k].append(_mean(r["evict_rel"]))
+        rel[r["setting"]][k].append(r["evict_rel_mean"] if "evict_rel_mean" in r
+                                    else _mean(r["evict_rel"]))
+        by_layer[r["setting"]][k].append(r["evict_l1"])
         kept[r["setting"]][k].append(r["kept_fraction"])
 
     def fold(d):
@@ -49,10 +87,24 @@ def aggregate(records: list[dict], text_records: list[dict]) -> dict:
     out = {"accuracy": fold(acc), "accuracy_by_task": fold2(by_task),
            "accuracy_by_length": fold2(by_len), "eviction_l1": fold(loss),
            "eviction_rel": fold(rel), "kept_fraction": fold(kept),
+           "eviction_l1_by_layer": {
+               s: {f"{m}@{f:g}": [_round(_mean(col)) for col in zip(*v)]
+                   for (m, f), v in sorted(by_layer[s].items())} for s in by_layer},
            "text": {key: {f"{m}@{f:g}": {"mean": _mean(v), "n": len(v)}
                           for (m, f), v in sorted(d.items())} for key, d in text.items()}}
     out["ada_vs_uniform"] = _compare(records)
     return out
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on discordant pairs): the probability,
+    with no difference, of a split at least as uneven as ``wins`` : ``losses``."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
 
 
 def _compare(records: list[dict]) -> list[dict]:
@@ -82,7 +134,12 @@ def _compare(records: list[dict]) -> list[dict]:
                                                  for a, u in pairs),
                              "l1_ada": a_l, "l1_uniform": u_l,
                              "l1_lower_ada": sum(_mean(a["evict_l1"]) < _mean(u["evict_l1"])
-                                                 for a, u in pairs)})
+                                                 for a, u in pairs),
+                             "l1_higher_ada": sum(_mean(a["evict_l1"]) > _mean(u["evict_l1"])
+                                                  for a, u in pairs)})
+                row = rows[-1]
+                row["acc_p"] = sign_test_p(row["ada_wins"], row["uniform_wins"])
+                row["l1_p"] = sign_test_p(row["l1_lower_ada"], row["l1_higher_ada"])
     return rows
 
 
@@ -117,14 +174,19 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if agg.get("ada_vs_uniform"):
         lines.append("\n**Ada vs uniform (paired samples)**\n")
+        lines.append("p: two-sided exact sign test on the paired samples that differ (McNemar's "
+                     "exact test for accuracy).\n")
         lines.append("| setting | budget | pair | n | acc ada | acc uniform | ada-only correct | "
-                     "uniform-only correct | L1 ada | L1 uniform | samples with lower L1 (ada) |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     "uniform-only correct | acc p | L1 ada | L1 uniform | "
+                     "lower L1 ada / uniform | L1 p |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in agg["ada_vs_uniform"]:
             lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | {r['ada']} vs "
                          f"{r['uniform']} | {r['n']} | {r['acc_ada']:.3f} | "
                          f"{r['acc_uniform']:.3f} | {r['ada_wins']} | {r['uniform_wins']} | "
-                         f"{r['l1_ada']:.4g} | {r['l1_uniform']:.4g} | {r['l1_lower_ada']} |")
+                         f"{r.get('acc_p', float('nan')):.2g} | {r['l1_ada']:.4g} | "
+                         f"{r['l1_uniform']:.4g} | {r['l1_lower_ada']} / "
+                         f"{r.get('l1_higher_ada', '-')} | {r.get('l1_p', float('nan')):.2g} |")
     text = agg.get("text") or {}
     if text.get("kl"):
         methods, fracs = _methods_fracs(text["kl"])
@@ -142,6 +204,12 @@ def markdown(result: dict) -> str:
                     cells.append("-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _budget_axis(ax, fracs) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+    ax.minorticks_off()
 
 
 def plot(result: dict, stem: Path) -> list[Path]:
@@ -174,8 +242,7 @@ def plot(result: dict, stem: Path) -> list[Path]:
                 ys = [table.get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
                 ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
                         ls="-" if m.startswith("ada") else ":")
-            ax.set_xscale("log")
-            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            _budget_axis(ax, fracs)
             ax.set_xlabel("budget (share of prompt tokens kept per head, + window)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{result['model']['name']}, question-{setting}")
@@ -198,8 +265,7 @@ def plot(result: dict, stem: Path) -> list[Path]:
                 ys = [text[key].get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
                 ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
                         ls="-" if m.startswith("ada") else ":")
-            ax.set_xscale("log")
-            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            _budget_axis(ax, fracs)
             ax.set_xlabel("budget (share of prefix tokens kept per head, + window)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{result['model']['name']}, natural text")
@@ -210,4 +276,74 @@ def plot(result: dict, stem: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    rows = agg.get("ada_vs_uniform") or []
+    if rows:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        lines = sorted({(r["setting"], r["ada"], r["uniform"]) for r in rows})
+        fracs = sorted({r["budget_frac"] for r in rows})
+        for s, ada, uni in lines:
+            sel = {r["budget_frac"]: r for r in rows
+                   if (r["setting"], r["ada"], r["uniform"]) == (s, ada, uni)}
+            xs = [100 * f for f in fracs if f in sel]
+            style = dict(marker="o", ls="-" if s == "aware" else "--",
+                         label=f"{ada} vs {uni}, question-{s}")
+            axes[0][0].plot(xs, [100 * (sel[f]["acc_ada"] - sel[f]["acc_uniform"])
+                                 for f in fracs if f in sel], **style)
+            axes[0][1].plot(xs, [100 * (sel[f]["l1_ada"] / sel[f]["l1_uniform"] - 1)
+                                 for f in fracs if f in sel], **style)
+        for ax, ylabel in ((axes[0][0], "accuracy, ada - uniform (points)"),
+                           (axes[0][1], "eviction loss, ada / uniform - 1 (%)")):
+            ax.axhline(0.0, color="k", lw=1)
+            _budget_axis(ax, fracs)
+            ax.set_xlabel("budget (share of prompt tokens kept per head, + window)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{result['model']['name']}: Ada-KV vs uniform budgets")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(f"{stem}-ada_vs_uniform.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
+
+
+def write_report(result: dict, out: Path, plots: bool = True) -> list[Path]:
+    """``out`` with suffix ``.md`` (header + ``markdown``) and, with ``plots`` and matplotlib
+    installed, the PNGs beside it; returns the written paths."""
+    out = Path(out)
+    info, config = result["model"], result.get("config", {})
+    md = markdown(result)
+    md_path = out.with_suffix(".md")
+    md_path.write_text(
+        f"# {info['name']} ({info['source']})\n\n- date {result['date']}, torch "
+        f"{result['torch']}, device {result['device']}, {len(result['records'])} records, "
+        f"{result['elapsed_s']:.0f} s\n- config: `{json.dumps(config)}`\n" + md)
+    print(md)
+    written = [md_path]
+    if plots:
+        try:
+            written += plot(result, out.with_suffix(""))
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib)",
+                  file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m adakv_ops.eval.report", description=__doc__)
+    p.add_argument("results", nargs="+", type=Path, help="result JSON files")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    for path in args.results:
+        result = json.loads(path.read_text())
+        result["aggregates"] = aggregate(result["records"], result["text_records"])
+        for w in write_report(result, path, plots=not args.no_plots):
+            print(f"wrote {w}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
