@@ -210,3 +210,31 @@ def test_compact_record_and_old_records_aggregate_alike():
     a, b = aggregate([old], []), aggregate([new], [])
     assert a["eviction_rel"] == b["eviction_rel"] and a["eviction_l1"] == b["eviction_l1"]
     assert b["eviction_l1_by_layer"]["aware"]["snapkv@0.1"] == [1.0, 3.0]
+
+
+def test_cli_local_model_directory(tmp_path):
+    """--model takes a local Hugging Face directory (model + tokenizer saved by
+    save_pretrained), the path users with their own checkpoints take."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the pass key is 12345. remember it. what is the pass key?"] * 20,
+                            vocab_size=300, special_tokens=["<s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64,
+                                         intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=4096))
+    d = tmp_path / "my-model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "res.json"
+    assert eval_main(["--model", str(d), "--tasks", "passkey", "--lengths", "200",
+                      "--samples", "1", "--budgets", "0.2", "--window", "8",
+                      "--text-segments", "0", "--out", str(out), "--no-progress",
+                      "--no-plots"]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"]["name"] == "my-model" and res["model"]["chat"] is False
+    assert len(res["records"]) == 2 * (1 + 5)
