@@ -206,10 +206,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _budget_axis(ax, fracs) -> None:
+_PROMPT_BUDGET = "budget (share of prompt tokens kept per head, + window)"
+
+
+def _finish_axes(ax, fracs, xlabel: str, ylabel: str, title: str, legend_size: int = 8):
+    """Log budget axis labelled in percent, labels, grid, legend."""
     ax.set_xscale("log")
     ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
     ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save_figure(fig, path: Path, written: list) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
 
 
 def plot(result: dict, stem: Path) -> list[Path]:
@@ -242,17 +260,9 @@ def plot(result: dict, stem: Path) -> list[Path]:
                 ys = [table.get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
                 ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
                         ls="-" if m.startswith("ada") else ":")
-            _budget_axis(ax, fracs)
-            ax.set_xlabel("budget (share of prompt tokens kept per head, + window)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{result['model']['name']}, question-{setting}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(f"{stem}-{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            _finish_axes(ax, fracs, _PROMPT_BUDGET, ylabel,
+                         f"{result['model']['name']}, question-{setting}")
+        _save_figure(fig, Path(f"{stem}-{suffix}.png"), written)
     text = agg.get("text") or {}
     if text.get("kl"):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
@@ -265,17 +275,9 @@ def plot(result: dict, stem: Path) -> list[Path]:
                 ys = [text[key].get(f"{m}@{f:g}", {}).get("mean", float("nan")) for f in fracs]
                 ax.plot([100 * f for f in fracs], ys, marker="o", label=m,
                         ls="-" if m.startswith("ada") else ":")
-            _budget_axis(ax, fracs)
-            ax.set_xlabel("budget (share of prefix tokens kept per head, + window)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{result['model']['name']}, natural text")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(f"{stem}-text.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            _finish_axes(ax, fracs, "budget (share of prefix tokens kept per head, + window)",
+                         ylabel, f"{result['model']['name']}, natural text")
+        _save_figure(fig, Path(f"{stem}-text.png"), written)
     rows = agg.get("ada_vs_uniform") or []
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
@@ -294,17 +296,9 @@ def plot(result: dict, stem: Path) -> list[Path]:
         for ax, ylabel in ((axes[0][0], "accuracy, ada - uniform (points)"),
                            (axes[0][1], "eviction loss, ada / uniform - 1 (%)")):
             ax.axhline(0.0, color="k", lw=1)
-            _budget_axis(ax, fracs)
-            ax.set_xlabel("budget (share of prompt tokens kept per head, + window)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{result['model']['name']}: Ada-KV vs uniform budgets")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(f"{stem}-ada_vs_uniform.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            _finish_axes(ax, fracs, _PROMPT_BUDGET, ylabel,
+                         f"{result['model']['name']}: Ada-KV vs uniform budgets", legend_size=7)
+        _save_figure(fig, Path(f"{stem}-ada_vs_uniform.png"), written)
     return written
 
 
