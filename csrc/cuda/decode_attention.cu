@@ -15,7 +15,9 @@
 //     Each split covers ceil(len / num_splits) keys of its segment, computed on device.
 //   * num_splits > 1 on sm_90 (the default there): the splits of a query block are one
 //     thread-block cluster (at most 16 CTAs) and merge their partials through distributed shared
-//     memory in the same launch: one kernel, no workspace. Elsewhere (or ADAKV_DECODE_CLUSTER=0):
+//     memory in the same launch (each CTA stores its partial's pieces into the CTAs that merge
+//     them, one cluster barrier, local merges): one kernel, no workspace; the cluster kernel has
+//     a receive area of DecodeTraits::kRecvBytes on top. Elsewhere (or ADAKV_DECODE_CLUSTER=0):
 //     fp32 partials (at::empty workspace) merged by log-sum-exp in a second, tiny kernel (one
 //     warp per query row).
 //   * sm_90: launched with programmatic dependent launch (the kernel waits for the previous one
@@ -87,13 +89,13 @@ KernelConfig kernel_config(int device) {
   if (major >= 9 && fa.binaryVersion >= 90) {
     kc.pdl = true;
     C10_CUDA_CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Tr::kSmemBytes));
+                                        Tr::kClusterSmemBytes));
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(clustered, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(decode::kMaxCluster, 1, 1);
     cfg.blockDim = dim3(Tr::kThreads, 1, 1);
-    cfg.dynamicSmemBytes = Tr::kSmemBytes;
+    cfg.dynamicSmemBytes = Tr::kClusterSmemBytes;
     int size = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, clustered, &cfg));
     size = std::min(size, decode::kMaxCluster);
@@ -205,7 +207,7 @@ void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Ten
 
   const cudaStream_t stream = current_stream();
   if (use_cluster) {
-    launch_split<T, D, true>(p, grid, static_cast<int>(num_splits), Tr::kSmemBytes, kc.pdl,
+    launch_split<T, D, true>(p, grid, static_cast<int>(num_splits), Tr::kClusterSmemBytes, kc.pdl,
                              stream);
     return;
   }

@@ -14,8 +14,9 @@
 // fp32 partial plus its base-2 log-sum-exp, merged either by decode_merge.cuh (second launch)
 // or, on sm_90 (kCluster), inside the same launch: the num_splits CTAs of a (segment, query
 // block) form one thread-block cluster (split innermost in blockIdx.x, cluster rank == split),
-// keep their partials in shared memory and read each other's through distributed shared memory
-// after a cluster barrier (cluster_combine_and_store). One launch, no global workspace.
+// and each CTA pushes its partial, item by item, into the shared memory of the CTA that merges
+// that item (distributed shared memory stores), then one cluster barrier, then every CTA merges
+// its own items locally (cluster_combine_and_store). One launch, no global workspace.
 // On sm_90 the kernel is launched with programmatic stream serialization: it waits for the
 // previous kernel of the stream (griddepcontrol.wait) before reading any input, so only its
 // launch overlaps that kernel's tail.
@@ -197,26 +198,50 @@ __device__ __forceinline__ void combine_and_store(const DecodeParams& p, const f
   }
 }
 
-// Largest cluster the launcher asks for (16 needs the non-portable cluster-size attribute).
-constexpr int kMaxCluster = 16;
+// Cluster path (sm_90): the num_splits CTAs of a (segment, query block) merge their partials
+// by pushing them into each other's shared memory. Items are (query row, 4-dim group) pairs of
+// the block's real rows, in order; CTA k owns the k-th run of ceil(items / num_splits) of them.
+// Each CTA merges its warps into a normalised partial (base-2 lse per row) and stores every item
+// of it into the owner's receive area (recv_o[(item - first item of owner) * num_splits +
+// split], float4) and its row lse into every CTA's recv_lse[row][split], through distributed
+// shared memory; after one cluster barrier (release / acquire) each CTA merges the items it
+// owns from its own shared memory by log-sum-exp and writes them out. Remote accesses are
+// stores before that barrier only, so no second barrier is needed; the barrier phase armed at
+// kernel entry (cluster_arrive_relaxed) guarantees every peer has started before it is written.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
 
-// Cluster path (sm_90): merges the CTA's warps into a normalised partial kept in its own shared
-// memory (part [kRows][kLdO] + base-2 lse [kRows]), then, after a cluster barrier, the cluster's
-// CTAs merge the num_splits partials of the (segment, query block) by log-sum-exp, reading the
-// peers' partials through distributed shared memory; CTA `split` takes every num_splits-th
-// (row, 4-dim group) item of the real query rows. A second cluster barrier keeps every CTA's
-// shared memory alive until all peers are done reading it.
 template <typename Tr, typename T>
 __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p, const float* o_s,
                                                           const float* m_s, const float* l_s,
-                                                          float* part, int s, int split,
+                                                          unsigned char* recv, int s, int split,
                                                           int row_base) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int D = Tr::kCPR * Tr::kEPC;
   constexpr int kGroups = D / 8;
-  float* part_lse = part + Tr::kRows * Tr::kLdO;
+  constexpr int kG4 = D / 4;
+  cg::cluster_group cluster = cg::this_cluster();
+  float4* recv_o = reinterpret_cast<float4*>(recv);
+  float* recv_lse = reinterpret_cast<float*>(recv + Tr::kRecvOBytes);
+  const int ns = p.num_splits;  // == cluster size
   const int rows_here = min(Tr::kRows, p.GT - row_base);  // >= 1: grid has no empty block
+  const int n_items = rows_here * kG4;
+  const int per_owner = (n_items + ns - 1) / ns;
+  cluster_wait();  // entry phase: every CTA of the cluster runs, its shared memory may be written
   for (int i = threadIdx.x; i < rows_here * kGroups; i += Tr::kThreads) {
     const int r = i / kGroups, d0 = (i % kGroups) * 8;
     float M = neg_inf();
@@ -236,23 +261,35 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
       }
     }
     const float inv = L > 0.f ? 1.f / L : 0.f;
-    store8<float>(part + r * Tr::kLdO + d0, acc, inv);
-    if (d0 == 0) part_lse[r] = L > 0.f ? M + log2f(L) : neg_inf();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int item = r * kG4 + d0 / 4 + h;
+      const int owner = item / per_owner;
+      float4* dst = cluster.map_shared_rank(recv_o, static_cast<unsigned>(owner)) +
+                    (item - owner * per_owner) * ns + split;
+      *dst = make_float4(acc[4 * h] * inv, acc[4 * h + 1] * inv, acc[4 * h + 2] * inv,
+                         acc[4 * h + 3] * inv);
+    }
+    // the row's lse goes to every CTA; the row's threads share the ns stores
+    const float lse2 = L > 0.f ? M + log2f(L) : neg_inf();
+    for (int o = i % kGroups; o < ns; o += kGroups) {
+      cluster.map_shared_rank(recv_lse, static_cast<unsigned>(o))[r * kMaxCluster + split] = lse2;
+    }
   }
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every partial of the cluster is written (release / acquire)
+  cluster_arrive_release();
+  cluster_wait();  // every partial of the cluster has landed in its owner's shared memory
 
-  const int ns = p.num_splits;  // == cluster size
-  constexpr int kG4 = D / 4;
-  for (int i = split * Tr::kThreads + threadIdx.x; i < rows_here * kG4; i += ns * Tr::kThreads) {
-    const int r = i / kG4, d0 = (i % kG4) * 4;
+  const int i0 = split * per_owner, i1 = min(n_items, i0 + per_owner);
+  for (int item = i0 + threadIdx.x; item < i1; item += Tr::kThreads) {
+    const int r = item / kG4, d0 = (item % kG4) * 4;
+    const float4* src = recv_o + (item - i0) * ns;
     float lv[kMaxCluster];
     float M = neg_inf();
 #pragma unroll
     for (int sp = 0; sp < kMaxCluster; ++sp) {
       lv[sp] = neg_inf();
       if (sp < ns) {
-        lv[sp] = cluster.map_shared_rank(part_lse, static_cast<unsigned>(sp))[r];
+        lv[sp] = recv_lse[r * kMaxCluster + sp];
         M = fmaxf(M, lv[sp]);
       }
     }
@@ -263,8 +300,7 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
       for (int sp = 0; sp < kMaxCluster; ++sp) {
         if (sp < ns) {
           const float w = exp2f(lv[sp] - M);  // 0 for an empty partial
-          const float4 x = *reinterpret_cast<const float4*>(
-              cluster.map_shared_rank(part, static_cast<unsigned>(sp)) + r * Tr::kLdO + d0);
+          const float4 x = src[sp];
           sum += w;
           acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
         }
@@ -281,7 +317,6 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
     }
     if (p.lse != nullptr && d0 == 0) p.lse[row] = sum > 0.f ? (M + log2f(sum)) * kLn2 : neg_inf();
   }
-  cluster.sync();  // no CTA leaves while a peer may still read its shared memory
 #else
   __trap();  // the launcher uses the cluster path on sm_90 and newer only
 #endif
@@ -296,6 +331,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if constexpr (kCluster) cluster_arrive_relaxed();  // phase waited on before any DSMEM store
   int bid = blockIdx.x;
   int mb, split, s;
   if constexpr (kCluster) {  // (s, mb, split): the splits of one query block form a cluster
@@ -564,7 +600,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
   if constexpr (kCluster) {
-    cluster_combine_and_store<Tr, T>(p, o_s, m_s, l_s, l_s + kWarps * kRows, s, split, row_base);
+    cluster_combine_and_store<Tr, T>(p, o_s, m_s, l_s, smem + Tr::kBodyBytes, s, split, row_base);
   } else {
     combine_and_store<Tr, T>(p, o_s, m_s, l_s, s, split, row_base);
   }

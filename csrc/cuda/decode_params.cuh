@@ -40,6 +40,9 @@ struct MergeParams {
   int num_splits;
 };
 
+// Largest cluster the launcher asks for (16 needs the non-portable cluster-size attribute).
+constexpr int kMaxCluster = 16;
+
 // Compile-time shape of one CTA of the split kernel.
 //   * kMma: fp16/bf16 with D >= 64 use mma.sync m16n8k16 (fp32 accumulate) for Q.K^T and P.V,
 //     with a 16-row query tile (kRows) shared by the 4 warps; fp32 (the test path) and the small
@@ -70,12 +73,17 @@ struct DecodeTraits {
   static constexpr int kQBytes = kMma ? kRows * D * static_cast<int>(sizeof(T)) : 0;
   static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = (kWarps * kRows * kLdO + 2 * kWarps * kRows) * 4;
-  // Cluster path (sm_90, decode_kernel.cuh): the CTA's normalised partial o [row][kLdO] and its
-  // base-2 lse [row] stay in shared memory, after the merge area, for the cluster's CTAs to read.
-  static constexpr int kPartBytes = (kRows * kLdO + kRows) * 4;
-  static constexpr int kTailBytes = kMergeBytes + kPartBytes;
-  static constexpr int kSmemBytes =
-      kQBytes + (kRingBytes > kTailBytes ? kRingBytes : kTailBytes);
+  static constexpr int kBodyBytes = kQBytes + (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes);
+  static constexpr int kSmemBytes = kBodyBytes;  // split kernel without clusters
+  // Cluster path (sm_90, decode_kernel.cuh): a receive area after the body, written by the
+  // cluster's CTAs: float4 partials of the (row, 4-dim group) items this CTA merges (at most
+  // ceil(kRows * D / 4 / n) * n <= kRows * D / 4 + kMaxCluster of them) and the base-2 lse of
+  // every row from every CTA [kRows][kMaxCluster]. Apart from the ring, so that peers still in
+  // their key loop can be written.
+  static constexpr int kRecvOBytes = (kRows * (D / 4) + kMaxCluster) * 16;
+  static constexpr int kRecvBytes = kRecvOBytes + kRows * kMaxCluster * 4;
+  static constexpr int kClusterSmemBytes = kBodyBytes + kRecvBytes;
+  static_assert(kBodyBytes % 16 == 0, "receive area must stay 16-B aligned");
   static_assert(kQBytes % 128 == 0, "ring must stay 128-B aligned");
 };
 
