@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "cuda/decode_params.cuh"
+#include "cuda/mma.cuh"
 
 namespace adakv {
 namespace cuda {
@@ -37,59 +38,6 @@ namespace decode {
 constexpr float kLn2 = 0.693147180559945309f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy (L2 only). valid == false zero-fills the destination and reads
-// nothing (rows past the split: zero K and V keep masked products finite).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// D[16x8] += A[16x16] (row) * B[16x8] (col), fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two floats -> one 32-bit register of two 16-bit values (lo in the low half).
 template <typename T>
@@ -149,8 +97,8 @@ __device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __r
       // the cache) are read; the others read nothing (src-size 0) and use the base pointer.
       const int64_t off = ok ? (row0 + r) * D + c * Tr::kEPC : 0;
       const uint32_t dst = static_cast<uint32_t>(r * Tr::kCPR + (c ^ (r & Tr::kSwz))) * 16u;
-      cp_async_16(sk + dst, k + off, ok);
-      cp_async_16(sv + dst, v + off, ok);
+      cp_async_16(sk + dst, k + off, ok ? 16 : 0);
+      cp_async_16(sv + dst, v + off, ok ? 16 : 0);
     }
   }
 }
@@ -365,7 +313,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   const T* __restrict__ kp = static_cast<const T*>(p.k);
   const T* __restrict__ vp = static_cast<const T*>(p.v);
   unsigned char* ring = smem + Tr::kQBytes;
-  const uint32_t ring_addr = smem_addr(ring) + static_cast<uint32_t>(warp * kStages * Tr::kStageBytes);
+  const uint32_t ring_addr = smem_u32(ring) + static_cast<uint32_t>(warp * kStages * Tr::kStageBytes);
   constexpr uint32_t kVOffset = Tr::kTileElems * sizeof(T);
   auto tile_key0 = [&](int j) { return begin + (warp + j * kWarps) * kTileKeys; };
   auto issue = [&](int j) {
@@ -418,7 +366,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
     const int sw = lane & 7;  // == row & 7 for every source row above
-    const uint32_t q_addr = smem_addr(q_s);
+    const uint32_t q_addr = smem_u32(q_s);
 
     float o[D / 8][4];
 #pragma unroll

@@ -1,7 +1,13 @@
 // Tensor-core and async-copy helpers (inline PTX, sm_80+; they also run on sm_90):
+//   smem_u32          generic -> shared-window address
 //   ldmatrix_x4       four 8x8 b16 matrices from shared memory into mma fragments
-//   mma_16816         mma.sync.m16n8k16 row.col, fp16 / bf16 inputs, fp32 accumulate
+//   ldmatrix_x4_trans the same, each 8x8 matrix transposed (V as the B operand of P V)
+//   mma_16816         mma.sync.m16n8k16 row.col, fp16 / bf16 inputs, fp32 accumulate; plain
+//                     `asm` (no side effects) so the compiler may schedule it
 //   cp_async_16       16-byte global -> shared async copy with zero fill
+// The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
+// compiler keeps ordinary shared-memory loads and stores on their side of it.
+// Used by the score (score_kernel.cuh) and decode (decode_kernel.cuh) kernels.
 //   fast_exp2         ex2.approx.ftz.f32 (2 ulp; subnormal results flush to zero)
 //   swizzle_offset    XOR swizzle of 16-byte chunks for row-major [rows][D] b16 tiles, so that
 //                     ldmatrix (8 rows, one chunk column) and row-wise cp.async are both
@@ -31,7 +37,15 @@ __device__ __forceinline__ uint32_t swizzle_offset(int row, int chunk) {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
 }
 
 // d += a * b for one 16x8x16 tile (A row-major 16x16, B "col" = [n][k] row-major 8x16).
@@ -42,7 +56,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -52,7 +66,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                   uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -63,14 +77,17 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 // be a valid address expression, callers pass the tensor base then).
 __device__ __forceinline__ void cp_async_16(uint32_t saddr, const void* gptr, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gptr),
-               "r"(src_bytes));
+               "r"(src_bytes)
+               : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
