@@ -30,6 +30,17 @@ def pick(records: list[dict], op: str, ref=None, **shape) -> dict | None:
     return None
 
 
+def bar_panel(ax, bars, value_fmt: str, target: float, target_label: str, ylabel: str) -> None:
+    """Bars (label, value, colour) with their values written on top and a target line."""
+    ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+    for i, (_, v, _) in enumerate(bars):
+        ax.text(i, v, value_fmt.format(v), ha="center", va="bottom", fontsize=8)
+    ax.axhline(target, color="g", ls="--", lw=1, label=target_label)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=20, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
 def plot(records: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -76,14 +87,8 @@ def plot(records: list[dict], out: Path) -> Path:
         r = pick(records, "decode_attention", ref=ref, B=1)
         if r:
             bars.append((ref.replace("_attention", ""), r["ref_ms"] * 1e3, "C3"))
-    ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
-    for i, (_, v, _) in enumerate(bars):
-        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(8.0, color="g", ls="--", lw=1, label="target 8 us")
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=20, fontsize=8)
-    ax.set_ylabel("us per layer")
+    bar_panel(ax, bars, "{:.1f}", 8.0, "target 8 us", "us per layer")
     ax.set_title("decode, batch 1, ~1K tokens/head")
-    ax.legend(fontsize=7)
 
     # 3. batch-64 decode: share of the copy bandwidth (bytes = kept K + V read once).
     ax = axes[2]
@@ -98,14 +103,8 @@ def plot(records: list[dict], out: Path) -> Path:
                 bars.append((ref.replace("_attention", ""), 100.0 * r["gbps"] * r["ms"]
                              / r["ref_ms"] / copy, "C3"))
         ax.set_title(f"decode, batch 64, 2K tokens/head (copy {copy / 1e3:.2f} TB/s)")
-    ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
-    for i, (_, v, _) in enumerate(bars):
-        ax.text(i, v, f"{v:.1f}%", ha="center", va="bottom", fontsize=8)
-    ax.axhline(85.0, color="g", ls="--", lw=1, label="target 85%")
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=20, fontsize=8)
-    ax.set_ylabel("% of copy bandwidth")
+    bar_panel(ax, bars, "{:.1f}%", 85.0, "target 85%", "% of copy bandwidth")
     ax.set_ylim(0, 110)
-    ax.legend(fontsize=7)
 
     fig.suptitle(f"adakv_ops vs PyTorch paths: {device}, torch {records[0]['torch']}, "
                  f"{records[0]['date']} (Llama-3.1-8B layer, bf16)", fontsize=10)
