@@ -95,6 +95,7 @@ __device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __r
       const bool ok = r < valid_rows;
       // bounds: only rows < valid_rows (inside the split, hence inside the clamped segment and
       // the cache) are read; the others read nothing (src-size 0) and use the base pointer.
+      // Their shared rows are zero-filled: zero K and V keep the masked products finite.
       const int64_t off = ok ? (row0 + r) * D + c * Tr::kEPC : 0;
       const uint32_t dst = static_cast<uint32_t>(r * Tr::kCPR + (c ^ (r & Tr::kSwz))) * 16u;
       cp_async_16(sk + dst, k + off, ok ? 16 : 0);

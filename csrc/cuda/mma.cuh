@@ -5,13 +5,13 @@
 //   mma_16816         mma.sync.m16n8k16 row.col, fp16 / bf16 inputs, fp32 accumulate; plain
 //                     `asm` (no side effects) so the compiler may schedule it
 //   cp_async_16       16-byte global -> shared async copy with zero fill
-// The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
-// compiler keeps ordinary shared-memory loads and stores on their side of it.
-// Used by the score (score_kernel.cuh) and decode (decode_kernel.cuh) kernels.
 //   fast_exp2         ex2.approx.ftz.f32 (2 ulp; subnormal results flush to zero)
 //   swizzle_offset    XOR swizzle of 16-byte chunks for row-major [rows][D] b16 tiles, so that
 //                     ldmatrix (8 rows, one chunk column) and row-wise cp.async are both
 //                     free of shared-memory bank conflicts (needs D >= 64).
+// The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
+// compiler keeps ordinary shared-memory loads and stores on their side of it.
+// Used by the score (score_kernel.cuh) and decode (decode_kernel.cuh) kernels.
 #pragma once
 
 #include <cuda_bf16.h>
