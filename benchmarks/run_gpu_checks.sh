@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
-# Usage: bash benchmarks/run_gpu_checks.sh [build|test|sanitize|bench|all]...  (default: all)
+# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|all]...
+#   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
+#   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,15 @@ if [ -x /usr/bin/g++ ] && [[ -z "${CXX:-}" || "${CXX}" == /opt/gcc/* ]]; then
   export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++
 fi
 status=0
+wheel=""
+for a in $steps; do [[ $a == wheel=* ]] && wheel=${a#wheel=}; done
+if [ -n "$wheel" ]; then
+  site=${SITE:-/tmp/adakv-site}
+  rm -rf "$site"
+  $PY -m pip install -q --no-deps --no-index --target "$site" "$wheel" || { echo "WHEEL INSTALL FAILED"; exit 1; }
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" ADAKV_REQUIRE_EXTENSION=1 ADAKV_EXPECT_CUDA_LIBRARY=1
+  $PY -c "import torch, adakv_ops; print('torch', torch.__version__, '| wheel', '$(basename "$wheel")', '| from', adakv_ops.__file__, '| CUDA kernels:', adakv_ops.cuda_kernels_loaded, adakv_ops.cuda_load_error or '')"
+fi
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
 if has build; then
@@ -29,6 +40,10 @@ if has build; then
     || { tail -n 60 "$out/build.log"; echo "BUILD FAILED"; exit 1; }
   grep -E "adakv_ops: |ptxas.*spill" "$out/build.log" | sort | uniq | head -20
   echo "build: $(( $(date +%s) - start )) s"
+fi
+if has alltests; then  # the whole suite, CPU and CUDA (what CI runs, plus the CUDA cases)
+  $PY -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$out/test_all.log" | grep -E "FAILED|ERROR|Fatal|passed|failed" | head -n 60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if has test; then
   $PY -m pytest tests -q -k "cuda or CUDA" -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | grep -E "FAILED|ERROR|Fatal|passed|failed" | head -n 60
@@ -46,8 +61,17 @@ if has sanitize; then
     echo "compute-sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
     [ $rc -eq 0 ] || status=1
   done
+  # every adversarial CUDA case (malicious metadata, huge sizes, NaN/Inf) under memcheck: the
+  # kernels must never read or write out of bounds, whatever the input
+  # (--report-api-errors no: the allocation-failure cases make cudaMalloc fail on purpose)
+  compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 $PY -m pytest tests/test_adversarial.py \
+    -q -k cuda -p no:cacheprovider > "$out/sanitize_adversarial.log" 2>&1
+  rc=$?
+  echo "compute-sanitizer memcheck, adversarial: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_adversarial.log" | tail -n 2 | tr '\n' ' ')"
+  [ $rc -eq 0 ] || status=1
 fi
 if has bench; then
-  $PY benchmarks/bench_ops.py --out "$out/ops.jsonl" --md "$out/ops.md" 2>&1 | tee "$out/bench_ops.log" | tail -n 40
+  $PY benchmarks/bench_ops.py --cases "${BENCH_CASES:-evict,append,decode_b1,decode_bN,graph}" \
+    --out "$out/ops.jsonl" --md "$out/ops.md" 2>&1 | tee "$out/bench_ops.log" | tail -n 40
 fi
 exit $status

@@ -33,6 +33,11 @@ ADAKV_HD double add_rn(double a, double b) {
 #endif
 }
 
+// max that propagates NaN (like torch.max / max_pool1d): every max reduction of the scores
+// (window aggregate, GQA reduce, pooling) uses it, so a NaN score stays NaN on every backend
+// whatever the reduction order.
+ADAKV_HD float nan_max(float a, float b) { return (a != a || b != b) ? (a + b) : (a < b ? b : a); }
+
 // Safeguarded budget before rounding: x_h = (1 - alpha) * c_h + alpha * C.
 ADAKV_HD double safeguarded_budget(int64_t c_h, int64_t C, double alpha) {
   return add_rn(mul_rn(add_rn(1.0, -alpha), static_cast<double>(c_h)),
@@ -47,8 +52,11 @@ ADAKV_HD int64_t official_budget(int64_t c_h, int64_t C, double alpha) {
 }
 
 // Map a float32 score to an unsigned key whose ascending order is the descending order of
-// the scores (NaN and -0.0 handled like the CPU comparator: -0.0 == +0.0).
+// the scores: the one total order of every selection (SPEC sections 2 and 9). -0.0 == +0.0;
+// every NaN gets the largest key, so NaN ranks lowest, below -inf (ties between NaNs, like all
+// ties, go to the lower head, then token, index: the tie-break bits the callers append).
 ADAKV_HD uint32_t descending_key(float score) {
+  if (score != score) return 0xffffffffu;  // NaN
   if (score == 0.0f) score = 0.0f;  // fold -0.0 into +0.0
   uint32_t bits;
 #if defined(__CUDA_ARCH__)

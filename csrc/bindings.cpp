@@ -5,14 +5,17 @@
 //   allocate, select      cpu/topk.cpp           cuda/topk.cu            "
 //   compact, append_      cpu/cache.cpp          cuda/cache.cu           "
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
-//   evict                 evict.cpp (composite of the four ops above, any device)
+//   evict                 evict.cpp (the four stages above, per backend)
 //
+// Everything goes through PyTorch's stable ABI (csrc/torch_api.h), so one binary serves every
+// torch from 2.11 on. The file is compiled into both libraries: _C (schemas, CPU kernels) and,
+// with ADAKV_CUDA_LIBRARY, _C_cuda (the CUDA kernels, loaded only on a CUDA build of torch).
 // Semantics of every argument: docs/semantics.md.
-#include <torch/library.h>
 
 #include "ops.h"
 
-TORCH_LIBRARY(adakv, m) {
+#ifndef ADAKV_CUDA_LIBRARY
+STABLE_TORCH_LIBRARY(adakv, m) {
   m.def(
       "score(Tensor q_window, Tensor key, int kernel_size=7, str pooling=\"max\", "
       "str aggregate=\"mean\", str gqa_reduce=\"mean\", Tensor? key_start=None, "
@@ -41,30 +44,22 @@ TORCH_LIBRARY(adakv, m) {
       "Tensor seg_len, float? scale=None) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(adakv, CPU, m) {
-  m.impl("score", &adakv::cpu::score);
-  m.impl("allocate", &adakv::cpu::allocate);
-  m.impl("select", &adakv::cpu::select);
-  m.impl("compact", &adakv::cpu::compact);
-  m.impl("append_", &adakv::cpu::append_);
-  m.impl("decode_attention", &adakv::cpu::decode_attention);
-  m.impl("decode_attention_lse", &adakv::cpu::decode_attention_lse);
-}
 
-#ifdef ADAKV_WITH_CUDA
-TORCH_LIBRARY_IMPL(adakv, CUDA, m) {
-  m.impl("score", &adakv::cuda::score);
-  m.impl("allocate", &adakv::cuda::allocate);
-  m.impl("select", &adakv::cuda::select);
-  m.impl("compact", &adakv::cuda::compact);
-  m.impl("append_", &adakv::cuda::append_);
-  m.impl("decode_attention", &adakv::cuda::decode_attention);
-  m.impl("decode_attention_lse", &adakv::cuda::decode_attention_lse);
-}
+#define ADAKV_BACKEND_KEY CPU
+#define ADAKV_BACKEND cpu
+#else
+#define ADAKV_BACKEND_KEY CUDA
+#define ADAKV_BACKEND cuda
 #endif
 
-// evict has one implementation for every backend: it calls the four stage ops through the
-// dispatcher. Its fake kernel (static output size for rounding="exact") is in _fake.py.
-TORCH_LIBRARY_IMPL(adakv, CompositeExplicitAutograd, m) {
-  m.impl("evict", &adakv::evict);
+// Fake (meta) kernels of every op: python/adakv_ops/_fake.py.
+STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
+  m.impl("score", TORCH_BOX(&adakv::ADAKV_BACKEND::score));
+  m.impl("allocate", TORCH_BOX(&adakv::ADAKV_BACKEND::allocate));
+  m.impl("select", TORCH_BOX(&adakv::ADAKV_BACKEND::select));
+  m.impl("compact", TORCH_BOX(&adakv::ADAKV_BACKEND::compact));
+  m.impl("evict", TORCH_BOX(&adakv::ADAKV_BACKEND::evict));
+  m.impl("append_", TORCH_BOX(&adakv::ADAKV_BACKEND::append_));
+  m.impl("decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_attention));
+  m.impl("decode_attention_lse", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_attention_lse));
 }

@@ -1,51 +1,58 @@
 #include "checks.h"
 
-#include <ATen/ATen.h>
+#include <limits>
 
 namespace adakv {
 namespace {
 
-bool is_kv_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t i = 0; i < a.dim(); ++i)
+    if (a.size(i) != b.size(i)) return false;
+  return true;
 }
 
-void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, "adakv: ", name, " must have ", dim, " dimensions, got shape ",
-              t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "adakv: ", name, " must be contiguous");
+bool is_kv_dtype(ScalarType t) {
+  return t == kFloat || t == kHalf || t == kBFloat16;
 }
 
-void check_kv(const at::Tensor& t, const char* name, int64_t dim) {
+void check_tensor(const Tensor& t, const char* name, int64_t dim) {
+  ADAKV_CHECK(t.dim() == dim, "adakv: ", name, " must have ", dim, " dimensions, got shape ",
+              shape_str(t));
+  ADAKV_CHECK(t.is_contiguous(), "adakv: ", name, " must be contiguous");
+}
+
+void check_kv(const Tensor& t, const char* name, int64_t dim) {
   check_tensor(t, name, dim);
-  TORCH_CHECK(is_kv_dtype(t.scalar_type()), "adakv: ", name,
+  ADAKV_CHECK(is_kv_dtype(t.scalar_type()), "adakv: ", name,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
-void check_int32(const at::Tensor& t, const char* name, int64_t dim) {
+void check_int32(const Tensor& t, const char* name, int64_t dim) {
   check_tensor(t, name, dim);
-  TORCH_CHECK(t.scalar_type() == at::kInt, "adakv: ", name, " must be int32, got ",
+  ADAKV_CHECK(t.scalar_type() == kInt, "adakv: ", name, " must be int32, got ",
               t.scalar_type());
 }
 
-void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* ref_name,
+void check_same_device(const Tensor& ref, const Tensor& t, const char* ref_name,
                        const char* name) {
-  TORCH_CHECK(ref.device() == t.device(), "adakv: ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+  ADAKV_CHECK(same_device(ref, t), "adakv: ", name, " is on ", device_str(t), " but ",
+              ref_name, " is on ", device_str(ref), "; all tensors must be on one device");
 }
 
-void check_same_dtype(const at::Tensor& ref, const at::Tensor& t, const char* ref_name,
+void check_same_dtype(const Tensor& ref, const Tensor& t, const char* ref_name,
                       const char* name) {
-  TORCH_CHECK(ref.scalar_type() == t.scalar_type(), "adakv: ", name, " has dtype ",
+  ADAKV_CHECK(ref.scalar_type() == t.scalar_type(), "adakv: ", name, " has dtype ",
               t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
-void check_key_start(const c10::optional<at::Tensor>& key_start, const at::Tensor& ref,
+void check_key_start(const std::optional<Tensor>& key_start, const Tensor& ref,
                      const char* ref_name, int64_t B) {
   if (!key_start.has_value()) return;
   check_int32(*key_start, "key_start", 1);
   check_same_device(ref, *key_start, ref_name, "key_start");
-  TORCH_CHECK(key_start->size(0) == B, "adakv: key_start must have shape [B] = [", B,
-              "], got ", key_start->sizes());
+  ADAKV_CHECK(key_start->size(0) == B, "adakv: key_start must have shape [B] = [", B,
+              "], got ", shape_str(*key_start));
 }
 
 }  // namespace
@@ -54,23 +61,23 @@ Pooling parse_pooling(const std::string& s) {
   if (s == "max") return Pooling::kMax;
   if (s == "avg") return Pooling::kAvg;
   if (s == "none") return Pooling::kNone;
-  TORCH_CHECK(false, "adakv: pooling must be 'max', 'avg' or 'none', got '", s, "'");
+  detail::fail("adakv: pooling must be 'max', 'avg' or 'none', got '", s, "'");
 }
 
 Reduce parse_reduce(const std::string& s, const char* what) {
   if (s == "mean") return Reduce::kMean;
   if (s == "max") return Reduce::kMax;
-  TORCH_CHECK(false, "adakv: ", what, " must be 'mean' or 'max', got '", s, "'");
+  detail::fail("adakv: ", what, " must be 'mean' or 'max', got '", s, "'");
 }
 
 Rounding parse_rounding(const std::string& s) {
   if (s == "exact") return Rounding::kExact;
   if (s == "official") return Rounding::kOfficial;
-  TORCH_CHECK(false, "adakv: rounding must be 'exact' or 'official', got '", s, "'");
+  detail::fail("adakv: rounding must be 'exact' or 'official', got '", s, "'");
 }
 
-ScoreShape validate_score(const at::Tensor& q_window, const at::Tensor& key,
-                          int64_t kernel_size, const c10::optional<at::Tensor>& key_start) {
+ScoreShape validate_score(const Tensor& q_window, const Tensor& key,
+                          int64_t kernel_size, const std::optional<Tensor>& key_start) {
   check_kv(q_window, "q_window [B, Hq, W, D]", 4);
   check_kv(key, "key [B, Hk, N, D]", 4);
   check_same_device(q_window, key, "q_window", "key");
@@ -82,105 +89,127 @@ ScoreShape validate_score(const at::Tensor& q_window, const at::Tensor& key,
   s.D = q_window.size(3);
   s.Hk = key.size(1);
   s.N = key.size(2);
-  TORCH_CHECK(key.size(0) == s.B, "adakv: key has batch ", key.size(0), " but q_window has ",
+  ADAKV_CHECK(key.size(0) == s.B, "adakv: key has batch ", key.size(0), " but q_window has ",
               s.B);
-  TORCH_CHECK(key.size(3) == s.D, "adakv: key has head dim ", key.size(3),
+  ADAKV_CHECK(key.size(3) == s.D, "adakv: key has head dim ", key.size(3),
               " but q_window has ", s.D);
-  TORCH_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
+  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
               ") must be a multiple of KV heads (", s.Hk, ")");
-  TORCH_CHECK(s.W >= 1, "adakv: the observation window must hold at least one query, got W = ",
+  ADAKV_CHECK(s.W >= 1, "adakv: the observation window must hold at least one query, got W = ",
               s.W);
-  TORCH_CHECK(s.W <= s.N, "adakv: window W = ", s.W, " is longer than the prompt N = ", s.N);
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
+  ADAKV_CHECK(s.W <= s.N, "adakv: window W = ", s.W, " is longer than the prompt N = ", s.N);
+  ADAKV_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
               "adakv: kernel_size must be odd and >= 1, got ", kernel_size);
   check_key_start(key_start, key, "key", s.B);
   s.L = s.N - s.W;
   return s;
 }
 
-void validate_key_value(const at::Tensor& key, const at::Tensor& value) {
+void validate_key_value(const Tensor& key, const Tensor& value) {
   check_kv(value, "value [B, Hk, N, D]", 4);
   check_same_device(key, value, "key", "value");
   check_same_dtype(key, value, "key", "value");
-  TORCH_CHECK(key.sizes() == value.sizes(), "adakv: value has shape ", value.sizes(),
-              " but key has shape ", key.sizes());
+  ADAKV_CHECK(same_shape(key, value), "adakv: value has shape ", shape_str(value),
+              " but key has shape ", shape_str(key));
 }
 
-void validate_scores(const at::Tensor& scores, const c10::optional<at::Tensor>& key_start) {
+void validate_scores(const Tensor& scores, const std::optional<Tensor>& key_start) {
   check_tensor(scores, "scores [B, Hk, L]", 3);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat, "adakv: scores must be float32, got ",
+  ADAKV_CHECK(scores.scalar_type() == kFloat, "adakv: scores must be float32, got ",
               scores.scalar_type());
   check_key_start(key_start, scores, "scores", scores.size(0));
 }
 
 void validate_budget_args(int64_t budget, double floor_alpha) {
-  TORCH_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
-  TORCH_CHECK(floor_alpha >= 0.0 && floor_alpha <= 1.0,
+  ADAKV_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
+  ADAKV_CHECK(floor_alpha >= 0.0 && floor_alpha <= 1.0,
               "adakv: floor_alpha must be in [0, 1], got ", floor_alpha);
 }
 
-void validate_budgets(const at::Tensor& budgets, const at::Tensor& scores) {
-  check_int32(budgets, "budgets [B, Hk]", 2);
-  check_same_device(scores, budgets, "scores", "budgets");
-  TORCH_CHECK(budgets.size(0) == scores.size(0) && budgets.size(1) == scores.size(1),
-              "adakv: budgets must have shape [B, Hk] = [", scores.size(0), ", ",
-              scores.size(1), "], got ", budgets.sizes());
+void validate_reserve(int64_t reserve) {
+  ADAKV_CHECK(reserve >= 0 && reserve <= std::numeric_limits<int32_t>::max(),
+              "adakv: reserve must be in [0, 2^31 - 1], got ", reserve);
 }
 
-void validate_compact(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kept_idx,
-                      const at::Tensor& kept_count, const at::Tensor& budgets, int64_t window,
-                      int64_t reserve, const c10::optional<int64_t>& rows,
-                      const c10::optional<at::Tensor>& key_start) {
+int64_t flat_cache_rows(int64_t B, int64_t Hk, int64_t budget, int64_t window, int64_t reserve) {
+  validate_reserve(reserve);
+  ADAKV_CHECK(budget >= 0, "adakv: budget must be >= 0, got ", budget);
+  const int64_t per_segment =
+      checked_add(checked_add(budget, window, "budget + window"), reserve,
+                  "budget + window + reserve");
+  const int64_t rows = checked_mul(checked_mul(B, Hk, "B * Hk"), per_segment,
+                                   "the flat cache size B * Hk * (budget + window + reserve)");
+  ADAKV_CHECK(rows <= std::numeric_limits<int32_t>::max(),
+              "adakv: the flat cache would hold B * Hk * (budget + window + reserve) = ", B,
+              " * ", Hk, " * (", budget, " + ", window, " + ", reserve, ") = ", rows,
+              " rows; at most 2^31 - 1 are supported (lower budget or reserve)");
+  return rows;
+}
+
+void validate_budgets(const Tensor& budgets, const Tensor& scores) {
+  check_int32(budgets, "budgets [B, Hk]", 2);
+  check_same_device(scores, budgets, "scores", "budgets");
+  ADAKV_CHECK(budgets.size(0) == scores.size(0) && budgets.size(1) == scores.size(1),
+              "adakv: budgets must have shape [B, Hk] = [", scores.size(0), ", ",
+              scores.size(1), "], got ", shape_str(budgets));
+}
+
+void validate_compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                      const Tensor& kept_count, const Tensor& budgets, int64_t window,
+                      int64_t reserve, const std::optional<int64_t>& rows,
+                      const std::optional<Tensor>& key_start) {
   check_kv(key, "key [B, Hk, N, D]", 4);
   validate_key_value(key, value);
   const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2);
-  TORCH_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
+  ADAKV_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
               window);
-  TORCH_CHECK(reserve >= 0, "adakv: reserve must be >= 0, got ", reserve);
+  ADAKV_CHECK(window <= std::numeric_limits<int32_t>::max(),
+              "adakv: window must be < 2^31, got ", window);
+  validate_reserve(reserve);
   check_int32(kept_idx, "kept_idx [B, Hk, L]", 3);
   check_int32(kept_count, "kept_count [B, Hk]", 2);
   check_int32(budgets, "budgets [B, Hk]", 2);
   check_same_device(key, kept_idx, "key", "kept_idx");
   check_same_device(key, kept_count, "key", "kept_count");
   check_same_device(key, budgets, "key", "budgets");
-  TORCH_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
+  ADAKV_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
               "adakv: kept_idx must have shape [B, Hk, N - window] = [", B, ", ", Hk, ", ",
-              N - window, "], got ", kept_idx.sizes());
-  TORCH_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
+              N - window, "], got ", shape_str(kept_idx));
+  ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
               "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
-              kept_count.sizes());
-  TORCH_CHECK(budgets.size(0) == B && budgets.size(1) == Hk,
+              shape_str(kept_count));
+  ADAKV_CHECK(budgets.size(0) == B && budgets.size(1) == Hk,
               "adakv: budgets must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
-              budgets.sizes());
+              shape_str(budgets));
   if (rows.has_value()) {
-    TORCH_CHECK(*rows >= 0 && *rows <= std::numeric_limits<int32_t>::max(),
+    ADAKV_CHECK(*rows >= 0 && *rows <= std::numeric_limits<int32_t>::max(),
                 "adakv: rows must be in [0, 2^31), got ", *rows);
   }
   check_key_start(key_start, key, "key", B);
 }
 
-void validate_flat_cache(const at::Tensor& k_flat, const at::Tensor& v_flat,
-                         const at::Tensor& seg_start, const at::Tensor& seg_len) {
+void validate_flat_cache(const Tensor& k_flat, const Tensor& v_flat,
+                         const Tensor& seg_start, const Tensor& seg_len) {
   check_kv(k_flat, "k_flat [rows, D]", 2);
   check_kv(v_flat, "v_flat [rows, D]", 2);
   check_same_device(k_flat, v_flat, "k_flat", "v_flat");
   check_same_dtype(k_flat, v_flat, "k_flat", "v_flat");
-  TORCH_CHECK(k_flat.sizes() == v_flat.sizes(), "adakv: v_flat has shape ", v_flat.sizes(),
-              " but k_flat has shape ", k_flat.sizes());
-  TORCH_CHECK(k_flat.size(0) <= std::numeric_limits<int32_t>::max(),
+  ADAKV_CHECK(same_shape(k_flat, v_flat), "adakv: v_flat has shape ", shape_str(v_flat),
+              " but k_flat has shape ", shape_str(k_flat));
+  ADAKV_CHECK(k_flat.size(0) <= std::numeric_limits<int32_t>::max(),
               "adakv: the flat cache may hold at most 2^31 - 1 rows");
   check_int32(seg_start, "seg_start [B * Hk]", 1);
   check_int32(seg_len, "seg_len [B * Hk]", 1);
   check_same_device(k_flat, seg_start, "k_flat", "seg_start");
   check_same_device(k_flat, seg_len, "k_flat", "seg_len");
-  TORCH_CHECK(seg_start.size(0) == seg_len.size(0), "adakv: seg_start has ", seg_start.size(0),
+  ADAKV_CHECK(seg_start.size(0) == seg_len.size(0), "adakv: seg_start has ", seg_start.size(0),
               " segments but seg_len has ", seg_len.size(0));
 }
 
-DecodeShape validate_append(const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& seg_start, const at::Tensor& seg_len,
-                            const at::Tensor& key_new, const at::Tensor& value_new,
-                            const c10::optional<at::Tensor>& overflow) {
+DecodeShape validate_append(const Tensor& k_flat, const Tensor& v_flat,
+                            const Tensor& seg_start, const Tensor& seg_len,
+                            const Tensor& key_new, const Tensor& value_new,
+                            const std::optional<Tensor>& overflow) {
   validate_flat_cache(k_flat, v_flat, seg_start, seg_len);
   check_kv(key_new, "key_new [B, Hk, T, D]", 4);
   check_same_device(k_flat, key_new, "k_flat", "key_new");
@@ -194,23 +223,23 @@ DecodeShape validate_append(const at::Tensor& k_flat, const at::Tensor& v_flat,
   s.D = key_new.size(3);
   s.rows = k_flat.size(0);
   s.S = seg_start.size(0);
-  TORCH_CHECK(s.T >= 1, "adakv: append_ needs at least one new token (T >= 1), got T = ", s.T);
-  TORCH_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
+  ADAKV_CHECK(s.T >= 1, "adakv: append_ needs at least one new token (T >= 1), got T = ", s.T);
+  ADAKV_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
               s.B * s.Hk, " segments but the cache has ", s.S);
-  TORCH_CHECK(k_flat.size(1) == s.D, "adakv: key_new has head dim ", s.D,
+  ADAKV_CHECK(k_flat.size(1) == s.D, "adakv: key_new has head dim ", s.D,
               " but the cache has ", k_flat.size(1));
   if (overflow.has_value()) {
     check_int32(*overflow, "overflow [B * Hk]", 1);
     check_same_device(k_flat, *overflow, "k_flat", "overflow");
-    TORCH_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
-                overflow->sizes());
+    ADAKV_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
+                shape_str(*overflow));
   }
   return s;
 }
 
-DecodeShape validate_decode(const at::Tensor& query, const at::Tensor& k_flat,
-                            const at::Tensor& v_flat, const at::Tensor& seg_start,
-                            const at::Tensor& seg_len) {
+DecodeShape validate_decode(const Tensor& query, const Tensor& k_flat,
+                            const Tensor& v_flat, const Tensor& seg_start,
+                            const Tensor& seg_len) {
   validate_flat_cache(k_flat, v_flat, seg_start, seg_len);
   check_kv(query, "query [B, Hq, T, D]", 4);
   check_same_device(k_flat, query, "k_flat", "query");
@@ -222,23 +251,24 @@ DecodeShape validate_decode(const at::Tensor& query, const at::Tensor& k_flat,
   s.D = query.size(3);
   s.rows = k_flat.size(0);
   s.S = seg_start.size(0);
-  TORCH_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: the cache has ", s.S,
+  ADAKV_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: the cache has ", s.S,
               " segments, not a multiple of the query batch ", s.B);
   s.Hk = s.S / s.B;
-  TORCH_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
+  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
               ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
-  TORCH_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
-  TORCH_CHECK(k_flat.size(1) == s.D, "adakv: query has head dim ", s.D, " but the cache has ",
+  ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
+  ADAKV_CHECK(k_flat.size(1) == s.D, "adakv: query has head dim ", s.D, " but the cache has ",
               k_flat.size(1));
   return s;
 }
 
-void check_key_start_range(const c10::optional<at::Tensor>& key_start, int64_t N) {
+void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N) {
   if (!key_start.has_value()) return;
-  const at::Tensor ks = key_start->cpu();
-  const int32_t* p = ks.data_ptr<int32_t>();
-  for (int64_t b = 0; b < ks.numel(); ++b) {
-    TORCH_CHECK(p[b] >= 0 && p[b] <= N, "adakv: key_start[", b, "] = ", p[b],
+  ADAKV_CHECK(key_start->is_cpu(), "adakv: internal error: key_start range check on ",
+              device_str(*key_start));
+  const int32_t* p = ptr<int32_t>(*key_start);
+  for (int64_t b = 0; b < key_start->numel(); ++b) {
+    ADAKV_CHECK(p[b] >= 0 && p[b] <= N, "adakv: key_start[", b, "] = ", p[b],
                 " is outside [0, N = ", N, "]");
   }
 }

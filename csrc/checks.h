@@ -6,11 +6,10 @@
 // they would need a host sync, so CUDA kernels clamp instead (docs/semantics.md).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
 
 #include <string>
+
+#include "torch_api.h"
 
 namespace adakv {
 
@@ -25,29 +24,35 @@ Rounding parse_rounding(const std::string& s);
 struct ScoreShape { int64_t B, Hq, Hk, W, N, D, L; };
 struct DecodeShape { int64_t B, Hq, Hk, T, D, rows, S; };
 
-ScoreShape validate_score(const at::Tensor& q_window, const at::Tensor& key,
-                          int64_t kernel_size, const c10::optional<at::Tensor>& key_start);
-void validate_key_value(const at::Tensor& key, const at::Tensor& value);
+ScoreShape validate_score(const Tensor& q_window, const Tensor& key,
+                          int64_t kernel_size, const std::optional<Tensor>& key_start);
+void validate_key_value(const Tensor& key, const Tensor& value);
 // scores [B, Hk, L] fp32; returns {B, Hk, L} via out-params.
-void validate_scores(const at::Tensor& scores, const c10::optional<at::Tensor>& key_start);
+void validate_scores(const Tensor& scores, const std::optional<Tensor>& key_start);
 // budget >= 0 and 0 <= floor_alpha <= 1 (allocate on every backend).
 void validate_budget_args(int64_t budget, double floor_alpha);
-void validate_budgets(const at::Tensor& budgets, const at::Tensor& scores);
-void validate_compact(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kept_idx,
-                      const at::Tensor& kept_count, const at::Tensor& budgets, int64_t window,
-                      int64_t reserve, const c10::optional<int64_t>& rows,
-                      const c10::optional<at::Tensor>& key_start);
-void validate_flat_cache(const at::Tensor& k_flat, const at::Tensor& v_flat,
-                         const at::Tensor& seg_start, const at::Tensor& seg_len);
-DecodeShape validate_append(const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& seg_start, const at::Tensor& seg_len,
-                            const at::Tensor& key_new, const at::Tensor& value_new,
-                            const c10::optional<at::Tensor>& overflow);
-DecodeShape validate_decode(const at::Tensor& query, const at::Tensor& k_flat,
-                            const at::Tensor& v_flat, const at::Tensor& seg_start,
-                            const at::Tensor& seg_len);
+void validate_budgets(const Tensor& budgets, const Tensor& scores);
+void validate_compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                      const Tensor& kept_count, const Tensor& budgets, int64_t window,
+                      int64_t reserve, const std::optional<int64_t>& rows,
+                      const std::optional<Tensor>& key_start);
+void validate_flat_cache(const Tensor& k_flat, const Tensor& v_flat,
+                         const Tensor& seg_start, const Tensor& seg_len);
+DecodeShape validate_append(const Tensor& k_flat, const Tensor& v_flat,
+                            const Tensor& seg_start, const Tensor& seg_len,
+                            const Tensor& key_new, const Tensor& value_new,
+                            const std::optional<Tensor>& overflow);
+DecodeShape validate_decode(const Tensor& query, const Tensor& k_flat,
+                            const Tensor& v_flat, const Tensor& seg_start,
+                            const Tensor& seg_len);
+
+// reserve in [0, 2^31) (every op that takes one).
+void validate_reserve(int64_t reserve);
+// Rows of the flat cache with exact rounding, B * Hk * (budget + window + reserve), checked
+// for overflow and against the int32 row index; the error names the arguments.
+int64_t flat_cache_rows(int64_t B, int64_t Hk, int64_t budget, int64_t window, int64_t reserve);
 
 // Data-dependent: key_start values in [0, N] (CPU only).
-void check_key_start_range(const c10::optional<at::Tensor>& key_start, int64_t N);
+void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N);
 
 }  // namespace adakv

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 import sys
 import types
@@ -22,12 +23,17 @@ PKG_DIR = ROOT / "python" / "adakv_ops"
 
 
 def _load():
+    # CI sets ADAKV_REQUIRE_EXTENSION=1: a missing or broken extension must fail the run, not
+    # skip every op test.
+    required = os.environ.get("ADAKV_REQUIRE_EXTENSION") == "1"
     try:
         import adakv_ops  # noqa: F401
 
         have = hasattr(torch.ops, "adakv") and hasattr(torch.ops.adakv, "evict")
         pkg = adakv_ops if have else None
     except Exception:  # extension not built yet
+        if required:
+            raise
         for name in [m for m in sys.modules if m == "adakv_ops" or m.startswith("adakv_ops.")]:
             del sys.modules[name]
         stub = types.ModuleType("adakv_ops")

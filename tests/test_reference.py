@@ -439,3 +439,42 @@ def test_pyramid_clamp():
         pyramid_budgets(-1, 4, 100, 8)
     with pytest.raises(ValueError):
         pyramid_budgets(4, 0, 100, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf scores: one total order (docs/semantics.md, "Inputs nobody should trust")
+
+
+def _python_total_order(vals):
+    """Independent oracle: (is NaN, -value, index) ascending; NaN below -inf, -0.0 == +0.0."""
+    key = [(1, 0.0, i) if math.isnan(x) else (0, -(x + 0.0), i) for i, x in enumerate(vals)]
+    return [i for _, _, i in sorted(key)]
+
+
+def test_nan_ranks_lowest_total_order():
+    nan, inf = float("nan"), float("inf")
+    vals = [1.0, nan, -inf, 0.5, inf, nan, -0.0, 0.0, -inf, 0.5]
+    got = ref._stable_desc_order(torch.tensor(vals)).tolist()
+    assert got == _python_total_order(vals)
+    assert got == [4, 0, 3, 9, 6, 7, 2, 8, 1, 5]  # +inf, numbers, -inf, then NaNs by index
+    g = torch.Generator().manual_seed(11)
+    for _ in range(20):  # random mixes of NaN, +-inf, ties
+        pool = torch.tensor([nan, inf, -inf, 0.0, -0.0, 0.25, 0.5, 1.0])
+        v = pool[torch.randint(0, len(pool), (40,), generator=g)]
+        assert ref._stable_desc_order(v).tolist() == _python_total_order(v.tolist())
+
+
+def test_nan_scores_select_and_allocate():
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([[[1.0, nan, -inf, 0.5, inf, nan]]])
+    idx, cnt = ref.select_ref(s, torch.tensor([[4]], dtype=torch.int32))
+    assert cnt.tolist() == [[4]]
+    assert idx.tolist() == [[[0, 2, 3, 4, -1, -1]]]  # -inf beats both NaNs
+    idx, _ = ref.select_ref(s, torch.tensor([[5]], dtype=torch.int32))
+    assert idx[0, 0, :5].tolist() == [0, 1, 2, 3, 4]  # the lower-index NaN next
+    # allocate: an all-NaN head loses every global top-k slot to a head holding -inf
+    s2 = torch.tensor([[[nan] * 4, [0.1, 0.2, -inf, 0.3]]])
+    assert ref.allocate_ref(s2, 2, floor_alpha=0.0).tolist() == [[0, 4]]
+    # two all-NaN heads: plain ties -> the lower head index wins
+    s3 = torch.full((1, 2, 4), nan)
+    assert ref.winners_per_head_ref(s3[0], 4) == [4, 0]

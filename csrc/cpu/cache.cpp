@@ -6,8 +6,6 @@
 //   segments; each row is one memcpy of D elements.
 // append_: writes key_new/value_new [B, Hk, T, D] at seg_start[s] + seg_len[s] in place and
 //   bumps seg_len; every capacity is checked before anything is written.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cstring>
 
@@ -17,53 +15,53 @@
 namespace adakv {
 namespace cpu {
 
-FlatCache compact(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kept_idx,
-                  const at::Tensor& kept_count, const at::Tensor& budgets, int64_t window,
-                  int64_t reserve, c10::optional<int64_t> rows, const OptTensor& key_start) {
+FlatCache compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                  const Tensor& kept_count, const Tensor& budgets, int64_t window,
+                  int64_t reserve, std::optional<int64_t> rows, const OptTensor& key_start) {
   validate_compact(key, value, kept_idx, kept_count, budgets, window, reserve, rows, key_start);
   const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2), D = key.size(3);
   const int64_t S = B * Hk, L = N - window;
   check_key_start_range(key_start, N);
-  const int32_t* bud = budgets.data_ptr<int32_t>();
-  const int32_t* cnt = kept_count.data_ptr<int32_t>();
-  const int32_t* idx = kept_idx.data_ptr<int32_t>();
-  const int32_t* ks = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
+  const int32_t* bud = ptr<int32_t>(budgets);
+  const int32_t* cnt = ptr<int32_t>(kept_count);
+  const int32_t* idx = ptr<int32_t>(kept_idx);
+  const int32_t* ks = ptr<int32_t>(key_start);
 
-  at::Tensor seg_start = at::empty({S}, budgets.options());
-  at::Tensor seg_len = at::empty({S}, budgets.options());
-  int32_t* start = seg_start.data_ptr<int32_t>();
-  int32_t* len = seg_len.data_ptr<int32_t>();
+  Tensor seg_start = new_empty("compact", "seg_start", budgets, {S}, kInt);
+  Tensor seg_len = new_empty("compact", "seg_len", budgets, {S}, kInt);
+  int32_t* start = ptr<int32_t>(seg_start);
+  int32_t* len = ptr<int32_t>(seg_len);
   int64_t total = 0;
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(bud[s] >= 0, "adakv: budgets[", s / Hk, ", ", s % Hk, "] = ", bud[s],
+    ADAKV_CHECK(bud[s] >= 0, "adakv: budgets[", s / Hk, ", ", s % Hk, "] = ", bud[s],
                 " is negative");
-    TORCH_CHECK(cnt[s] >= 0 && cnt[s] <= bud[s] && cnt[s] <= L, "adakv: kept_count[", s / Hk,
+    ADAKV_CHECK(cnt[s] >= 0 && cnt[s] <= bud[s] && cnt[s] <= L, "adakv: kept_count[", s / Hk,
                 ", ", s % Hk, "] = ", cnt[s], " is outside [0, min(budget = ", bud[s],
                 ", L = ", L, ")]");
     const int64_t ksb = ks ? ks[s / Hk] : 0;
     for (int64_t i = 0; i < cnt[s]; ++i) {
       const int32_t n = idx[s * L + i];
-      TORCH_CHECK(n >= ksb && n < L, "adakv: kept_idx[", s / Hk, ", ", s % Hk, ", ", i, "] = ", n,
+      ADAKV_CHECK(n >= ksb && n < L, "adakv: kept_idx[", s / Hk, ", ", s % Hk, ", ", i, "] = ", n,
                   " is outside the valid prefix [", ksb, ", ", L, ")");
     }
     start[s] = static_cast<int32_t>(total);
     len[s] = cnt[s] + static_cast<int32_t>(std::min<int64_t>(window, N - ksb));
     total += bud[s] + window + reserve;
-    TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(),
+    ADAKV_CHECK(total <= std::numeric_limits<int32_t>::max(),
                 "adakv: the flat cache would exceed 2^31 - 1 rows");
   }
   const int64_t n_rows = rows.value_or(total);
-  TORCH_CHECK(n_rows >= total, "adakv: rows = ", n_rows,
+  ADAKV_CHECK(n_rows >= total, "adakv: rows = ", n_rows,
               " is smaller than the capacity the budgets need (", total, ")");
 
-  at::Tensor k_flat = at::zeros({n_rows, D}, key.options());
-  at::Tensor v_flat = at::zeros({n_rows, D}, value.options());
+  Tensor k_flat = new_zeros("compact", "k_flat", key, {n_rows, D}, key.scalar_type());
+  Tensor v_flat = new_zeros("compact", "v_flat", value, {n_rows, D}, value.scalar_type());
   const int64_t row_bytes = D * key.element_size();
   const char* kp = static_cast<const char*>(key.data_ptr());
   const char* vp = static_cast<const char*>(value.data_ptr());
   char* kf = static_cast<char*>(k_flat.data_ptr());
   char* vf = static_cast<char*>(v_flat.data_ptr());
-  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int64_t ksb = ks ? ks[s / Hk] : 0;
       int64_t dst = start[s];
@@ -79,21 +77,21 @@ FlatCache compact(const at::Tensor& key, const at::Tensor& value, const at::Tens
   return {k_flat, v_flat, seg_start, seg_len};
 }
 
-void append_(const at::Tensor& k_flat, const at::Tensor& v_flat, const at::Tensor& seg_start,
-             const at::Tensor& seg_len, const at::Tensor& key_new, const at::Tensor& value_new,
+void append_(const Tensor& k_flat, const Tensor& v_flat, const Tensor& seg_start,
+             const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,
              const OptTensor& overflow) {
   const DecodeShape s = validate_append(k_flat, v_flat, seg_start, seg_len, key_new, value_new,
                                         overflow);
-  const int32_t* start = seg_start.data_ptr<int32_t>();
-  int32_t* len = seg_len.data_ptr<int32_t>();
+  const int32_t* start = ptr<int32_t>(seg_start);
+  int32_t* len = ptr<int32_t>(seg_len);
   // Validate every segment before writing anything: a failed append changes nothing.
   for (int64_t i = 0; i < s.S; ++i) {
     const int64_t cap_end = i + 1 < s.S ? start[i + 1] : s.rows;
-    TORCH_CHECK(start[i] >= 0 && start[i] <= cap_end && cap_end <= s.rows,
+    ADAKV_CHECK(start[i] >= 0 && start[i] <= cap_end && cap_end <= s.rows,
                 "adakv: seg_start is not a valid partition of the ", s.rows,
                 " cache rows at segment ", i);
-    TORCH_CHECK(len[i] >= 0, "adakv: seg_len[", i, "] = ", len[i], " is negative");
-    TORCH_CHECK(start[i] + int64_t{len[i]} + s.T <= cap_end, "adakv: append_ of ", s.T,
+    ADAKV_CHECK(len[i] >= 0, "adakv: seg_len[", i, "] = ", len[i], " is negative");
+    ADAKV_CHECK(start[i] + int64_t{len[i]} + s.T <= cap_end, "adakv: append_ of ", s.T,
                 " tokens exceeds the capacity of segment ", i, " (length ", len[i],
                 ", capacity ", cap_end - start[i],
                 "); grow the cache (more reserve) before appending");
@@ -103,7 +101,7 @@ void append_(const at::Tensor& k_flat, const at::Tensor& v_flat, const at::Tenso
   const char* vn = static_cast<const char*>(value_new.data_ptr());
   char* kf = static_cast<char*>(k_flat.data_ptr());
   char* vf = static_cast<char*>(v_flat.data_ptr());
-  at::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t dst = start[i] + len[i];
       std::memcpy(kf + dst * row_bytes, kn + i * s.T * row_bytes, s.T * row_bytes);

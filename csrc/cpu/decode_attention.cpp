@@ -4,9 +4,6 @@
 // Query t sees the first seg_len - T + 1 + t rows of its segment (the T newest tokens are
 // the segment's last T rows, causal among themselves). One-pass online softmax in fp32.
 // Parallel over the B * Hq * T query rows.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
@@ -24,7 +21,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* kf, const scalar_t* vf,
                    const int32_t* start, const int32_t* len, scalar_t* out, float* lse,
                    const DecodeShape& s, float scale) {
   const int64_t G = s.Hq / s.Hk, T = s.T, D = s.D;
-  at::parallel_for(0, s.B * s.Hq * T, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.B * s.Hq * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qt(D), acc(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % T, j = (r / T) % s.Hq, b = r / (T * s.Hq);
@@ -39,45 +36,53 @@ void decode_kernel(const scalar_t* q, const scalar_t* kf, const scalar_t* vf,
         float x = 0.f;
         for (int64_t d = 0; d < D; ++d) x += qt[d] * static_cast<float>(kr[d]);
         const float m_new = std::max(m, x);
-        const float corr = std::exp(m - m_new), p = std::exp(x - m_new);
+        // A -inf logit has weight 0 (even while the running max is still -inf, where
+        // exp(-inf - -inf) would be NaN); a NaN logit makes p, l and the output NaN.
+        constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+        const float corr = m == kNegInf ? 0.0f : std::exp(m - m_new);
+        const float p = x == kNegInf ? 0.0f : std::exp(x - m_new);
         l = l * corr + p;
         for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * corr + p * static_cast<float>(vr[d]);
         m = m_new;
       }
-      const float inv = l > 0.f ? 1.0f / l : 0.0f;
+      // l == 0: the row sees no key, or only -inf logits (masked keys, weight 0): output 0,
+      // lse -inf, the empty-row marker. A NaN or +inf logit makes l NaN: NaN output and lse.
+      // NaN values alone make the output NaN with the logits' finite lse.
+      const float inv = l == 0.f ? 0.0f : 1.0f / l;
       for (int64_t d = 0; d < D; ++d) out[r * D + d] = static_cast<scalar_t>(acc[d] * inv);
-      if (lse) lse[r] = l > 0.f ? m + std::log(l) : -std::numeric_limits<float>::infinity();
+      if (lse) lse[r] = l == 0.f ? -std::numeric_limits<float>::infinity() : m + std::log(l);
     }
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_lse(
-    const at::Tensor& query, const at::Tensor& k_flat, const at::Tensor& v_flat,
-    const at::Tensor& seg_start, const at::Tensor& seg_len, c10::optional<double> scale) {
+std::tuple<Tensor, Tensor> decode_attention_lse(
+    const Tensor& query, const Tensor& k_flat, const Tensor& v_flat,
+    const Tensor& seg_start, const Tensor& seg_len, std::optional<double> scale) {
   const DecodeShape s = validate_decode(query, k_flat, v_flat, seg_start, seg_len);
-  const int32_t* start = seg_start.data_ptr<int32_t>();
-  const int32_t* len = seg_len.data_ptr<int32_t>();
+  const int32_t* start = ptr<int32_t>(seg_start);
+  const int32_t* len = ptr<int32_t>(seg_len);
   for (int64_t i = 0; i < s.S; ++i) {
-    TORCH_CHECK(start[i] >= 0 && len[i] >= 0 && int64_t{start[i]} + len[i] <= s.rows,
+    ADAKV_CHECK(start[i] >= 0 && len[i] >= 0 && int64_t{start[i]} + len[i] <= s.rows,
                 "adakv: segment ", i, " (start ", start[i], ", length ", len[i],
                 ") lies outside the ", s.rows, " cache rows");
   }
-  at::Tensor out = at::empty_like(query);
-  at::Tensor lse = at::empty({s.B, s.Hq, s.T}, query.options().dtype(at::kFloat));
+  Tensor out = new_empty("decode_attention", "the output", query, {s.B, s.Hq, s.T, s.D},
+                         query.scalar_type());
+  Tensor lse = new_empty("decode_attention", "the log-sum-exp", query, {s.B, s.Hq, s.T}, kFloat);
   const float sc = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(s.D))));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "adakv_decode", [&] {
-    decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), k_flat.data_ptr<scalar_t>(),
-                            v_flat.data_ptr<scalar_t>(), start, len, out.data_ptr<scalar_t>(),
-                            lse.data_ptr<float>(), s, sc);
+  ADAKV_CPU_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
+    decode_kernel<scalar_t>(ptr<scalar_t>(query), ptr<scalar_t>(k_flat),
+                            ptr<scalar_t>(v_flat), start, len, ptr<scalar_t>(out),
+                            ptr<float>(lse), s, sc);
   });
   return {out, lse};
 }
 
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_flat,
-                            const at::Tensor& v_flat, const at::Tensor& seg_start,
-                            const at::Tensor& seg_len, c10::optional<double> scale) {
+Tensor decode_attention(const Tensor& query, const Tensor& k_flat,
+                            const Tensor& v_flat, const Tensor& seg_start,
+                            const Tensor& seg_len, std::optional<double> scale) {
   return std::get<0>(decode_attention_lse(query, k_flat, v_flat, seg_start, seg_len, scale));
 }
 

@@ -4,16 +4,14 @@
 // key [B, Hk, N, D]: window logits (causal inside the window, padding keys excluded), fp32
 // softmax, aggregate over the W window queries (mean or max), reduce over the G query heads
 // of the group (mean or max), then 1-D pooling over the prefix (max / avg / none).
-// Parallelised over the B * Hk (b, h) pairs with at::parallel_for. See docs/semantics.md.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+// Parallelised over the B * Hk (b, h) pairs with torch::stable::parallel_for. See docs/semantics.md.
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "allocation_rules.h"
 #include "checks.h"
 #include "ops.h"
 
@@ -26,7 +24,7 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
                   const ScoreShape& s, float scale, Pooling pooling, int64_t kernel_size,
                   Reduce aggregate, Reduce gqa_reduce) {
   const int64_t G = s.Hq / s.Hk, N = s.N, W = s.W, D = s.D, L = s.L;
-  at::parallel_for(0, s.B * s.Hk, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.B * s.Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kf(N * D), qt(D), logits(N), agg(L), red(L);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.Hk, h = bh % s.Hk;
@@ -59,7 +57,7 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
           if (aggregate == Reduce::kMean) {
             for (int64_t n = ks; n < last; ++n) agg[n] += logits[n] * inv;
           } else {
-            for (int64_t n = ks; n < last; ++n) agg[n] = std::max(agg[n], logits[n] * inv);
+            for (int64_t n = ks; n < last; ++n) agg[n] = nan_max(agg[n], logits[n] * inv);
           }
         }
         if (aggregate == Reduce::kMean) {
@@ -68,7 +66,7 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
         if (gqa_reduce == Reduce::kMean) {
           for (int64_t n = 0; n < L; ++n) red[n] += agg[n];
         } else {
-          for (int64_t n = 0; n < L; ++n) red[n] = g == 0 ? agg[n] : std::max(red[n], agg[n]);
+          for (int64_t n = 0; n < L; ++n) red[n] = g == 0 ? agg[n] : nan_max(red[n], agg[n]);
         }
       }
       if (gqa_reduce == Reduce::kMean) {
@@ -84,7 +82,7 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
         const int64_t lo = std::max<int64_t>(0, n - r), hi = std::min<int64_t>(L - 1, n + r);
         if (pooling == Pooling::kMax) {
           float m = red[lo];
-          for (int64_t j = lo + 1; j <= hi; ++j) m = std::max(m, red[j]);
+          for (int64_t j = lo + 1; j <= hi; ++j) m = nan_max(m, red[j]);
           o[n] = m;
         } else {
           float acc = 0.f;
@@ -99,22 +97,22 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
 
 }  // namespace
 
-at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kernel_size,
-                 c10::string_view pooling, c10::string_view aggregate,
-                 c10::string_view gqa_reduce, const OptTensor& key_start,
-                 c10::optional<double> scale) {
+Tensor score(const Tensor& q_window, const Tensor& key, int64_t kernel_size,
+                 std::string_view pooling, std::string_view aggregate,
+                 std::string_view gqa_reduce, const OptTensor& key_start,
+                 std::optional<double> scale) {
   const ScoreShape s = validate_score(q_window, key, kernel_size, key_start);
   const Pooling pool = parse_pooling(std::string(pooling));
   const Reduce agg = parse_reduce(std::string(aggregate), "aggregate");
   const Reduce red = parse_reduce(std::string(gqa_reduce), "gqa_reduce");
   check_key_start_range(key_start, s.N);
-  at::Tensor out = at::empty({s.B, s.Hk, s.L}, q_window.options().dtype(at::kFloat));
+  Tensor out = new_empty("score", "the scores", q_window, {s.B, s.Hk, s.L}, kFloat);
   if (out.numel() == 0) return out;
   const float sc = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(s.D))));
-  const int32_t* ks = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "adakv_score", [&] {
-    score_kernel<scalar_t>(q_window.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(), ks,
-                           out.data_ptr<float>(), s, sc, pool, kernel_size, agg, red);
+  const int32_t* ks = ptr<int32_t>(key_start);
+  ADAKV_CPU_DTYPE_SWITCH(key.scalar_type(), scalar_t, [&] {
+    score_kernel<scalar_t>(ptr<scalar_t>(q_window), ptr<scalar_t>(key), ks,
+                           ptr<float>(out), s, sc, pool, kernel_size, agg, red);
   });
   return out;
 }

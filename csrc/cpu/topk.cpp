@@ -9,8 +9,6 @@
 //   written in ascending token order into kept_idx [B, Hk, L] (rest -1), and kept_count.
 //   Parallel over segments.
 // Both use std::nth_element on 64-bit keys (score key << 32 | tie-break index), O(L) per row.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -29,23 +27,23 @@ inline uint64_t order_key(float score, uint32_t tiebreak) {
 
 }  // namespace
 
-at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
-                    c10::string_view rounding, const OptTensor& key_start) {
+Tensor allocate(const Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
+                    std::string_view rounding, const OptTensor& key_start) {
   validate_scores(scores, key_start);
   validate_budget_args(budget, floor_alpha);
   const Rounding round = parse_rounding(std::string(rounding));
   const int64_t B = scores.size(0), Hk = scores.size(1), L = scores.size(2);
-  TORCH_CHECK(Hk * L < (int64_t{1} << 32), "adakv: Hk * L must be < 2^32");
-  TORCH_CHECK(budget <= std::numeric_limits<int32_t>::max() / std::max<int64_t>(Hk, 1),
+  ADAKV_CHECK(Hk * L < (int64_t{1} << 32), "adakv: Hk * L must be < 2^32");
+  ADAKV_CHECK(budget <= std::numeric_limits<int32_t>::max() / std::max<int64_t>(Hk, 1),
               "adakv: budget * Hk must fit in int32, got budget ", budget);
   // key_start may exceed L (a row whose valid tokens all lie in the window).
   check_key_start_range(key_start, std::numeric_limits<int32_t>::max());
-  at::Tensor out = at::empty({B, Hk}, scores.options().dtype(at::kInt));
-  const float* sc = scores.data_ptr<float>();
-  const int32_t* ks = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  int32_t* o = out.data_ptr<int32_t>();
+  Tensor out = new_empty("allocate", "the budgets", scores, {B, Hk}, kInt);
+  const float* sc = ptr<float>(scores);
+  const int32_t* ks = ptr<int32_t>(key_start);
+  int32_t* o = ptr<int32_t>(out);
   const int64_t C = budget;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
     std::vector<int64_t> count(Hk);
     std::vector<double> x(Hk);
@@ -98,24 +96,24 @@ at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Tensor& budgets,
+std::tuple<Tensor, Tensor> select(const Tensor& scores, const Tensor& budgets,
                                           const OptTensor& key_start) {
   validate_scores(scores, key_start);
   validate_budgets(budgets, scores);
   const int64_t B = scores.size(0), Hk = scores.size(1), L = scores.size(2);
   // key_start may exceed L (a row whose valid tokens all lie in the window).
   check_key_start_range(key_start, std::numeric_limits<int32_t>::max());
-  const int32_t* bud = budgets.data_ptr<int32_t>();
+  const int32_t* bud = ptr<int32_t>(budgets);
   for (int64_t s = 0; s < B * Hk; ++s)
-    TORCH_CHECK(bud[s] >= 0, "adakv: budgets must be >= 0, got budgets[", s / Hk, ", ", s % Hk,
+    ADAKV_CHECK(bud[s] >= 0, "adakv: budgets must be >= 0, got budgets[", s / Hk, ", ", s % Hk,
                 "] = ", bud[s]);
-  at::Tensor kept_idx = at::empty({B, Hk, L}, scores.options().dtype(at::kInt));
-  at::Tensor kept_count = at::empty({B, Hk}, scores.options().dtype(at::kInt));
-  const float* sc = scores.data_ptr<float>();
-  const int32_t* ks = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  int32_t* idx = kept_idx.data_ptr<int32_t>();
-  int32_t* cnt = kept_count.data_ptr<int32_t>();
-  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+  Tensor kept_idx = new_empty("select", "kept_idx", scores, {B, Hk, L}, kInt);
+  Tensor kept_count = new_empty("select", "kept_count", scores, {B, Hk}, kInt);
+  const float* sc = ptr<float>(scores);
+  const int32_t* ks = ptr<int32_t>(key_start);
+  int32_t* idx = ptr<int32_t>(kept_idx);
+  int32_t* cnt = ptr<int32_t>(kept_count);
+  torch::stable::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t start = ks ? std::min<int64_t>(ks[s / Hk], L) : 0;

@@ -20,12 +20,15 @@
 // width (16, 8, 4 or 2 bytes) is the largest that divides the row size and every base pointer.
 // Every value read from device memory (budgets, kept_count, kept_idx, key_start, seg_start,
 // seg_len) is clamped so that no write leaves its segment and no read leaves key / value.
-#include <ATen/ATen.h>
-
+// Sizes (SPEC section 9): window and reserve are checked on the host (< 2^31 each); the
+// device prefix sum of the capacities saturates (it cannot wrap whatever the budgets), and the
+// host rejects a total above 2^31 - 1 rows before allocating anything.
+// Stable ABI only (csrc/torch_api.h, cuda/common.cuh).
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <limits>
+#include <string>
 
 #include "checks.h"
 #include "cuda/common.cuh"
@@ -42,10 +45,10 @@ template <> struct VecType<4> { using type = uint32_t; };
 template <> struct VecType<2> { using type = uint16_t; };
 
 // Largest vector width in bytes dividing the row size and the address of every tensor.
-int vector_width(int64_t row_bytes, std::initializer_list<const at::Tensor*> tensors) {
+int vector_width(int64_t row_bytes, std::initializer_list<const Tensor*> tensors) {
   for (int v : {16, 8, 4}) {
     bool ok = row_bytes % v == 0;
-    for (const at::Tensor* t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % v == 0;
+    for (const Tensor* t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % v == 0;
     if (ok) return v;
   }
   return 2;  // every supported dtype has at least 2 bytes per element
@@ -107,6 +110,11 @@ __device__ __forceinline__ SegmentContent segment_content(const CompactParams& p
   return c;
 }
 
+// The running sum of the capacities saturates here: each capacity is < 2^33 (budget, window and
+// reserve are each < 2^31), a tile adds < 2^41, so carry + a tile never wraps int64 whatever
+// the budgets; any total above 2^31 - 1 is rejected by the host.
+constexpr long long kCarrySaturation = 1LL << 62;
+
 __global__ void __launch_bounds__(kLayoutThreads) compact_layout_kernel(const CompactParams p) {
   using Scan = cub::BlockScan<long long, kLayoutThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
@@ -127,7 +135,7 @@ __global__ void __launch_bounds__(kLayoutThreads) compact_layout_kernel(const Co
       p.seg_start[s] = static_cast<int32_t>(start);
       p.seg_len[s] = static_cast<int32_t>(min(c.kept + c.win, end - start));
     }
-    carry += agg;
+    carry = min(carry + agg, kCarrySaturation);  // bounds: never wraps (see kCarrySaturation)
     __syncthreads();  // scan_tmp is reused by the next tile
   }
   if (threadIdx.x == 0) *p.total = carry;
@@ -266,43 +274,49 @@ __global__ void append_kernel(const AppendParams p) {
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with ", name, " on ", t.device());
+void check_cuda(const Tensor& t, const char* op, const char* name) {
+  ADAKV_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with ", name, " on ",
+              device_str(t));
 }
 
 }  // namespace
 
-FlatCache compact(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kept_idx,
-                  const at::Tensor& kept_count, const at::Tensor& budgets, int64_t window,
-                  int64_t reserve, c10::optional<int64_t> rows, const OptTensor& key_start) {
+FlatCache compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                  const Tensor& kept_count, const Tensor& budgets, int64_t window,
+                  int64_t reserve, std::optional<int64_t> rows, const OptTensor& key_start) {
+  // window in [0, min(N, 2^31)), reserve in [0, 2^31), rows in [0, 2^31) (validate_reserve and
+  // the other checks of validate_compact).
   validate_compact(key, value, kept_idx, kept_count, budgets, window, reserve, rows, key_start);
   check_cuda(key, "compact", "key");
-  const c10::cuda::CUDAGuard guard(key.device());
+  const DeviceGuard guard(key.get_device_index());
   const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2), D = key.size(3);
-  const int64_t S = B * Hk, L = N - window;
-  TORCH_CHECK(S <= std::numeric_limits<int32_t>::max(), "adakv: too many segments");
-  const cudaStream_t stream = current_stream();
+  const int64_t S = checked_mul(B, Hk, "B * Hk"), L = N - window;
+  ADAKV_CHECK(S <= std::numeric_limits<int32_t>::max(), "adakv: compact: B * Hk = ", B, " * ",
+              Hk, " = ", S, " segments; at most 2^31 - 1 are supported");
+  // Every capacity budgets[s] + window + reserve is < 3 * 2^31 (no int64 wrap on the device).
+  checked_add(window, reserve, "window + reserve");
+  const cudaStream_t stream = current_stream(key);
 
-  at::Tensor seg_start = at::empty({S}, budgets.options());
-  at::Tensor seg_len = at::empty({S}, budgets.options());
-  at::Tensor total = at::empty({1}, budgets.options().dtype(at::kLong));
+  Tensor seg_start = new_empty("compact", "seg_start", budgets, {S}, kInt);
+  Tensor seg_len = new_empty("compact", "seg_len", budgets, {S}, kInt);
+  Tensor total = new_empty("compact", "the row count", budgets, {1}, kLong);
   CompactParams p{};
   p.key = static_cast<const char*>(key.data_ptr());
   p.value = static_cast<const char*>(value.data_ptr());
-  p.kept_idx = kept_idx.data_ptr<int32_t>();
-  p.kept_count = kept_count.data_ptr<int32_t>();
-  p.budgets = budgets.data_ptr<int32_t>();
-  p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  p.seg_start = seg_start.data_ptr<int32_t>();
-  p.seg_len = seg_len.data_ptr<int32_t>();
-  p.total = total.data_ptr<int64_t>();
+  p.kept_idx = ptr<int32_t>(kept_idx);
+  p.kept_count = ptr<int32_t>(kept_count);
+  p.budgets = ptr<int32_t>(budgets);
+  p.key_start = ptr<int32_t>(key_start);
+  p.seg_start = ptr<int32_t>(seg_start);
+  p.seg_len = ptr<int32_t>(seg_len);
+  p.total = ptr<int64_t>(total);
   p.S = S;
   p.rows = rows.has_value() ? *rows : -1;
   p.N = N;
   p.L = L;
   p.window = window;
   p.reserve = reserve;
-  p.row_bytes = D * key.element_size();
+  p.row_bytes = D * static_cast<int64_t>(key.element_size());
   p.Hk = static_cast<int>(Hk);
   if (S > 0) {
     compact_layout_kernel<<<1, kLayoutThreads, 0, stream>>>(p);
@@ -314,57 +328,66 @@ FlatCache compact(const at::Tensor& key, const at::Tensor& value, const at::Tens
     n_rows = *rows;
   } else {
     // The one documented host sync: the output size depends on the budgets.
-    n_rows = S > 0 ? total.item<int64_t>() : 0;
-    TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(),
-                "adakv: the flat cache would exceed 2^31 - 1 rows");
+    n_rows = 0;
+    if (S > 0) {
+      ADAKV_CUDA_CHECK(cudaMemcpyAsync(&n_rows, p.total, sizeof(int64_t),
+                                       cudaMemcpyDeviceToHost, stream));
+      ADAKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    ADAKV_CHECK(n_rows >= 0 && n_rows <= std::numeric_limits<int32_t>::max(),
+                "adakv: compact: the flat cache would hold sum(budgets + window + reserve) = ",
+                n_rows >= (int64_t{1} << 62) ? std::string(">= 2^62")
+                                             : std::to_string(n_rows),
+                " rows; at most 2^31 - 1 are supported (lower the budgets, window or reserve)");
   }
-  at::Tensor k_flat = at::empty({n_rows, D}, key.options());
-  at::Tensor v_flat = at::empty({n_rows, D}, value.options());
-  if (n_rows == 0 || D == 0) return {k_flat, v_flat, seg_start, seg_len};
-  if (S == 0) {  // rows but no segment to own them: all zeros
-    k_flat.zero_();
-    v_flat.zero_();
-    return {k_flat, v_flat, seg_start, seg_len};
-  }
+  // rows but no segment to own them: all zeros
+  const bool zero_fill = S == 0;
+  Tensor k_flat = zero_fill ? new_zeros("compact", "k_flat", key, {n_rows, D}, key.scalar_type())
+                            : new_empty("compact", "k_flat", key, {n_rows, D}, key.scalar_type());
+  Tensor v_flat = zero_fill
+                      ? new_zeros("compact", "v_flat", value, {n_rows, D}, value.scalar_type())
+                      : new_empty("compact", "v_flat", value, {n_rows, D}, value.scalar_type());
+  if (n_rows == 0 || D == 0 || zero_fill) return {k_flat, v_flat, seg_start, seg_len};
   p.k_flat = static_cast<char*>(k_flat.data_ptr());
   p.v_flat = static_cast<char*>(v_flat.data_ptr());
   p.rows = n_rows;
   const int width = vector_width(p.row_bytes, {&key, &value, &k_flat, &v_flat});
-  const int64_t grid = (n_rows + kRowsPerCta - 1) / kRowsPerCta;
+  const int64_t grid = (n_rows + kRowsPerCta - 1) / kRowsPerCta;  // <= 2^26 (n_rows < 2^31)
   ADAKV_VEC_SWITCH(width, VEC, [&] {
-    compact_gather_kernel<VEC><<<grid, kGatherThreads, 0, stream>>>(p);
+    compact_gather_kernel<VEC><<<static_cast<unsigned>(grid), kGatherThreads, 0, stream>>>(p);
     ADAKV_LAUNCH_CHECK();
   });
   return {k_flat, v_flat, seg_start, seg_len};
 }
 
-void append_(const at::Tensor& k_flat, const at::Tensor& v_flat, const at::Tensor& seg_start,
-             const at::Tensor& seg_len, const at::Tensor& key_new, const at::Tensor& value_new,
+void append_(const Tensor& k_flat, const Tensor& v_flat, const Tensor& seg_start,
+             const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,
              const OptTensor& overflow) {
   const DecodeShape s = validate_append(k_flat, v_flat, seg_start, seg_len, key_new, value_new,
                                         overflow);
   check_cuda(k_flat, "append_", "k_flat");
-  const c10::cuda::CUDAGuard guard(k_flat.device());
+  const DeviceGuard guard(k_flat.get_device_index());
   if (s.S == 0) return;
-  TORCH_CHECK(s.S <= std::numeric_limits<int32_t>::max(), "adakv: too many segments");
+  ADAKV_CHECK(s.S <= std::numeric_limits<int32_t>::max(), "adakv: append_: ", s.S,
+              " segments; at most 2^31 - 1 are supported");
   AppendParams p{};
   p.k_flat = static_cast<char*>(k_flat.data_ptr());
   p.v_flat = static_cast<char*>(v_flat.data_ptr());
-  p.seg_start = seg_start.data_ptr<int32_t>();
-  p.seg_len = seg_len.data_ptr<int32_t>();
+  p.seg_start = ptr<int32_t>(seg_start);
+  p.seg_len = ptr<int32_t>(seg_len);
   p.key_new = static_cast<const char*>(key_new.data_ptr());
   p.value_new = static_cast<const char*>(value_new.data_ptr());
-  p.overflow = overflow.has_value() ? overflow->data_ptr<int32_t>() : nullptr;
+  p.overflow = ptr<int32_t>(overflow);
   p.S = s.S;
   p.rows = s.rows;
   p.T = s.T;
-  p.row_bytes = s.D * k_flat.element_size();
+  p.row_bytes = s.D * static_cast<int64_t>(k_flat.element_size());
   const int width = vector_width(p.row_bytes, {&k_flat, &v_flat, &key_new, &value_new});
   // One thread per vector of the T rows of K and V, at most 256 per CTA.
   const int64_t items = s.T * 2 * (p.row_bytes / width);
   const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
   ADAKV_VEC_SWITCH(width, VEC, [&] {
-    append_kernel<VEC><<<s.S, threads, 0, current_stream()>>>(p);
+    append_kernel<VEC><<<static_cast<unsigned>(s.S), threads, 0, current_stream(k_flat)>>>(p);
     ADAKV_LAUNCH_CHECK();
   });
 }

@@ -1,25 +1,27 @@
-// Shared CUDA helpers of the adakv kernels: dtype mapping, conversions, vector types,
+// Shared CUDA helpers of the adakv kernels: the CUDA side of the stable-ABI adapter (current
+// stream through the C shim, device guard, CUDA error checks), conversions, vector types,
 // static switches (runtime value -> template parameter) and launch checks.
+// Like every file in csrc/, this uses PyTorch's stable C++ ABI only (csrc/torch_api.h): no ATen
+// or c10 header.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
+#include <torch/csrc/stable/accelerator.h>
+
 #include <cstdint>
+
+#include "torch_api.h"
 
 namespace adakv {
 namespace cuda {
 
-// The device type of each supported torch dtype.
-template <typename T> struct DeviceType;
-template <> struct DeviceType<float> { using type = float; };
-template <> struct DeviceType<c10::Half> { using type = __half; };
-template <> struct DeviceType<c10::BFloat16> { using type = __nv_bfloat16; };
+// RAII: makes a tensor's device current for the op (torch::stable::accelerator::DeviceGuard,
+// constructed from t.get_device_index()).
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -36,11 +38,47 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 struct alignas(16) Vec16 { uint4 raw; };
 template <typename T> constexpr int kElemsPer16B = 16 / sizeof(T);
 
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+}  // namespace cuda
+}  // namespace adakv
+
+// A CUDA runtime call that must succeed: a failure raises RuntimeError naming the call, the
+// CUDA error and where it happened.
+#define ADAKV_CUDA_CHECK(EXPR)                                                              \
+  do {                                                                                      \
+    const cudaError_t adakv_cuda_err_ = (EXPR);                                             \
+    if (adakv_cuda_err_ != cudaSuccess)                                                     \
+      ::adakv::detail::fail("adakv: CUDA error in ", #EXPR, ": ",                           \
+                            cudaGetErrorString(adakv_cuda_err_), " (", __FILE__, ":",       \
+                            __LINE__, ")");                                                 \
+  } while (0)
+
+// After a <<<...>>> launch: a launch error (bad configuration, no kernel image for the device)
+// raises RuntimeError. Asynchronous kernel faults surface at the next synchronising call.
+#define ADAKV_LAUNCH_CHECK()                                                                \
+  do {                                                                                      \
+    const cudaError_t adakv_cuda_err_ = cudaGetLastError();                                 \
+    if (adakv_cuda_err_ != cudaSuccess)                                                     \
+      ::adakv::detail::fail("adakv: CUDA kernel launch failed: ",                           \
+                            cudaGetErrorString(adakv_cuda_err_), " (", __FILE__, ":",       \
+                            __LINE__, ")");                                                 \
+  } while (0)
+
+namespace adakv {
+namespace cuda {
+
+// The current CUDA stream of torch on `device_index` (the C shim: the one stream query of the
+// stable ABI; torch::stable has no CUDA stream type at 2.11).
+inline cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  ADAKV_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream) == AOTI_TORCH_SUCCESS,
+              "adakv: could not get the current CUDA stream of cuda:", device_index);
+  return static_cast<cudaStream_t>(stream);
+}
+inline cudaStream_t current_stream(const Tensor& t) { return current_stream(t.get_device_index()); }
 
 inline int num_sms(int device) {
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
 }
 
@@ -48,23 +86,17 @@ inline int num_sms(int device) {
 }  // namespace adakv
 
 // Static switches: turn a runtime value into a compile-time constant named NAME.
-#define ADAKV_DTYPE_SWITCH(SCALAR_TYPE, NAME, ...)                                        \
-  [&] {                                                                                    \
-    switch (SCALAR_TYPE) {                                                                 \
-      case at::kFloat: { using NAME = float; return __VA_ARGS__(); }                       \
-      case at::kHalf: { using NAME = __half; return __VA_ARGS__(); }                       \
-      case at::kBFloat16: { using NAME = __nv_bfloat16; return __VA_ARGS__(); }            \
-      default: TORCH_CHECK(false, "adakv: unsupported dtype ", SCALAR_TYPE);               \
-    }                                                                                      \
-  }()
+// The K/V dtypes as CUDA types: float, __half, __nv_bfloat16.
+#define ADAKV_DTYPE_SWITCH(SCALAR_TYPE, NAME, ...) \
+  ADAKV_KV_DTYPE_SWITCH(SCALAR_TYPE, __half, __nv_bfloat16, NAME, __VA_ARGS__)
 
 #define ADAKV_HEADDIM_SWITCH(HEAD_DIM, NAME, OPNAME, ...)                                  \
   [&] {                                                                                    \
     if ((HEAD_DIM) == 64) { constexpr int NAME = 64; return __VA_ARGS__(); }               \
     if ((HEAD_DIM) == 128) { constexpr int NAME = 128; return __VA_ARGS__(); }             \
     if ((HEAD_DIM) == 256) { constexpr int NAME = 256; return __VA_ARGS__(); }             \
-    TORCH_CHECK(false, "adakv: ", OPNAME, " is not implemented for CUDA with head dim ",   \
-                (HEAD_DIM), " (supported: 64, 128, 256)");                                 \
+    ::adakv::detail::fail("adakv: ", OPNAME, " is not implemented for CUDA with head dim ", \
+                          (HEAD_DIM), " (supported: 64, 128, 256)");                       \
   }()
 
 #define ADAKV_BOOL_SWITCH(COND, NAME, ...)                                                 \
@@ -72,5 +104,3 @@ inline int num_sms(int device) {
     if (COND) { constexpr bool NAME = true; return __VA_ARGS__(); }                        \
     constexpr bool NAME = false; return __VA_ARGS__();                                     \
   }()
-
-#define ADAKV_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()

@@ -18,13 +18,14 @@
 //     memory in the same launch (each CTA stores its partial's pieces into the CTAs that merge
 //     them, one cluster barrier, local merges): one kernel, no workspace; the cluster kernel has
 //     a receive area of DecodeTraits::kRecvBytes on top. Elsewhere (or ADAKV_DECODE_CLUSTER=0):
-//     fp32 partials (at::empty workspace) merged by log-sum-exp in a second, tiny kernel (one
-//     warp per query row).
+//     fp32 partials (a workspace from torch's allocator) merged by log-sum-exp in a second,
+//     tiny kernel (one warp per query row).
 //   * sm_90: launched with programmatic dependent launch (the kernel waits for the previous one
 //     before reading anything), so its launch overlaps the previous kernel's tail.
 // No host synchronisation; device-side segment geometry is clamped into [0, rows).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
+// lse follows SPEC section 9: -inf only for a row that sees no key; a NaN logit (in any split)
+// makes the row's lse NaN, so a NaN output never looks like an empty segment.
+// Stable ABI only (csrc/torch_api.h, cuda/common.cuh).
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +34,8 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <tuple>
 
 #include "checks.h"
 #include "cuda/common.cuh"
@@ -77,27 +80,27 @@ KernelConfig kernel_config(int device) {
   auto plain = decode::decode_split_kernel<T, D, false>;
   auto clustered = decode::decode_split_kernel<T, D, true>;
   KernelConfig kc;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  ADAKV_CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Tr::kSmemBytes));
-  C10_CUDA_CHECK(
+  ADAKV_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, plain, Tr::kThreads, Tr::kSmemBytes));
   kc.occ = std::max(kc.occ, 1);
   cudaFuncAttributes fa{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, clustered));
+  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, clustered));
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major >= 9 && fa.binaryVersion >= 90) {
     kc.pdl = true;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tr::kClusterSmemBytes));
-    C10_CUDA_CHECK(
+    ADAKV_CUDA_CHECK(
         cudaFuncSetAttribute(clustered, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(decode::kMaxCluster, 1, 1);
     cfg.blockDim = dim3(Tr::kThreads, 1, 1);
     cfg.dynamicSmemBytes = Tr::kClusterSmemBytes;
     int size = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, clustered, &cfg));
+    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, clustered, &cfg));
     size = std::min(size, decode::kMaxCluster);
     kc.max_cluster = size >= 2 ? size : 0;
   }
@@ -141,15 +144,15 @@ void launch_split(const DecodeParams& p, int64_t grid, int cluster, int smem, bo
   cfg.stream = stream;
   cfg.attrs = attrs;
   cfg.numAttrs = n;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster>, p));
+  ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster>, p));
 }
 
 template <typename T, int D>
-void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Tensor& k_flat,
-                   const at::Tensor& v_flat, const at::Tensor& seg_start,
-                   const at::Tensor& seg_len, at::Tensor& out, float* lse, double scale) {
+void launch_decode(const DecodeShape& sh, const Tensor& query, const Tensor& k_flat,
+                   const Tensor& v_flat, const Tensor& seg_start, const Tensor& seg_len,
+                   const Tensor& out, float* lse, double scale) {
   using Tr = DecodeTraits<T, D>;
-  const int device = query.get_device();
+  const int device = query.get_device_index();
   const int64_t S = sh.S;
   const int64_t GT = (sh.Hq / sh.Hk) * sh.T;
   const int64_t num_mblocks = (GT + Tr::kRows - 1) / Tr::kRows;
@@ -183,7 +186,7 @@ void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Ten
   num_splits = std::max<int64_t>(1, std::min(num_splits, kMaxSplits));
   const bool use_cluster = num_splits > 1 && cluster_ok && num_splits <= kc.max_cluster;
   const int64_t grid = base_ctas * num_splits;
-  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max() && GT <= std::numeric_limits<int32_t>::max() / 2,
+  ADAKV_CHECK(grid <= std::numeric_limits<int32_t>::max() && GT <= std::numeric_limits<int32_t>::max() / 2,
               "adakv: decode_attention is not implemented for CUDA at this size (", S,
               " segments x ", GT, " query rows per segment)");
 
@@ -191,8 +194,8 @@ void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Ten
   p.q = query.data_ptr();
   p.k = k_flat.data_ptr();
   p.v = v_flat.data_ptr();
-  p.seg_start = seg_start.data_ptr<int32_t>();
-  p.seg_len = seg_len.data_ptr<int32_t>();
+  p.seg_start = ptr<int32_t>(seg_start);
+  p.seg_len = ptr<int32_t>(seg_len);
   p.out = out.data_ptr();
   p.lse = lse;
   p.part_o = nullptr;
@@ -205,19 +208,20 @@ void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Ten
   p.num_mblocks = static_cast<int>(num_mblocks);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  const cudaStream_t stream = current_stream();
+  const cudaStream_t stream = current_stream(query);
   if (use_cluster) {
     launch_split<T, D, true>(p, grid, static_cast<int>(num_splits), Tr::kClusterSmemBytes, kc.pdl,
                              stream);
     return;
   }
-  at::Tensor part_o, part_lse;
+  OptTensor part_o, part_lse;  // alive until the launches below are enqueued
   if (num_splits > 1) {
-    const auto f32 = query.options().dtype(at::kFloat);
-    part_o = at::empty({num_splits, S * GT, int64_t{D}}, f32);
-    part_lse = at::empty({num_splits, S * GT}, f32);
-    p.part_o = part_o.data_ptr<float>();
-    p.part_lse = part_lse.data_ptr<float>();
+    part_o = new_empty("decode_attention", "the split partials", query,
+                       {num_splits, S * GT, int64_t{D}}, kFloat);
+    part_lse = new_empty("decode_attention", "the split log-sum-exps", query,
+                         {num_splits, S * GT}, kFloat);
+    p.part_o = ptr<float>(part_o);
+    p.part_lse = ptr<float>(part_lse);
   }
   launch_split<T, D, false>(p, grid, 1, Tr::kSmemBytes, kc.pdl, stream);
 
@@ -236,31 +240,34 @@ void launch_decode(const DecodeShape& sh, const at::Tensor& query, const at::Ten
   }
 }
 
-bool aligned16(const at::Tensor& t) {
+bool aligned16(const Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_impl(const at::Tensor& query, const at::Tensor& k_flat,
-                                               const at::Tensor& v_flat,
-                                               const at::Tensor& seg_start,
-                                               const at::Tensor& seg_len,
-                                               c10::optional<double> scale, bool want_lse) {
+// out, and lse when want_lse.
+std::tuple<Tensor, OptTensor> decode_impl(const Tensor& query, const Tensor& k_flat,
+                                          const Tensor& v_flat, const Tensor& seg_start,
+                                          const Tensor& seg_len, std::optional<double> scale,
+                                          bool want_lse) {
   const DecodeShape sh = validate_decode(query, k_flat, v_flat, seg_start, seg_len);
-  TORCH_CHECK(query.is_cuda(), "adakv: decode_attention (CUDA) got query on ", query.device());
-  const c10::cuda::CUDAGuard guard(query.device());
+  ADAKV_CHECK(query.is_cuda(), "adakv: decode_attention (CUDA) got query on ",
+              device_str(query));
+  const DeviceGuard guard(query.get_device_index());
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(sh.D));
 
-  at::Tensor out = at::empty_like(query);
-  at::Tensor lse = want_lse ? at::empty({sh.B, sh.Hq, sh.T}, query.options().dtype(at::kFloat))
-                            : at::Tensor();
+  const Tensor out = new_empty("decode_attention", "the output", query,
+                               {sh.B, sh.Hq, sh.T, sh.D}, query.scalar_type());
+  OptTensor lse;
+  if (want_lse)
+    lse = new_empty("decode_attention", "the log-sum-exp", query, {sh.B, sh.Hq, sh.T}, kFloat);
   ADAKV_DECODE_HEADDIM_SWITCH(sh.D, kHeadDim, [&] {
     if (out.numel() == 0) return;  // Hq == 0: nothing to compute
-    TORCH_CHECK(aligned16(query) && (sh.rows == 0 || (aligned16(k_flat) && aligned16(v_flat))),
+    ADAKV_CHECK(aligned16(query) && (sh.rows == 0 || (aligned16(k_flat) && aligned16(v_flat))),
                 "adakv: decode_attention is not implemented for CUDA on tensors whose data is "
                 "not 16-byte aligned (query / k_flat / v_flat views with an odd storage offset)");
     ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
       launch_decode<scalar_t, kHeadDim>(sh, query, k_flat, v_flat, seg_start, seg_len, out,
-                                        want_lse ? lse.data_ptr<float>() : nullptr, sc);
+                                        ptr<float>(lse), sc);
     });
   });
   return {out, lse};
@@ -268,15 +275,18 @@ std::tuple<at::Tensor, at::Tensor> decode_impl(const at::Tensor& query, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_lse(
-    const at::Tensor& query, const at::Tensor& k_flat, const at::Tensor& v_flat,
-    const at::Tensor& seg_start, const at::Tensor& seg_len, c10::optional<double> scale) {
-  return decode_impl(query, k_flat, v_flat, seg_start, seg_len, scale, /*want_lse=*/true);
+std::tuple<Tensor, Tensor> decode_attention_lse(const Tensor& query, const Tensor& k_flat,
+                                                const Tensor& v_flat, const Tensor& seg_start,
+                                                const Tensor& seg_len,
+                                                std::optional<double> scale) {
+  auto [out, lse] =
+      decode_impl(query, k_flat, v_flat, seg_start, seg_len, scale, /*want_lse=*/true);
+  return {out, *lse};
 }
 
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_flat,
-                            const at::Tensor& v_flat, const at::Tensor& seg_start,
-                            const at::Tensor& seg_len, c10::optional<double> scale) {
+Tensor decode_attention(const Tensor& query, const Tensor& k_flat, const Tensor& v_flat,
+                        const Tensor& seg_start, const Tensor& seg_len,
+                        std::optional<double> scale) {
   return std::get<0>(
       decode_impl(query, k_flat, v_flat, seg_start, seg_len, scale, /*want_lse=*/false));
 }

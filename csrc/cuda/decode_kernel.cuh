@@ -21,7 +21,9 @@
 // previous kernel of the stream (griddepcontrol.wait) before reading any input, so only its
 // launch overlaps that kernel's tail.
 // Row r sees keys n < n_r = len - T + 1 + (r % T) (causal among the T newest); a row with no
-// visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf.
+// visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf (SPEC section 9: the only
+// -inf lse). A NaN logit makes l NaN (fmaxf keeps m finite or -inf, exp2f(NaN) = NaN); every
+// merge below (warps, cluster, decode_merge.cuh) keeps it NaN: out and lse NaN, never "empty".
 #pragma once
 
 #include <cooperative_groups.h>
@@ -118,31 +120,34 @@ __device__ __forceinline__ void combine_and_store(const DecodeParams& p, const f
     const int r = i / kGroups, d0 = (i % kGroups) * 8;
     const int rg = row_base + r;
     if (rg >= p.GT) continue;  // padding rows of the last query block
+    // m_s is never NaN (fmaxf drops NaN logits); a NaN logit shows as l = NaN, possibly with
+    // m = -inf (every visible logit NaN). So no warp is skipped: with M = -inf the weights use
+    // 0 instead (exp2(-inf) = 0 for an empty warp), and 0 * NaN keeps a NaN warp NaN.
     float M = neg_inf();
 #pragma unroll
     for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
+    const float Mu = M == neg_inf() ? 0.f : M;
     float L = 0.f;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (M != neg_inf()) {
 #pragma unroll
-      for (int w = 0; w < Tr::kWarps; ++w) {
-        const float wgt = exp2f(m_s[w * Tr::kRows + r] - M);  // 0 for an empty warp (-inf)
-        L += wgt * l_s[w * Tr::kRows + r];
-        const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
-        const float4 a = src[0], b = src[1];
-        acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
-        acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
-      }
+    for (int w = 0; w < Tr::kWarps; ++w) {
+      const float wgt = exp2f(m_s[w * Tr::kRows + r] - Mu);  // 0 for an empty warp (-inf)
+      L += wgt * l_s[w * Tr::kRows + r];
+      const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
+      const float4 a = src[0], b = src[1];
+      acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
+      acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
     }
-    const float inv = L > 0.f ? 1.f / L : 0.f;  // L > 0 iff some key was visible
+    // L == 0 iff no key was visible (out 0, lse -inf); L = NaN: acc is NaN too, out and lse NaN
+    const float inv = L == 0.f ? 0.f : 1.f / L;
     const int64_t row = static_cast<int64_t>(s) * p.GT + rg;
     if (p.num_splits == 1) {
       store8<T>(static_cast<T*>(p.out) + row * D + d0, acc, inv);
-      if (p.lse != nullptr && d0 == 0) p.lse[row] = L > 0.f ? (M + log2f(L)) * kLn2 : neg_inf();
+      if (p.lse != nullptr && d0 == 0) p.lse[row] = L == 0.f ? neg_inf() : (M + log2f(L)) * kLn2;
     } else {
       const int64_t prow = static_cast<int64_t>(split) * p.S * p.GT + row;
       store8<float>(p.part_o + prow * D + d0, acc, inv);
-      if (d0 == 0) p.part_lse[prow] = L > 0.f ? M + log2f(L) : neg_inf();
+      if (d0 == 0) p.part_lse[prow] = L == 0.f ? neg_inf() : M + log2f(L);
     }
   }
 }
@@ -193,23 +198,25 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
   cluster_wait();  // entry phase: every CTA of the cluster runs, its shared memory may be written
   for (int i = threadIdx.x; i < rows_here * kGroups; i += Tr::kThreads) {
     const int r = i / kGroups, d0 = (i % kGroups) * 8;
+    // m_s is never NaN (fmaxf drops NaN logits); a NaN logit shows as l = NaN, possibly with
+    // m = -inf (every visible logit NaN). So no warp is skipped: with M = -inf the weights use
+    // 0 instead (exp2(-inf) = 0 for an empty warp), and 0 * NaN keeps a NaN warp NaN.
     float M = neg_inf();
 #pragma unroll
     for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
+    const float Mu = M == neg_inf() ? 0.f : M;
     float L = 0.f;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (M != neg_inf()) {
 #pragma unroll
-      for (int w = 0; w < Tr::kWarps; ++w) {
-        const float wgt = exp2f(m_s[w * Tr::kRows + r] - M);
-        L += wgt * l_s[w * Tr::kRows + r];
-        const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
-        const float4 a = src[0], b = src[1];
-        acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
-        acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
-      }
+    for (int w = 0; w < Tr::kWarps; ++w) {
+      const float wgt = exp2f(m_s[w * Tr::kRows + r] - Mu);  // 0 for an empty warp (-inf)
+      L += wgt * l_s[w * Tr::kRows + r];
+      const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
+      const float4 a = src[0], b = src[1];
+      acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
+      acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
     }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
+    const float inv = L == 0.f ? 0.f : 1.f / L;  // as in combine_and_store
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int item = r * kG4 + d0 / 4 + h;
@@ -220,7 +227,7 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
                          acc[4 * h + 3] * inv);
     }
     // the row's lse goes to every CTA; the row's threads share the ns stores
-    const float lse2 = L > 0.f ? M + log2f(L) : neg_inf();
+    const float lse2 = L == 0.f ? neg_inf() : M + log2f(L);  // NaN for a NaN partial
     for (int o = i % kGroups; o < ns; o += kGroups) {
       cluster.map_shared_rank(recv_lse, static_cast<unsigned>(o))[r * kMaxCluster + split] = lse2;
     }
@@ -232,6 +239,9 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
   for (int item = i0 + threadIdx.x; item < i1; item += Tr::kThreads) {
     const int r = item / kG4, d0 = (item % kG4) * 4;
     const float4* src = recv_o + (item - i0) * ns;
+    // A NaN partial (lse NaN, o NaN) is dropped by fmaxf from M but not from the sum:
+    // exp2f(NaN - Mu) = NaN, so sum, out and lse become NaN; with M = -inf (no partial saw a
+    // finite logit) the weights use 0 instead of M, so empty partials still weigh 0.
     float lv[kMaxCluster];
     float M = neg_inf();
 #pragma unroll
@@ -242,20 +252,19 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
         M = fmaxf(M, lv[sp]);
       }
     }
+    const float Mu = M == neg_inf() ? 0.f : M;
     float sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (M != neg_inf()) {
 #pragma unroll
-      for (int sp = 0; sp < kMaxCluster; ++sp) {
-        if (sp < ns) {
-          const float w = exp2f(lv[sp] - M);  // 0 for an empty partial
-          const float4 x = src[sp];
-          sum += w;
-          acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
-        }
+    for (int sp = 0; sp < kMaxCluster; ++sp) {
+      if (sp < ns) {
+        const float w = exp2f(lv[sp] - Mu);  // 0 for an empty partial, NaN for a NaN one
+        const float4 x = src[sp];
+        sum += w;
+        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
       }
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
     const int64_t row = static_cast<int64_t>(s) * p.GT + row_base + r;
     T* dst = static_cast<T*>(p.out) + row * D + d0;
     if constexpr (std::is_same_v<T, float>) {
@@ -264,7 +273,7 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
       *reinterpret_cast<uint2*>(dst) =
           make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
     }
-    if (p.lse != nullptr && d0 == 0) p.lse[row] = sum > 0.f ? (M + log2f(sum)) * kLn2 : neg_inf();
+    if (p.lse != nullptr && d0 == 0) p.lse[row] = sum == 0.f ? neg_inf() : (M + log2f(sum)) * kLn2;
   }
 #else
   __trap();  // the launcher uses the cluster path on sm_90 and newer only
@@ -517,7 +526,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
           if (n < lim[r]) {  // warp-uniform
             const float x = dot * p.scale_log2;
             const float mn = fmaxf(m[r], x);
-            const float c = exp2f(m[r] - mn), pr = exp2f(x - mn);
+            // -inf logits weigh 0 even while the running max is still -inf (exp2f(-inf - -inf)
+            // would be NaN): the same rule as the tensor-core path and the CPU kernel.
+            const float mu = mn == neg_inf() ? 0.f : mn;
+            const float c = exp2f(m[r] - mu), pr = exp2f(x - mu);
             l[r] = l[r] * c + pr;
 #pragma unroll
             for (int i = 0; i < kDPL; ++i) acc[r][i] = fmaf(pr, vv[i], acc[r][i] * c);

@@ -4,6 +4,9 @@
 // lane * 4 + 128 i (16-byte fp32 loads). out = sum_i w_i o_i / sum_i w_i with
 // w_i = 2^(lse_i - max_i lse_i) (partials are normalised, lse_i base 2, -inf when empty);
 // lse = (max + log2(sum w)) * ln 2. A row whose every partial is empty gets out 0, lse -inf.
+// A NaN partial (lse_i and o_i NaN: a NaN logit) is left out of the max by fmaxf but not of
+// the sum (w_i = NaN), so the row's out and lse are NaN (SPEC section 9), even when every other
+// partial is empty (the max is then -inf and the weights use 0 in its place).
 #pragma once
 
 #include <cstdint>
@@ -37,29 +40,28 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 
   float M = neg_inf();
   for (int sp = 0; sp < p.num_splits; ++sp) M = fmaxf(M, p.part_lse[sp * p.n_rows + row]);
+  const float Mu = M == neg_inf() ? 0.f : M;
   float sum = 0.f;
   float4 acc[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (M != neg_inf()) {
-    for (int sp = 0; sp < p.num_splits; ++sp) {
-      const int64_t prow = sp * p.n_rows + row;
-      const float w = exp2f(p.part_lse[prow] - M);  // 0 for an empty partial
-      sum += w;
+  for (int sp = 0; sp < p.num_splits; ++sp) {
+    const int64_t prow = sp * p.n_rows + row;
+    const float w = exp2f(p.part_lse[prow] - Mu);  // 0 for an empty partial, NaN for a NaN one
+    sum += w;
 #pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        const int d = lane * 4 + it * 128;
-        if (D % 128 == 0 || d < D) {
-          const float4 x = *reinterpret_cast<const float4*>(p.part_o + prow * D + d);
-          acc[it].x += w * x.x;
-          acc[it].y += w * x.y;
-          acc[it].z += w * x.z;
-          acc[it].w += w * x.w;
-        }
+    for (int it = 0; it < kIters; ++it) {
+      const int d = lane * 4 + it * 128;
+      if (D % 128 == 0 || d < D) {
+        const float4 x = *reinterpret_cast<const float4*>(p.part_o + prow * D + d);
+        acc[it].x += w * x.x;
+        acc[it].y += w * x.y;
+        acc[it].z += w * x.z;
+        acc[it].w += w * x.w;
       }
     }
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int d = lane * 4 + it * 128;
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
                 make_float4(acc[it].x * inv, acc[it].y * inv, acc[it].z * inv, acc[it].w * inv));
     }
   }
-  if (lane == 0 && p.lse != nullptr) p.lse[row] = sum > 0.f ? (M + log2f(sum)) * kLn2 : neg_inf();
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = sum == 0.f ? neg_inf() : (M + log2f(sum)) * kLn2;
 }
 
 }  // namespace decode

@@ -103,7 +103,7 @@ struct DecodeTraits {
       case 128: { constexpr int NAME = 128; return __VA_ARGS__(); }                          \
       case 256: { constexpr int NAME = 256; return __VA_ARGS__(); }                          \
       default:                                                                               \
-        TORCH_CHECK(false, "adakv: decode_attention is not implemented for CUDA with head dim ", \
-                    (HEAD_DIM), " (supported: 8, 16, 32, 64, 128, 256)");                    \
+        ::adakv::detail::fail("adakv: decode_attention is not implemented for CUDA with head " \
+                              "dim ", (HEAD_DIM), " (supported: 8, 16, 32, 64, 128, 256)");  \
     }                                                                                        \
   }()

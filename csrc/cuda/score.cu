@@ -31,8 +31,8 @@
 //
 // Cost (Llama-3.1-8B layer, B = 1, Hq = 32, Hk = 8, D = 128, W = 32, N = 128K, bf16): K is
 // 268 MB, read twice from HBM at most (pass 2 partly hits L2); QK^T is 2 x 34 GFLOP on mma.sync.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
+// Stable ABI only (csrc/torch_api.h, cuda/common.cuh); workspaces come from torch's allocator
+// (adakv::new_empty on the query's device).
 
 #include <algorithm>
 #include <atomic>
@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "checks.h"
@@ -73,14 +74,14 @@ DeviceInfo device_info(int device) {
   static std::atomic<int> smem_cache[kMaxDevices];
   if (device < 0 || device >= kMaxDevices) {
     int smem = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     return {num_sms(device), smem};
   }
   int sms = sms_cache[device].load(std::memory_order_relaxed);
   int smem = smem_cache[device].load(std::memory_order_relaxed);
   if (sms == 0 || smem == 0) {
     sms = num_sms(device);
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     sms_cache[device].store(sms, std::memory_order_relaxed);
     smem_cache[device].store(smem, std::memory_order_relaxed);
   }
@@ -101,7 +102,7 @@ int pick_chunk(int64_t n_keys, int64_t bh, int tile, int sms) {
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
 }
@@ -119,7 +120,7 @@ void launch_simt_pass2(const ScoreParams& p, cudaStream_t stream) {
   auto kernel = score_detail::score_simt_pass2_kernel<T, kAggMax, kGqaMax>;
   const size_t smem = static_cast<size_t>(p.G) * kSimtKeys * sizeof(float);
   if (smem + sizeof(score_detail::SimtSmem) > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
   kernel<<<p.B * p.Hk * p.nchunk2, kThreads, smem, stream>>>(p);
@@ -163,37 +164,36 @@ void run_passes(const ScoreParams& p, bool use_mma, size_t smem1, size_t smem2, 
 
 }  // namespace
 
-at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kernel_size,
-                 c10::string_view pooling, c10::string_view aggregate,
-                 c10::string_view gqa_reduce, const OptTensor& key_start,
-                 c10::optional<double> scale) {
+Tensor score(const Tensor& q_window, const Tensor& key, int64_t kernel_size,
+             std::string_view pooling, std::string_view aggregate, std::string_view gqa_reduce,
+             const OptTensor& key_start, std::optional<double> scale) {
   const ScoreShape s = validate_score(q_window, key, kernel_size, key_start);
   const Pooling pool = parse_pooling(std::string(pooling));
   const Reduce agg = parse_reduce(std::string(aggregate), "aggregate");
   const Reduce red = parse_reduce(std::string(gqa_reduce), "gqa_reduce");
-  TORCH_CHECK(q_window.is_cuda(), "adakv: score (CUDA) needs CUDA tensors, got ",
-              q_window.device());
-  const c10::cuda::CUDAGuard guard(q_window.device());
+  ADAKV_CHECK(q_window.is_cuda(), "adakv: score (CUDA) needs CUDA tensors, got ",
+              device_str(q_window));
+  const DeviceGuard guard(q_window.get_device_index());
 
-  at::Tensor out = at::empty({s.B, s.Hk, s.L}, q_window.options().dtype(at::kFloat));
+  Tensor out = new_empty("score", "scores", q_window, {s.B, s.Hk, s.L}, kFloat);
   if (out.numel() == 0) return out;
 
   const int64_t G = s.Hq / s.Hk;
   const int64_t BH = s.B * s.Hk;
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.N < kIntMax / 2 && BH * s.Hq < kIntMax && G * (s.W + 16) < kIntMax / 4 &&
-                  kernel_size < kIntMax / 4,
+  ADAKV_CHECK(s.N < kIntMax / 2 && BH * s.Hq < kIntMax && G * (s.W + 16) < kIntMax / 4,
               "adakv: score (CUDA) sizes exceed the 32-bit index range");
+  ADAKV_CHECK(s.D >= 1, "adakv: score (CUDA) needs a head dim D >= 1, got D = ", s.D);
 
   const DeviceInfo dev = device_info(q_window.get_device());
   const int sms = dev.sms;
   const size_t max_smem = static_cast<size_t>(dev.max_smem);
-  cudaStream_t stream = current_stream();
+  cudaStream_t stream = current_stream(q_window);
 
   ScoreParams p{};
   p.q = q_window.data_ptr();
   p.k = key.data_ptr();
-  p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
+  p.key_start = ptr<int32_t>(key_start);
   p.B = static_cast<int>(s.B);
   p.Hq = static_cast<int>(s.Hq);
   p.Hk = static_cast<int>(s.Hk);
@@ -204,12 +204,16 @@ at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kern
   p.D = static_cast<int>(s.D);
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
   p.scale_log2 = static_cast<float>(sc * 1.4426950408889634);  // * log2(e)
-  p.kernel_size = static_cast<int>(kernel_size);
+  // A window wider than the prefix sees the same taps as one of radius L (any odd size is
+  // accepted; avg pooling still divides by kernel_size).
+  const int64_t radius = std::min<int64_t>(kernel_size / 2, s.L);
+  p.pool_radius = static_cast<int>(radius);
+  p.pool_divisor = static_cast<float>(kernel_size);
   p.pool_max = pool == Pooling::kMax;
   p.direct = pool == Pooling::kNone || kernel_size == 1;
 
   // Path choice (shapes and device only).
-  const bool half_dtype = key.scalar_type() == at::kHalf || key.scalar_type() == at::kBFloat16;
+  const bool half_dtype = key.scalar_type() == kHalf || key.scalar_type() == kBFloat16;
   const bool mma_dim = s.D == 64 || s.D == 128 || s.D == 256;
   const int64_t Wp16 = ceil_div(s.W, 16) * 16;
   const int64_t nrb = ceil_div(G * Wp16, kRowBlock);
@@ -233,7 +237,7 @@ at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kern
     p.R_stride = static_cast<int>(nrb * kRowBlock);
     p.chunk = pick_chunk(s.N, BH, kBN, sms);
   } else {
-    TORCH_CHECK(static_cast<size_t>(G) * kSimtKeys * sizeof(float) +
+    ADAKV_CHECK(static_cast<size_t>(G) * kSimtKeys * sizeof(float) +
                         sizeof(score_detail::SimtSmem) <= max_smem,
                 "adakv: score is not implemented for CUDA with ", G,
                 " query heads per KV head on this path (shared memory)");
@@ -247,21 +251,22 @@ at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kern
   p.nchunk2 = static_cast<int>(ceil_div(s.L, p.chunk));
   const int64_t max_ctas_per_head =
       std::max<int64_t>({p.nchunk1, p.nchunk2, ceil_div(s.L, kPoolTile)});
-  TORCH_CHECK(BH * max_ctas_per_head < kIntMax &&
+  ADAKV_CHECK(BH * max_ctas_per_head < kIntMax &&
                   BH * p.nchunk1 * static_cast<int64_t>(p.R_stride) < kIntMax,
               "adakv: score (CUDA) sizes exceed the 32-bit index range");
 
   // Workspaces (caching allocator; every element read is written first).
-  const auto fopt = q_window.options().dtype(at::kFloat);
-  at::Tensor partial = at::empty({BH * p.nchunk1 * p.R_stride * 2}, fopt);
-  at::Tensor rowstat = at::empty({BH * p.R_stride * 2}, fopt);
-  at::Tensor pre;
-  p.partial = reinterpret_cast<float2*>(partial.data_ptr<float>());
-  p.rowstat = reinterpret_cast<float2*>(rowstat.data_ptr<float>());
-  p.out = out.data_ptr<float>();
+  const Tensor partial = new_empty("score", "the pass-1 workspace", q_window,
+                                   {BH * p.nchunk1 * p.R_stride * 2}, kFloat);
+  const Tensor rowstat =
+      new_empty("score", "the row statistics", q_window, {BH * p.R_stride * 2}, kFloat);
+  OptTensor pre;
+  p.partial = reinterpret_cast<float2*>(ptr<float>(partial));
+  p.rowstat = reinterpret_cast<float2*>(ptr<float>(rowstat));
+  p.out = ptr<float>(out);
   if (!p.direct) {
-    pre = at::empty({BH * s.L}, fopt);
-    p.pre = pre.data_ptr<float>();
+    pre = new_empty("score", "the pre-pooling scores", q_window, {BH * s.L}, kFloat);
+    p.pre = ptr<float>(pre);
   }
 
   const bool agg_max = agg == Reduce::kMax;
@@ -271,7 +276,7 @@ at::Tensor score(const at::Tensor& q_window, const at::Tensor& key, int64_t kern
   });
 
   if (!p.direct) {
-    const int64_t r = kernel_size / 2;
+    const int64_t r = radius;
     const size_t pool_smem_bytes = static_cast<size_t>(kPoolTile + 2 * r) * sizeof(float);
     p.pool_smem = pool_smem_bytes <= 48 * 1024;
     p.pool_tiles = static_cast<int>(ceil_div(s.L, kPoolTile));

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "allocation_rules.h"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 
@@ -42,7 +43,8 @@ struct ScoreParams {
   int chunk;                   // keys per CTA (multiple of the key tile)
   int nchunk1, nchunk2;        // CTAs per (b, h) in pass 1 (over N keys) / pass 2 (over L)
   float scale_log2;            // scale * log2(e)
-  int kernel_size;             // pooling
+  int pool_radius;             // pooling: min(kernel_size / 2, L) taps on each side
+  float pool_divisor;          // avg pooling divides by kernel_size (padded zeros count)
   bool pool_max;
   bool pool_smem;              // pooling window fits in shared memory
   bool direct;                 // no pooling: pass 2 writes `out` (with the -inf padding)
@@ -465,7 +467,7 @@ __global__ void __launch_bounds__(kThreads) score_pool_kernel(const ScoreParams 
   const int tile = blockIdx.x - bh * p.pool_tiles;
   const int b = bh / p.Hk;
   const int ks = clamped_key_start(p, b);
-  const int r = p.kernel_size / 2;
+  const int r = p.pool_radius;
   const int L = p.L;
   const int n0 = tile * kPoolTile;
   const float* src = p.pre + static_cast<int64_t>(bh) * L;
@@ -493,9 +495,9 @@ __global__ void __launch_bounds__(kThreads) score_pool_kernel(const ScoreParams 
           const int nj = n + j;
           x = (nj >= 0 && nj < L) ? src[nj] : fill;
         }
-        acc = p.pool_max ? fmaxf(acc, x) : acc + x;
+        acc = p.pool_max ? nan_max(acc, x) : acc + x;  // NaN propagates (allocation_rules.h)
       }
-      val = p.pool_max ? acc : acc / static_cast<float>(p.kernel_size);
+      val = p.pool_max ? acc : acc / p.pool_divisor;
     }
     dst[n] = val;
   }

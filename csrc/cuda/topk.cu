@@ -41,9 +41,19 @@
 //     select_count_kernel (keys below / equal to the threshold per chunk) and
 //     select_write_kernel (each chunk compacted at the offset given by the chunks before it).
 //
-// Scratch (histograms, tickets, row state) is one at::zeros tensor per call; no host syncs;
-// launch shapes depend on tensor shapes only (CUDA-graph capturable).
-#include <ATen/ATen.h>
+// Order (SPEC sections 2 and 9): every comparison of scores is a comparison of
+// descending_key(score) (allocation_rules.h, shared with the CPU kernels): higher score first,
+// -0.0 == +0.0, every NaN last (key 0xffffffff, below -inf), ties to the lower head, then the
+// lower token. No path compares floats directly. Columns outside the valid range [ks_b, L)
+// (before key_start, and the padding of the last float4 group) are excluded by their column
+// index wherever keys are counted or written (hist_add4, compact_columns, select_count_kernel,
+// the per-CTA counts of the cluster kernels), never by a sentinel value: whatever placeholder
+// key such a column holds (kUnusedKey) can neither be selected nor displace a real column, NaN
+// and -inf included.
+//
+// Scratch (histograms, tickets, row state) is one zero-filled tensor per call (torch's
+// allocator); no host syncs; launch shapes depend on tensor shapes only (CUDA-graph
+// capturable). Stable ABI only (csrc/torch_api.h, cuda/common.cuh).
 
 #include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
@@ -53,6 +63,8 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <string_view>
+#include <tuple>
 
 #include "allocation_rules.h"
 #include "checks.h"
@@ -83,6 +95,11 @@ constexpr int kSmemThreads = 1024;      // select_smem_kernel
 constexpr int kSmemItems = 8;
 constexpr int kWriteItems = 8;          // select_write_kernel (kPassThreads threads)
 
+// Placeholder key of a column past L (float4 padding) or of an unloaded group: never compared,
+// counted or written (every use filters by column index first, see the file comment). 0 is a
+// register-free constant (0xffffffff costs select_count_kernel a register spill).
+constexpr uint32_t kUnusedKey = 0u;
+
 // Loads the 4 keys of columns [c, c + 4) of a score row (c a multiple of 4). kVec: the row is
 // 16-byte aligned and L % 4 == 0, so the whole group is in bounds whenever c < L.
 // bounds: without kVec only columns < L are read.
@@ -97,7 +114,8 @@ __device__ __forceinline__ void load_keys4(const float* __restrict__ row, int c,
     key[3] = descending_key(v.w);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) key[j] = c + j < L ? descending_key(__ldg(row + c + j)) : 0u;
+    for (int j = 0; j < 4; ++j)
+      key[j] = c + j < L ? descending_key(__ldg(row + c + j)) : kUnusedKey;
   }
 }
 
@@ -244,7 +262,7 @@ __device__ void compact_columns(typename PairScan<BLOCK>::TempStorage& tmp,
     uint32_t key[IPT];
 #pragma unroll
     for (int u = 0; u < IPT / 4; ++u) {
-      uint32_t k4[4] = {0u, 0u, 0u, 0u};
+      uint32_t k4[4] = {kUnusedKey, kUnusedKey, kUnusedKey, kUnusedKey};
       if (g_first + u < g_end) fetch_keys4<kSmem, kVec>(skeys, srow, g_first + u, L, k4);
 #pragma unroll
       for (int j = 0; j < 4; ++j) key[4 * u + j] = k4[j];
@@ -581,7 +599,7 @@ select_count_kernel(const RadixParams p) {
 #pragma unroll
     for (int u = 0; u < kPassUnroll; ++u) {
       const int g = g0 + u * kPassThreads;
-      key[u][0] = key[u][1] = key[u][2] = key[u][3] = 0u;
+      key[u][0] = key[u][1] = key[u][2] = key[u][3] = kUnusedKey;  // g >= g_end: never counted
       if (g < g_end) load_keys4<kVec>(srow, 4 * g, p.L, key[u]);
     }
 #pragma unroll
@@ -1025,7 +1043,7 @@ select_cluster_kernel(const RadixParams p) {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-bool scores_vectorizable(const at::Tensor& scores, int64_t L) {
+bool scores_vectorizable(const Tensor& scores, int64_t L) {
   return L % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0;
 }
 
@@ -1043,23 +1061,24 @@ int64_t select_smem_max_L() {
 }
 
 struct PassScratch {
-  at::Tensor buf;
+  Tensor buf;
   uint32_t *hist, *ticket, *state, *less, *chunk_counts;
 };
 
 // One zero-filled buffer (one memset) for every scratch array of the passes; the histograms
 // come first (16-byte aligned uint4 reads).
-PassScratch make_scratch(const at::Tensor& like, int64_t rows, int64_t groups, int64_t chunks,
-                         bool allocate) {
-  const int64_t n_hist = kPasses * rows * kBins;
+PassScratch make_scratch(const Tensor& like, const char* op, int64_t rows, int64_t groups,
+                         int64_t chunks, bool allocate) {
+  const int64_t n_hist = checked_mul(int64_t{kPasses} * kBins, rows, "B * Hk");
   const int64_t n_ticket = kPasses * groups;
   const int64_t n_state = 2 * groups;
   const int64_t n_row = allocate ? rows : 0;
-  const int64_t n_chunk = allocate ? 0 : 2 * rows * chunks;
-  PassScratch s;
-  s.buf = at::zeros({n_hist + n_ticket + n_state + n_row + n_chunk},
-                    like.options().dtype(at::kInt));
-  uint32_t* base = reinterpret_cast<uint32_t*>(s.buf.data_ptr<int32_t>());
+  const int64_t n_chunk = allocate ? 0 : checked_mul(2 * rows, chunks, "B * Hk * L");
+  const int64_t n = checked_add(
+      checked_add(checked_add(n_hist, n_ticket, "B * Hk"), n_state + n_row, "B * Hk"), n_chunk,
+      "B * Hk * L");
+  PassScratch s{new_zeros(op, "the radix-select scratch", like, {n}, kInt)};
+  uint32_t* base = ptr<uint32_t>(s.buf);
   s.hist = base;
   s.ticket = s.hist + n_hist;
   s.state = s.ticket + n_ticket;
@@ -1069,10 +1088,9 @@ PassScratch make_scratch(const at::Tensor& like, int64_t rows, int64_t groups, i
 }
 
 template <bool kSelect, bool kVec>
-void launch_passes(const RadixParams& p, size_t smem) {
-  const cudaStream_t stream = current_stream();
+void launch_passes(const RadixParams& p, size_t smem, cudaStream_t stream) {
   const int64_t grid = p.rows * p.chunks;
-  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "adakv: scores are too large");
+  ADAKV_CHECK(grid <= std::numeric_limits<int32_t>::max(), "adakv: scores are too large");
   radix_pass_kernel<0, kSelect, kVec><<<grid, kPassThreads, smem, stream>>>(p);
   ADAKV_LAUNCH_CHECK();
   radix_pass_kernel<1, kSelect, kVec><<<grid, kPassThreads, smem, stream>>>(p);
@@ -1084,7 +1102,7 @@ void launch_passes(const RadixParams& p, size_t smem) {
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
 }
 
@@ -1099,13 +1117,13 @@ int allocate_cluster_size(int device) {
   if (cacheable && ready[device]) return cache[device];
   int size = 0;
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes fa{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, allocate_cluster_kernel<true>));
+  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, allocate_cluster_kernel<true>));
   if (major >= 9 && fa.binaryVersion >= 90) {
     const size_t smem = cluster_alloc_smem(kClusterMaxHk);
     for (auto kernel : {allocate_cluster_kernel<true>, allocate_cluster_kernel<false>}) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       allow_dynamic_smem(kernel, smem);
     }
     cudaLaunchConfig_t cfg{};
@@ -1113,7 +1131,7 @@ int allocate_cluster_size(int device) {
     cfg.blockDim = dim3(kPassThreads, 1, 1);
     cfg.dynamicSmemBytes = smem;
     int max_size = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, allocate_cluster_kernel<true>, &cfg));
+    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, allocate_cluster_kernel<true>, &cfg));
     size = 1;
     while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
     if (size < 2) size = 0;
@@ -1135,18 +1153,18 @@ int select_cluster_size(int device) {
   if (cacheable && ready[device]) return cache[device];
   int size = 0;
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes fa{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, select_cluster_kernel<true>));
+  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, select_cluster_kernel<true>));
   if (major >= 9 && fa.binaryVersion >= 90) {
     for (auto kernel : {select_cluster_kernel<true>, select_cluster_kernel<false>})
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(kClusterMax, 1, 1);
     cfg.blockDim = dim3(kPassThreads, 1, 1);
     cfg.dynamicSmemBytes = kClusterSelectSmem;
     int max_size = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, select_cluster_kernel<true>, &cfg));
+    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, select_cluster_kernel<true>, &cfg));
     size = 1;
     while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
     if (size < 2) size = 0;
@@ -1158,32 +1176,42 @@ int select_cluster_size(int device) {
   return size;
 }
 
-void check_cuda(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with a tensor on ", t.device());
+void check_cuda(const Tensor& t, const char* op) {
+  ADAKV_CHECK(t.is_cuda(), "adakv: ", op, " CUDA kernel called with a tensor on ",
+              device_str(t));
 }
 
 }  // namespace
 
-at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
-                    c10::string_view rounding, const OptTensor& key_start) {
+Tensor allocate(const Tensor& scores, int64_t budget, double floor_alpha, bool adaptive,
+                std::string_view rounding, const OptTensor& key_start) {
   validate_scores(scores, key_start);
   validate_budget_args(budget, floor_alpha);
   const Rounding round = parse_rounding(std::string(rounding));
   check_cuda(scores, "allocate");
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.get_device_index());
   const int64_t B = scores.size(0), Hk = scores.size(1), L = scores.size(2);
-  TORCH_CHECK(Hk * L < (int64_t{1} << 32), "adakv: Hk * L must be < 2^32");
-  TORCH_CHECK(budget <= std::numeric_limits<int32_t>::max() / std::max<int64_t>(Hk, 1),
-              "adakv: budget * Hk must fit in int32, got budget ", budget);
-  TORCH_CHECK(L < (int64_t{1} << 30), "adakv: allocate is not implemented for CUDA with L >= 2^30");
-  TORCH_CHECK(Hk <= 4096, "adakv: allocate is not implemented for CUDA with more than 4096 KV "
+  // Sizes (SPEC section 9), checked before any kernel: the radix rank K = Hk * budget and the
+  // counts (<= Hk * L) are uint32 on the device, K and every budget written (<= K) are int32;
+  // L < 2^30 keeps column arithmetic in int.
+  ADAKV_CHECK(L < (int64_t{1} << 30), "adakv: allocate is not implemented for CUDA with L >= 2^30");
+  ADAKV_CHECK(Hk * L < (int64_t{1} << 32), "adakv: allocate (CUDA): Hk * L must be < 2^32, got ",
+              Hk, " * ", L);
+  ADAKV_CHECK(budget <= std::numeric_limits<int32_t>::max() / std::max<int64_t>(Hk, 1),
+              "adakv: allocate (CUDA): budget * Hk must fit in int32, got budget ", budget,
+              " with Hk = ", Hk);
+  ADAKV_CHECK(Hk <= 4096, "adakv: allocate is not implemented for CUDA with more than 4096 KV "
               "heads, got ", Hk);
   const int64_t C = budget;
   // No row is evicted (or every evicted row gets 0 = C): budgets = C without a kernel.
-  if (!adaptive || C == 0 || L <= C || B * Hk == 0)
-    return at::full({B, Hk}, C, scores.options().dtype(at::kInt));
+  if (!adaptive || C == 0 || L <= C || B * Hk == 0) {
+    Tensor full = new_empty("allocate", "budgets", scores, {B, Hk}, kInt);
+    if (B * Hk > 0) torch::stable::fill_(full, static_cast<double>(C));  // exact: C < 2^31
+    return full;
+  }
 
-  at::Tensor out = at::empty({B, Hk}, scores.options().dtype(at::kInt));
+  Tensor out = new_empty("allocate", "budgets", scores, {B, Hk}, kInt);
+  const cudaStream_t stream = current_stream(scores);
   RadixParams p{};
   p.rows = B * Hk;
   p.L = static_cast<int>(L);
@@ -1196,13 +1224,13 @@ at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha
   const bool cl_off = cl_env != nullptr && std::string(cl_env) == "0";
   const bool cl_force = cl_env != nullptr && std::string(cl_env) == "1";
   const int cs = (Hk <= kClusterMaxHk && !cl_off && (cl_force || Hk * L <= kClusterMaxRowElems))
-                     ? allocate_cluster_size(scores.get_device())
+                     ? allocate_cluster_size(scores.get_device_index())
                      : 0;
   if (cs >= 2) {
-    TORCH_CHECK(B * cs <= std::numeric_limits<int32_t>::max(), "adakv: scores are too large");
-    p.scores = scores.data_ptr<float>();
-    p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-    p.out = out.data_ptr<int32_t>();
+    ADAKV_CHECK(B * cs <= std::numeric_limits<int32_t>::max(), "adakv: scores are too large");
+    p.scores = ptr<float>(scores);
+    p.key_start = ptr<int32_t>(key_start);
+    p.out = ptr<int32_t>(out);
     p.C = C;
     p.alpha = floor_alpha;
     p.Hk = static_cast<int>(Hk);
@@ -1216,20 +1244,20 @@ at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha
     cfg.gridDim = dim3(static_cast<unsigned>(B * cs), 1, 1);
     cfg.blockDim = dim3(kPassThreads, 1, 1);
     cfg.dynamicSmemBytes = cluster_alloc_smem(static_cast<int>(Hk));
-    cfg.stream = current_stream();
+    cfg.stream = stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     ADAKV_BOOL_SWITCH(scores_vectorizable(scores, L), kVec, [&] {
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, allocate_cluster_kernel<kVec>, p));
+      ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, allocate_cluster_kernel<kVec>, p));
     });
     return out;
   }
-  p.chunk = static_cast<int>(pass_chunk(B * Hk, L, scores.get_device()));
+  p.chunk = static_cast<int>(pass_chunk(B * Hk, L, scores.get_device_index()));
   p.chunks = static_cast<int>((L + p.chunk - 1) / p.chunk);
-  PassScratch scratch = make_scratch(scores, B * Hk, B, p.chunks, /*allocate=*/true);
-  p.scores = scores.data_ptr<float>();
-  p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  p.out = out.data_ptr<int32_t>();
+  PassScratch scratch = make_scratch(scores, "allocate", B * Hk, B, p.chunks, /*allocate=*/true);
+  p.scores = ptr<float>(scores);
+  p.key_start = ptr<int32_t>(key_start);
+  p.out = ptr<int32_t>(out);
   p.hist = scratch.hist;
   p.ticket = scratch.ticket;
   p.state = scratch.state;
@@ -1244,47 +1272,45 @@ at::Tensor allocate(const at::Tensor& scores, int64_t budget, double floor_alpha
     allow_dynamic_smem(radix_pass_kernel<0, false, kVec>, smem);
     allow_dynamic_smem(radix_pass_kernel<1, false, kVec>, smem);
     allow_dynamic_smem(radix_pass_kernel<2, false, kVec>, smem);
-    launch_passes<false, kVec>(p, smem);
+    launch_passes<false, kVec>(p, smem, stream);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Tensor& budgets,
-                                          const OptTensor& key_start) {
+std::tuple<Tensor, Tensor> select(const Tensor& scores, const Tensor& budgets,
+                                  const OptTensor& key_start) {
   validate_scores(scores, key_start);
   validate_budgets(budgets, scores);
   check_cuda(scores, "select");
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.get_device_index());
   const int64_t B = scores.size(0), Hk = scores.size(1), L = scores.size(2);
-  TORCH_CHECK(L < (int64_t{1} << 30), "adakv: select is not implemented for CUDA with L >= 2^30");
-  at::Tensor kept_idx = at::empty({B, Hk, L}, scores.options().dtype(at::kInt));
-  at::Tensor kept_count = at::empty({B, Hk}, scores.options().dtype(at::kInt));
+  ADAKV_CHECK(L < (int64_t{1} << 30), "adakv: select is not implemented for CUDA with L >= 2^30");
   const int64_t S = B * Hk;
-  if (S == 0) return {kept_idx, kept_count};
-  if (L == 0) {
-    kept_count.zero_();
-    return {kept_idx, kept_count};
-  }
-  TORCH_CHECK(S <= std::numeric_limits<int32_t>::max(), "adakv: too many segments");
+  Tensor kept_idx = new_empty("select", "kept_idx", scores, {B, Hk, L}, kInt);
+  if (S == 0 || L == 0)  // nothing to select: kept_count is 0
+    return {kept_idx, new_zeros("select", "kept_count", scores, {B, Hk}, kInt)};
+  Tensor kept_count = new_empty("select", "kept_count", scores, {B, Hk}, kInt);
+  ADAKV_CHECK(S <= std::numeric_limits<int32_t>::max(), "adakv: select: B * Hk = ", S,
+              " segments; at most 2^31 - 1 are supported");
 
-  const cudaStream_t stream = current_stream();
+  const cudaStream_t stream = current_stream(scores);
   const bool vec = scores_vectorizable(scores, L);
   // sm_90: one launch, one thread-block cluster per segment, when a segment row is long enough
   // to keep the cluster busy (ADAKV_SELECT_CLUSTER=0: the paths below; =1: any length).
   const char* cl_env = std::getenv("ADAKV_SELECT_CLUSTER");
   const bool cl_off = cl_env != nullptr && std::string(cl_env) == "0";
   const bool cl_force = cl_env != nullptr && std::string(cl_env) == "1";
-  const int cs = cl_off ? 0 : select_cluster_size(scores.get_device());
+  const int cs = cl_off ? 0 : select_cluster_size(scores.get_device_index());
   if (cs >= 2 && (cl_force || L >= kSelectClusterMinL)) {
-    TORCH_CHECK(S * cs <= std::numeric_limits<int32_t>::max(), "adakv: too many segments");
+    ADAKV_CHECK(S * cs <= std::numeric_limits<int32_t>::max(), "adakv: select: too many segments");
     RadixParams p{};
     p.rows = S;
     p.L = static_cast<int>(L);
-    p.scores = scores.data_ptr<float>();
-    p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-    p.budgets = budgets.data_ptr<int32_t>();
-    p.kept_idx = kept_idx.data_ptr<int32_t>();
-    p.kept_count = kept_count.data_ptr<int32_t>();
+    p.scores = ptr<float>(scores);
+    p.key_start = ptr<int32_t>(key_start);
+    p.budgets = ptr<int32_t>(budgets);
+    p.kept_idx = ptr<int32_t>(kept_idx);
+    p.kept_count = ptr<int32_t>(kept_count);
     p.Hk = static_cast<int>(Hk);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -1299,22 +1325,22 @@ std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Te
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     ADAKV_BOOL_SWITCH(vec, kVec, [&] {
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_cluster_kernel<kVec>, p));
+      ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_cluster_kernel<kVec>, p));
     });
     return {kept_idx, kept_count};
   }
   int max_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        scores.get_device()));
+  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        scores.get_device_index()));
   const size_t smem = static_cast<size_t>(round_up(L, 4) + kBins) * sizeof(uint32_t);
   // (the static shared memory of select_smem_kernel is a few hundred bytes)
   if (L <= select_smem_max_L() && smem + 1024 <= static_cast<size_t>(max_smem)) {
     SelectParams sp{};
-    sp.scores = scores.data_ptr<float>();
-    sp.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-    sp.budgets = budgets.data_ptr<int32_t>();
-    sp.kept_idx = kept_idx.data_ptr<int32_t>();
-    sp.kept_count = kept_count.data_ptr<int32_t>();
+    sp.scores = ptr<float>(scores);
+    sp.key_start = ptr<int32_t>(key_start);
+    sp.budgets = ptr<int32_t>(budgets);
+    sp.kept_idx = ptr<int32_t>(kept_idx);
+    sp.kept_count = ptr<int32_t>(kept_count);
     sp.L = static_cast<int>(L);
     sp.Hk = static_cast<int>(Hk);
     ADAKV_BOOL_SWITCH(vec, kVec, [&] {
@@ -1329,14 +1355,14 @@ std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Te
   RadixParams p{};
   p.rows = S;
   p.L = static_cast<int>(L);
-  p.chunk = static_cast<int>(pass_chunk(S, L, scores.get_device()));
+  p.chunk = static_cast<int>(pass_chunk(S, L, scores.get_device_index()));
   p.chunks = static_cast<int>((L + p.chunk - 1) / p.chunk);
-  PassScratch scratch = make_scratch(scores, S, S, p.chunks, /*allocate=*/false);
-  p.scores = scores.data_ptr<float>();
-  p.key_start = key_start.has_value() ? key_start->data_ptr<int32_t>() : nullptr;
-  p.budgets = budgets.data_ptr<int32_t>();
-  p.kept_idx = kept_idx.data_ptr<int32_t>();
-  p.kept_count = kept_count.data_ptr<int32_t>();
+  PassScratch scratch = make_scratch(scores, "select", S, S, p.chunks, /*allocate=*/false);
+  p.scores = ptr<float>(scores);
+  p.key_start = ptr<int32_t>(key_start);
+  p.budgets = ptr<int32_t>(budgets);
+  p.kept_idx = ptr<int32_t>(kept_idx);
+  p.kept_count = ptr<int32_t>(kept_count);
   p.hist = scratch.hist;
   p.ticket = scratch.ticket;
   p.state = scratch.state;
@@ -1344,7 +1370,7 @@ std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& scores, const at::Te
   p.Hk = static_cast<int>(Hk);
   const int64_t grid = S * p.chunks;
   ADAKV_BOOL_SWITCH(vec, kVec, [&] {
-    launch_passes<true, kVec>(p, 0);
+    launch_passes<true, kVec>(p, 0, stream);
     select_count_kernel<kVec><<<grid, kPassThreads, 0, stream>>>(p);
     ADAKV_LAUNCH_CHECK();
     select_write_kernel<kVec><<<grid, kPassThreads, 0, stream>>>(p);

@@ -6,30 +6,65 @@ The ops live in ``torch.ops.adakv``; this package loads them and offers typed wr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 
-def _load_library() -> None:
+def _find_library(name: str) -> Optional[Path]:
     here = Path(__file__).resolve().parent
-    candidates = sorted(here.glob("_C*.so")) + sorted(here.glob("_C*.pyd"))
-    if not candidates:
-        # Editable install: the built library sits next to the installed redirect.
-        import importlib.util
+    found = sorted(here.glob(f"{name}.*so")) + sorted(here.glob(f"{name}.*pyd"))
+    found = [p for p in found if p.stem.split(".")[0] == name]
+    if found:
+        return found[0]
+    # Editable install: the built library sits next to the installed redirect.
+    import importlib.util
 
-        spec = importlib.util.find_spec("adakv_ops._C")
-        if spec is not None and spec.origin:
-            candidates = [Path(spec.origin)]
-    if not candidates:
+    spec = importlib.util.find_spec(f"adakv_ops.{name}")
+    if spec is not None and spec.origin and spec.origin.endswith((".so", ".pyd")):
+        return Path(spec.origin)
+    return None
+
+
+#: Whether the CUDA kernels (``_C_cuda``) are loaded; ``cuda_load_error`` says why not.
+cuda_kernels_loaded = False
+cuda_load_error: Optional[str] = None
+
+
+def _load_libraries() -> None:
+    """Loads ``_C`` (op schemas + CPU kernels), then ``_C_cuda`` on a CUDA build of torch.
+
+    Both are built against torch's stable ABI, so they load on every supported torch. The CUDA
+    library is skipped on a CPU-only torch; if it fails to load on a CUDA torch, the CPU ops
+    still work and ``cuda_load_error`` holds the reason (a warning says so too).
+    """
+    global cuda_kernels_loaded, cuda_load_error
+    cpu = _find_library("_C")
+    if cpu is None:
         raise ImportError(
             "adakv_ops: the compiled extension _C was not found next to "
-            f"{here}; build it with `pip install --no-build-isolation .`"
+            f"{Path(__file__).resolve().parent}; build it with "
+            "`pip install --no-build-isolation .`"
         )
-    torch.ops.load_library(str(candidates[0]))
+    torch.ops.load_library(str(cpu))
+    cuda = _find_library("_C_cuda")
+    if cuda is None:
+        cuda_load_error = "this build has no CUDA kernels (built without a CUDA toolkit)"
+    elif not torch.version.cuda:
+        cuda_load_error = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        try:
+            torch.ops.load_library(str(cuda))
+            cuda_kernels_loaded = True
+        except OSError as e:  # e.g. a torch without libtorch_cuda's stable shim
+            cuda_load_error = f"loading {cuda.name} failed: {e}"
+            warnings.warn(f"adakv_ops: CUDA kernels not loaded ({cuda_load_error}); "
+                          "the CPU kernels work", RuntimeWarning, stacklevel=2)
 
 
-_load_library()
+_load_libraries()
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from .budgets import pyramid_budgets  # noqa: E402

@@ -9,6 +9,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+INT32_MAX = 2**31 - 1
+
+
+def _check(cond, msg) -> None:
+    """``torch._check`` with an ``adakv:`` message (RuntimeError, like the C++ checks); works on
+    plain Python bools and on symbolic sizes (a guard) alike."""
+    torch._check(cond, lambda: msg if isinstance(msg, str) else msg())
+
+
+def _check_reserve(reserve) -> None:
+    _check(0 <= reserve <= INT32_MAX, lambda: f"adakv: reserve must be in [0, 2^31 - 1], got {reserve}")
+
+
+def _check_budget(budget) -> None:
+    _check(budget >= 0, lambda: f"adakv: budget must be >= 0, got {budget}")
+
+
+def _flat_cache_rows(B, Hk, budget, window, reserve):
+    """B * Hk * (budget + window + reserve), checked like csrc/checks.cpp flat_cache_rows:
+    reserve in [0, 2^31 - 1], budget >= 0, rows <= 2^31 - 1 (never a wrapped size; Python ints
+    cannot wrap, and the bound is checked before the size is used)."""
+    _check_reserve(reserve)
+    _check_budget(budget)
+    rows = B * Hk * (budget + window + reserve)
+    _check(rows <= INT32_MAX, lambda: (
+        f"adakv: the flat cache would hold B * Hk * (budget + window + reserve) = {B} * {Hk} * "
+        f"({budget} + {window} + {reserve}) = {rows} rows; at most 2^31 - 1 are supported "
+        f"(lower budget or reserve)"))
+    return rows
+
 
 def _flat_rows(n_rows_hint):
     ctx = torch.library.get_ctx()
@@ -21,11 +51,17 @@ def _score_fake(q_window, key, kernel_size=7, pooling="max", aggregate="mean",
     torch._check(q_window.dim() == 4 and key.dim() == 4, lambda: "adakv: q_window and key must be 4-D")
     B, Hk, N, _ = key.shape
     W = q_window.shape[2]
+    _check(W >= 1, lambda: f"adakv: the observation window must hold at least one query, got W = {W}")
+    _check(W <= N, lambda: f"adakv: window W = {W} is longer than the prompt N = {N}")
+    _check(kernel_size >= 1 and kernel_size % 2 == 1,
+           lambda: f"adakv: kernel_size must be odd and >= 1, got {kernel_size}")
     return q_window.new_empty((B, Hk, N - W), dtype=torch.float32)
 
 
 @torch.library.register_fake("adakv::allocate")
 def _allocate_fake(scores, budget, floor_alpha=0.2, adaptive=True, rounding="exact", key_start=None):
+    _check_budget(budget)
+    _check(0.0 <= floor_alpha <= 1.0, lambda: f"adakv: floor_alpha must be in [0, 1], got {floor_alpha}")
     return scores.new_empty(scores.shape[:2], dtype=torch.int32)
 
 
@@ -45,7 +81,11 @@ def _flat_cache(key: Tensor, rows, n_segments):
 @torch.library.register_fake("adakv::compact")
 def _compact_fake(key, value, kept_idx, kept_count, budgets, window, reserve=0, rows=None,
                   key_start=None):
-    B, Hk = key.shape[:2]
+    B, Hk, N = key.shape[:3]
+    _check(0 <= window <= N, lambda: f"adakv: window must be in [0, N = {N}], got {window}")
+    _check_reserve(reserve)
+    if rows is not None:
+        _check(0 <= rows <= INT32_MAX, lambda: f"adakv: rows must be in [0, 2^31), got {rows}")
     return _flat_cache(key, _flat_rows(rows), B * Hk)
 
 
@@ -55,7 +95,18 @@ def _evict_fake(q_window, key, value, budget, floor_alpha=0.2, pooling="max", ke
                 aggregate="mean", scale=None):
     B, Hk = key.shape[:2]
     W = q_window.shape[2]
-    rows = B * Hk * (budget + W + reserve) if rounding == "exact" else None
+    N = key.shape[2]
+    _check(W >= 1, lambda: f"adakv: the observation window must hold at least one query, got W = {W}")
+    _check(W <= N, lambda: f"adakv: window W = {W} is longer than the prompt N = {N}")
+    _check(kernel_size >= 1 and kernel_size % 2 == 1,
+           lambda: f"adakv: kernel_size must be odd and >= 1, got {kernel_size}")
+    _check(0.0 <= floor_alpha <= 1.0, lambda: f"adakv: floor_alpha must be in [0, 1], got {floor_alpha}")
+    if rounding == "exact":
+        rows = _flat_cache_rows(B, Hk, budget, W, reserve)
+    else:
+        _check_budget(budget)
+        _check_reserve(reserve)
+        rows = None
     return _flat_cache(key, _flat_rows(rows), B * Hk)
 
 

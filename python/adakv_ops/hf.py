@@ -112,6 +112,7 @@ _SUPPORTED_ORIGINALS = ("sdpa", "eager")
 _PREFIX = "adakv_"
 _MAILBOX = "_adakv_mailbox"
 _RECORDER = "_adakv_query_recorder"
+_INT32_MAX = 2**31 - 1  # every row index / segment start of the flat cache is int32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +349,8 @@ class AdaKVLayer(CacheLayerMixin):
         return query_length, 0
 
     def reset(self) -> None:
+        if self._mailbox.get(self.layer_idx) is self:
+            del self._mailbox[self.layer_idx]  # an unclaimed prefill entry goes too
         self._clear()
         self.is_initialized = False
 
@@ -373,9 +376,34 @@ class AdaKVLayer(CacheLayerMixin):
         """Whether the layer holds a flat cache (prefill done)."""
         return self.k_flat is not None
 
+    def _check_claimed(self) -> None:
+        """Raise if the prefill K/V posted by ``update`` was never evicted (the AdaKV attention
+        function never claimed the mailbox entry: e.g. after :func:`restore_attention`, or with
+        a model whose attention implementation was switched away from ``adakv_*``). Going on
+        would treat the next tokens as the prompt and silently drop the real one."""
+        posted = self._mailbox.get(self.layer_idx) is self
+        if self._pending is None and not posted:
+            return
+        if posted:
+            del self._mailbox[self.layer_idx]
+        if self._pending is None:  # a decode step's entry: its attention ran elsewhere
+            raise RuntimeError(
+                f"adakv: layer {self.layer_idx}: the tokens appended by the last update() were "
+                f"never attended by the adakv attention function (was restore_attention() "
+                f"called, or the model's attention implementation changed?); its output was "
+                f"not computed from this cache. Switch back to the adakv_* implementation (a "
+                f"new AdaKVCache(model, ...) does) or reset the cache")
+        raise RuntimeError(
+            f"adakv: layer {self.layer_idx}: the prefill K/V posted by update() was never "
+            f"claimed by the adakv attention function, so the prompt was not evicted (was "
+            f"restore_attention() called, or the model's attention implementation changed "
+            f"after AdaKVCache was built?). The cache is unusable: call cache.reset() and "
+            f"prefill again with the adakv_* attention implementation")
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_claimed()
         if self.k_flat is None:
             # Prefill: keep the full K/V until the attention function evicts them.
             self._pending = (key_states, value_states)
@@ -427,11 +455,16 @@ class AdaKVLayer(CacheLayerMixin):
             if self.settings.max_growth is not None:
                 self._reevict()
             if self.free < T:
-                self._grow(max(self.reserve_total, T - self.free, 1))
+                need = max(T - self.free, 1)
+                g = max(self.reserve_total, need)  # amortised: double the reserve
+                if self.k_flat.shape[0] + self.seg_start.numel() * g > _INT32_MAX:
+                    g = need  # doubling would pass the int32 row limit: grow just enough
+                self._grow(g)
         self.free -= T
         self.seen += T
 
     def _prepare(self, T: int) -> None:
+        self._check_claimed()
         if self.k_flat is None:
             return
         if self._prepaid:
@@ -439,10 +472,30 @@ class AdaKVLayer(CacheLayerMixin):
         self._reserve(T)
         self._prepaid = T
 
+    def _check_rows(self, S: int, C: int, W: int, R: int, what: str = "budget") -> None:
+        """The flat cache of this layer, ``S * (C + W + R)`` rows, must fit the int32 row index
+        (checked before anything is allocated; Python ints never wrap)."""
+        s = self.settings
+        R_name = "max_growth" if s.max_growth is not None else "reserve"
+        rows = S * (C + W + R)
+        if rows > _INT32_MAX:
+            raise ValueError(
+                f"adakv: layer {self.layer_idx}: the flat cache would hold segments * ({what} + "
+                f"window + {R_name}) = {S} * ({C} + {W} + {R}) = {rows} rows; at most 2^31 - 1 "
+                f"are supported (lower budget, window or {R_name}, or the batch)")
+
     def _grow(self, g: int) -> None:
         """Add ``g`` rows of reserve to every segment: one vectorised repack."""
         S = self.seg_start.numel()
         rows, D = self.k_flat.shape
+        # Never compute a wrapped capacity: the grown cache and every segment's reserve must
+        # stay int32 row counts (seg_start is int32).
+        if g < 0 or rows + S * g > _INT32_MAX or self.reserve_total + g > _INT32_MAX:
+            raise RuntimeError(
+                f"adakv: layer {self.layer_idx}: growing the cache by {g} rows of reserve per "
+                f"segment would give {rows} + {S} * {g} = {rows + S * g} rows (reserve "
+                f"{self.reserve_total + g} per segment); at most 2^31 - 1 are supported "
+                f"(generate fewer tokens, or use max_growth to re-evict instead of growing)")
         dev = self.k_flat.device
         r = torch.arange(rows, device=dev, dtype=torch.int32)
         seg_of_row = torch.searchsorted(self.seg_start, r, right=True) - 1
@@ -505,12 +558,14 @@ class AdaKVLayer(CacheLayerMixin):
         R = s.max_growth if s.max_growth is not None else s.reserve
         if s.method == "full":
             C = N
+            self._check_rows(B * H, N, 0, R, "the prompt length N")
             z = torch.zeros((B, H), device=key.device, dtype=torch.int32)
             flat = _ops.compact(key, value, torch.empty((B, H, 0), device=key.device,
                                                         dtype=torch.int32),
                                 z, z, N, reserve=R, rows=B * H * (N + R), key_start=ks)
         elif s.method == "streaming":
             C = s.budget
+            self._check_rows(B * H, C, W, R)
             ks0 = ks if ks is not None else torch.zeros(B, device=key.device, dtype=torch.int32)
             scores = _streaming_scores(N - W, ks0, s.n_sink).unsqueeze(1).expand(B, H, N - W)
             budgets = torch.full((B, H), C, device=key.device, dtype=torch.int32)
@@ -519,6 +574,7 @@ class AdaKVLayer(CacheLayerMixin):
                                 rows=B * H * (C + W + R), key_start=ks)
         else:
             C = self._layer_budget(N, W)
+            self._check_rows(B * H, C, W, R)
             flat = _ops.evict(q_window, key, value, C, floor_alpha=s.alpha, pooling=s.pooling,
                               kernel_size=s.kernel_size, gqa_reduce=s.gqa_reduce,
                               adaptive=_ADAPTIVE[s.method], rounding=s.rounding, reserve=R,
@@ -600,6 +656,7 @@ class AdaKVLayer(CacheLayerMixin):
         return self.k_flat.nbytes + self.v_flat.nbytes
 
     def _snapshot(self):
+        self._check_claimed()
         if self.k_flat is None:
             raise RuntimeError("adakv: snapshot() before the prompt was processed")
         return (self.k_flat, self.v_flat, self.seg_start, self.seg_len, self.seg_len.clone(),
@@ -656,10 +713,16 @@ class AdaKVCache(Cache):
                  pyramid_beta: int = 20, pyramid_exact_mean: bool = False):
         if method not in METHODS:
             raise ValueError(f"adakv: method must be one of {METHODS}, got {method!r}")
+        # Every size-like argument, up front (SPEC section 9): an int in a range that keeps
+        # every derived row count within int32; the message names the argument and its range.
         for name, val, lo in (("budget", budget, 0), ("window", window, 1), ("reserve", reserve, 0),
-                              ("n_sink", n_sink, 0), ("kernel_size", kernel_size, 1)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < lo:
-                raise ValueError(f"adakv: {name} must be an int >= {lo}, got {val!r}")
+                              ("n_sink", n_sink, 0), ("kernel_size", kernel_size, 1),
+                              ("pyramid_beta", pyramid_beta, 1)):
+            if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= _INT32_MAX:
+                raise ValueError(f"adakv: {name} must be an int in [{lo}, 2^31 - 1], "
+                                 f"got {val!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"adakv: kernel_size must be odd, got {kernel_size}")
         if alpha is None:
             alpha = 0.5 if per_query_head else 0.2
         if not 0.0 <= float(alpha) <= 1.0:
@@ -667,9 +730,21 @@ class AdaKVCache(Cache):
         if max_growth is not None:
             if method == "full":
                 raise ValueError("adakv: max_growth (re-eviction) needs an evicting method")
-            if not isinstance(max_growth, int) or max_growth < window:
-                raise ValueError(f"adakv: max_growth must be an int >= window ({window}), "
-                                 f"got {max_growth!r}")
+            if (not isinstance(max_growth, int) or isinstance(max_growth, bool)
+                    or not window <= max_growth <= _INT32_MAX):
+                raise ValueError(f"adakv: max_growth must be an int in [window ({window}), "
+                                 f"2^31 - 1], got {max_growth!r}")
+        # One segment's capacity (budget + window + reserve) is an int32 row count; a pyramid
+        # layer may get up to 2 * budget.
+        grow = max_growth if max_growth is not None else reserve
+        grow_name = "max_growth" if max_growth is not None else "reserve"
+        top = 2 * budget if method in ("pyramid", "ada_pyramid") else budget
+        if method != "full" and top + window + grow > _INT32_MAX:
+            raise ValueError(
+                f"adakv: budget + window + {grow_name} = {top} + {window} + {grow} = "
+                f"{top + window + grow} rows per segment"
+                f"{' (pyramid layers get up to 2 * budget)' if top != budget else ''}; "
+                f"at most 2^31 - 1 are supported (lower budget, window or {grow_name})")
 
         config = model.config.get_text_config(decoder=True)
         n_layers = config.num_hidden_layers
@@ -765,6 +840,12 @@ class AdaKVCache(Cache):
 
     # -- decode helpers for compiled / CUDA-graph loops ---------------------------------------
 
+    def check_claimed(self) -> None:
+        """Raise ``RuntimeError`` if a layer's prefill was posted but never evicted (see
+        :meth:`AdaKVLayer._check_claimed`); every later use of the cache checks this too."""
+        for layer in self.adakv_layers:
+            layer._check_claimed()
+
     def prepare_decode(self, num_tokens: int = 1) -> None:
         """Account ``num_tokens`` new tokens per evicted layer *before* the forward (eager):
         grows or re-evicts where needed. Required before every compiled forward; optional
@@ -776,6 +857,9 @@ class AdaKVCache(Cache):
         """Grow every evicted layer now so ``num_tokens`` more tokens fit without growing
         (fixed tensor addresses for a CUDA-graph decode loop; re-eviction mode is already
         fixed-size)."""
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise ValueError(f"adakv: num_tokens must be an int >= 0, got {num_tokens!r}")
+        self.check_claimed()
         for layer in self.adakv_layers:
             if layer.evicted and layer.free < num_tokens and layer.settings.max_growth is None:
                 layer._grow(num_tokens - layer.free)
@@ -794,8 +878,10 @@ class AdaKVCache(Cache):
         if attention_mask is not None and "position_ids" not in kwargs:
             pos = attention_mask.long().cumsum(-1) - 1
             kwargs["position_ids"] = pos.masked_fill(attention_mask == 0, 0)
-        return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self,
-                     use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self,
+                    use_cache=True, logits_to_keep=1, **kwargs)
+        self.check_claimed()
+        return out
 
     @torch.no_grad()
     def evict_from(self, full_cache: Cache, query_windows: dict, attention_mask=None) -> None:

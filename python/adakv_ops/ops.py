@@ -19,6 +19,26 @@ from torch import Tensor
 
 FlatCache = Tuple[Tensor, Tensor, Tensor, Tensor]
 
+# What the C++ checks accept for each integer argument (the message of an int64-overflowing
+# Python int, which the op schema cannot even convert, quotes the same range).
+_INT_RANGES = {
+    "budget": "[0, 2^31 - 1] (and budget * Hk <= 2^31 - 1)",
+    "reserve": "[0, 2^31 - 1]",
+    "rows": "[0, 2^31)",
+    "window": "[0, N]",
+    "kernel_size": "odd values >= 1",
+}
+
+
+def _check_ints(**args) -> None:
+    """Validation only: a Python int outside int64 would fail in the schema with a message
+    that names no range ("Expected a value of type 'int' ... found type 'int'"); raise the
+    ``adakv:`` RuntimeError the C++ checks give for an out-of-range value instead."""
+    for name, v in args.items():
+        if isinstance(v, int) and not -(2**63) <= v < 2**63:
+            raise RuntimeError(f"adakv: {name} must be in {_INT_RANGES[name]}, got {v} "
+                               f"(outside int64)")
+
 
 def score(q_window: Tensor, key: Tensor, kernel_size: int = 7, pooling: str = "max",
           aggregate: str = "mean", gqa_reduce: str = "mean",
@@ -37,6 +57,7 @@ def score(q_window: Tensor, key: Tensor, kernel_size: int = 7, pooling: str = "m
     Returns:
         ``[B, Hk, L]`` float32 scores; padding columns are ``-inf``.
     """
+    _check_ints(kernel_size=kernel_size)
     return torch.ops.adakv.score(q_window, key, kernel_size, pooling, aggregate, gqa_reduce,
                                  key_start, scale)
 
@@ -51,6 +72,7 @@ def allocate(scores: Tensor, budget: int, floor_alpha: float = 0.2, adaptive: bo
     every head (SnapKV). Rows with no more than ``C`` valid prefix tokens are not evicted and
     get ``C`` per head.
     """
+    _check_ints(budget=budget)
     return torch.ops.adakv.allocate(scores, budget, floor_alpha, adaptive, rounding, key_start)
 
 
@@ -73,6 +95,7 @@ def compact(key: Tensor, value: Tensor, kept_idx: Tensor, kept_count: Tensor, bu
     number of rows (static shape; default: the sum of capacities, which needs a host sync on
     CUDA). Returns ``(k_flat [rows, D], v_flat [rows, D], seg_start [S], seg_len [S])``.
     """
+    _check_ints(window=window, reserve=reserve, rows=rows)
     return torch.ops.adakv.compact(key, value, kept_idx, kept_count, budgets, window, reserve,
                                    rows, key_start)
 
@@ -97,6 +120,7 @@ def evict(q_window: Tensor, key: Tensor, value: Tensor, budget: int, floor_alpha
         ``(k_flat, v_flat, seg_start, seg_len)``; with exact rounding
         ``k_flat.shape[0] == B * Hk * (budget + W + reserve)``.
     """
+    _check_ints(budget=budget, kernel_size=kernel_size, reserve=reserve)
     return torch.ops.adakv.evict(q_window, key, value, budget, floor_alpha, pooling,
                                  kernel_size, gqa_reduce, adaptive, rounding, reserve,
                                  key_start, aggregate, scale)

@@ -10,9 +10,14 @@ Conventions (see docs/semantics.md): batch ``B``, query heads ``Hq``, KV heads `
 prefix length ``L = N - W``, segment ``s = b * Hk + h``. ``key_start [B]`` (int32, optional) is
 the first non-padding position of each batch row (left padding).
 
-Total order used by every selection: higher score first; on equal scores the lower head index,
-then the lower token index. Flattening a ``[Hk, L]`` row head-major and running a *stable*
-ascending sort on the negated scores yields exactly this order.
+Total order used by every selection and ranking (``allocate``'s global top-k, ``select``'s
+per-head top-k): higher score first; on equal scores the lower head index, then the lower token
+index. NaN ranks LOWEST: below every number, ``-inf`` included (all NaNs are equal to each other
+and, like every tie, go to the lower head, then the lower token index); ``-0.0 == +0.0``. This
+is the rule of the C++/CUDA kernels (``csrc/allocation_rules.h``, ``descending_key``) and of
+docs/semantics.md ("Inputs nobody should trust"). :func:`_stable_desc_order` implements it
+explicitly (it does not rely on where a sort happens to put NaN): flattening a ``[Hk, L]`` row
+head-major and taking that order yields exactly the total order above.
 """
 
 from __future__ import annotations
@@ -68,8 +73,16 @@ def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _stable_desc_order(values: torch.Tensor) -> torch.Tensor:
-    """Indices of a 1-D tensor sorted by value descending, ties by lower index (stable)."""
-    return torch.sort(-values.double(), stable=True).indices
+    """Indices of a 1-D tensor in the total order: value descending, NaN last (below -inf),
+    ties (NaNs included) by lower index; ``-0.0 == +0.0``."""
+    v = values.double().reshape(-1)
+    nan = torch.isnan(v)
+    # 1) numbers descending (stable: ties keep the lower index first); NaNs parked at key 0
+    key = torch.where(nan, torch.zeros_like(v), -v) + 0.0  # "+ 0.0" folds -0.0 into +0.0
+    by_value = torch.sort(key, stable=True).indices
+    # 2) stable partition: every number before every NaN (NaNs keep ascending index order)
+    by_nan = torch.sort(nan[by_value].to(torch.int8), stable=True).indices
+    return by_value[by_nan]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +123,7 @@ def score_ref(
     L = N - W
     ks = _key_start_list(key_start, B, N)
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is the empty dot product 0
 
     q = q_window.double()
     k = key.double().repeat_interleave(G, dim=1)  # [B, Hq, N, D], query head j -> kv j // G
@@ -135,7 +148,15 @@ def score_ref(
     grp = agg.view(B, Hk, G, L)
     red = grp.mean(dim=2) if gqa_reduce == "mean" else grp.amax(dim=2)  # [B, Hk, L]
 
-    if L > 0 and pooling != "none":
+    if L > 0 and pooling != "none" and kernel_size > 2 * L + 1:
+        # A kernel wider than the row (any size up to 2^63 - 1): every window covers the whole
+        # prefix, so max = the row max and avg = the row sum / kernel_size (padded zeros count).
+        # Computed directly: F.*_pool1d would try to build a kernel of that size.
+        if pooling == "max":
+            red = red.amax(dim=-1, keepdim=True).expand(B, Hk, L)
+        else:
+            red = (red.sum(dim=-1, keepdim=True) / float(kernel_size)).expand(B, Hk, L)
+    elif L > 0 and pooling != "none":
         x = red.reshape(B * Hk, 1, L)
         pad = kernel_size // 2
         if pooling == "max":
@@ -421,13 +442,19 @@ def attention_over_segments_ref(
     ``keys[s]``/``values[s]`` (``s = b * Hk + h``) hold the segment's tokens in order; the ``T``
     queries are the ``T`` newest tokens (causal among them). float64 math; returns
     ``(out [B, Hq, T, D] in query dtype, lse [B, Hq, T] float32)``.
+
+    Non-finite inputs (docs/semantics.md, "Inputs nobody should trust"): a ``-inf`` logit is a
+    masked key (weight 0), so a query that sees no key, or only ``-inf`` logits, gives
+    ``out = 0``, ``lse = -inf`` (the empty-row marker). A NaN or ``+inf`` logit makes the
+    softmax undefined: ``out`` and ``lse`` are NaN (never ``-inf``). NaN only in values gives a
+    NaN output (where the NaN value has weight) with the logits' finite lse.
     """
     B, Hq, T, D = query.shape
     S = len(keys)
     Hk = S // B
     G = Hq // Hk
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is the empty dot product 0
     out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
     lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float64)
     for b in range(B):
@@ -441,6 +468,13 @@ def attention_over_segments_ref(
                 if n_t <= 0:
                     continue
                 logits = (kk[:n_t] @ query[b, j, t].double()) * scale
+                if (logits == float("-inf")).all():
+                    continue  # every key masked: like a row that sees no key
+                if logits.isnan().any() or (logits == float("inf")).any():
+                    # softmax undefined (a NaN or +inf logit): NaN output and NaN lse
+                    out[b, j, t] = float("nan")
+                    lse[b, j, t] = float("nan")
+                    continue
                 lse[b, j, t] = torch.logsumexp(logits, 0)
                 out[b, j, t] = torch.softmax(logits, 0) @ vv[:n_t]
     return out.to(query.dtype), lse.float()

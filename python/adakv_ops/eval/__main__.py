@@ -59,10 +59,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default_text() -> list[Path]:
-    root = Path(__file__).resolve().parents[3]
-    files = [root / "README.md", root / "docs" / "semantics.md", root / "docs" / "hf.md",
-             root / "docs" / "eval.md"]
-    return [f for f in files if f.exists()]
+    """The project's README and docs: from the checkout the package runs from (editable
+    install), else from the working directory when it is a checkout; an installed wheel run
+    elsewhere falls back to the package's own modules (their docstrings are prose too)."""
+    pkg = Path(__file__).resolve().parents[1]
+    for root in (pkg.parents[1], Path.cwd()):
+        files = [root / "README.md", root / "docs" / "semantics.md", root / "docs" / "hf.md",
+                 root / "docs" / "eval.md"]
+        if all(f.exists() for f in files):
+            return files
+    return [pkg / "hf.py", pkg / "ops.py", pkg / "reference.py", pkg / "eval" / "tasks.py"]
 
 
 def _save(path: Path, result: dict) -> None:
