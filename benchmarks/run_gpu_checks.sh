@@ -64,7 +64,7 @@ if has sanitize; then
   # every adversarial CUDA case (malicious metadata, huge sizes, NaN/Inf) under memcheck: the
   # kernels must never read or write out of bounds, whatever the input
   # (--report-api-errors no: the allocation-failure cases make cudaMalloc fail on purpose)
-  compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 $PY -m pytest tests/test_adversarial.py \
+  compute-sanitizer --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 $PY -m pytest tests/test_adversarial.py \
     -q -k cuda -p no:cacheprovider > "$out/sanitize_adversarial.log" 2>&1
   rc=$?
   echo "compute-sanitizer memcheck, adversarial: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_adversarial.log" | tail -n 2 | tr '\n' ' ')"
