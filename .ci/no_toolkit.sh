@@ -28,7 +28,8 @@ unshare -m bash -euo pipefail -c '
   grep -E -- "-- adakv_ops: " "$out/build.log"
 ' bash "$venv" "$out" "$root"
 whl=$(ls "$out"/dist/*.whl)
-if unzip -l "$whl" | grep -q "_C_cuda.so"; then echo "CUDA library built without a toolkit?"; exit 1; fi
+files=$(unzip -Z1 "$whl")  # not `unzip | grep -q`: pipefail
+if grep -q "_C_cuda.so" <<< "$files"; then echo "CUDA library built without a toolkit?"; exit 1; fi
 "$venv/bin/python" -m pip install -q --no-deps --force-reinstall --target "$out/site" "$whl"
 cd "$out"
 PYTHONPATH="$out/site" "$venv/bin/python" - <<'PY'
