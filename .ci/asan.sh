@@ -3,6 +3,9 @@
 # (ADAKV_SANITIZE) in BUILD_VENV and runs the op tests against it in TEST_VENV (its wheel is
 # replaced by the sanitized build). Any ASan or UBSan report aborts the test process.
 #
+# allocator_may_return_null: the adversarial allocation-failure cases ask for more than any
+# machine has; ASan's allocator would abort the process instead of returning NULL (torch then
+# raises and adakv reports it).
 # libasan must come first in the process and libstdc++ must be loaded before it resolves
 # __cxa_throw (python itself does not link libstdc++), hence both in LD_PRELOAD.
 set -euo pipefail
@@ -18,7 +21,7 @@ grep -E -- "-- adakv_ops: " "$out/build.log"
 "$test/bin/python" -m pip install -q --no-deps --force-reinstall "$out"/dist/*.whl
 ldd "$test"/lib/python3*/site-packages/adakv_ops/_C.so | grep -E "asan|ubsan"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 ADAKV_REQUIRE_EXTENSION=1 \
   "$test/bin/python" -m pytest -q -p no:cacheprovider \

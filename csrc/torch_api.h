@@ -8,8 +8,8 @@
 //     message alone (STD_TORCH_CHECK would prepend the C++ function, file and line);
 //   * shape_str / device_str for messages;
 //   * checked size arithmetic (checked_mul / checked_add) whose overflow names the argument;
-//   * new_empty / new_zeros: allocation on a tensor's device whose failure names the op, the
-//     buffer and its size in bytes (SPEC section 9);
+//   * new_empty / new_zeros: allocation on a tensor's device (the C shim's empty_strided, one
+//     direct call) whose failure names the op, the buffer and its size in bytes (SPEC 9);
 //   * typed data pointers ptr<T>(t);
 //   * ADAKV_KV_DTYPE_SWITCH: the header-only dtype dispatch over the three K/V dtypes, with the
 //     C++ types of each backend (torch::headeronly::Half on the CPU, __half on CUDA).
@@ -111,14 +111,35 @@ inline Tensor new_tensor(const char* op, const char* what, const Tensor& like,
     ADAKV_CHECK(!__builtin_mul_overflow(bytes, s, &bytes), "adakv: ", op, ": ", what,
                 " would need more than 2^63 bytes");
   }
+  // The C shim's empty_strided, not torch::stable::new_empty: that one is a boxed dispatcher
+  // round trip (torch_call_dispatcher), several microseconds per call on a decode step's
+  // latency; this is one direct call into ATen.
   const std::vector<int64_t> shape(sizes);
-  try {
-    return zero ? torch::stable::new_zeros(like, shape, dtype)
-                : torch::stable::new_empty(like, shape, dtype);
-  } catch (const std::exception& e) {
-    detail::fail("adakv: ", op, ": could not allocate ", bytes, " bytes for ", what, " on ",
-                 device_str(like), " (", e.what(), ")");
+  std::vector<int64_t> strides(shape.size());
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= shape[i] > 1 ? shape[i] : 1;
   }
+  int32_t device_type = 0, device_index = 0;
+  ADAKV_CHECK(aoti_torch_get_device_type(like.get(), &device_type) == AOTI_TORCH_SUCCESS &&
+                  aoti_torch_get_device_index(like.get(), &device_index) == AOTI_TORCH_SUCCESS,
+              "adakv: ", op, ": cannot read the device of ", what);
+  const int32_t shim_dtype =
+      torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle handle = nullptr;
+  if (aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.data(), strides.data(),
+                               shim_dtype, device_type, device_index,
+                               &handle) != AOTI_TORCH_SUCCESS) {
+    detail::fail("adakv: ", op, ": could not allocate ", bytes, " bytes for ", what, " on ",
+                 device_str(like), " (out of memory?)");
+  }
+  Tensor t(handle);
+  if (zero) {
+    ADAKV_CHECK(aoti_torch_zero_(t.get()) == AOTI_TORCH_SUCCESS, "adakv: ", op,
+                ": zero-filling ", what, " failed");
+  }
+  return t;
 }
 inline Tensor new_empty(const char* op, const char* what, const Tensor& like,
                         std::initializer_list<int64_t> sizes, ScalarType dtype) {
