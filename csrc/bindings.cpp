@@ -6,6 +6,7 @@
 //   compact, append_      cpu/cache.cpp          cuda/cache.cu           "
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
+//   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
 //
 // Everything goes through PyTorch's stable ABI (csrc/torch_api.h), so one binary serves every
 // torch from 2.11 on. The file is compiled into both libraries: _C (schemas, CPU kernels) and,
@@ -42,6 +43,21 @@ STABLE_TORCH_LIBRARY(adakv, m) {
   m.def(
       "decode_attention_lse(Tensor query, Tensor k_flat, Tensor v_flat, Tensor seg_start, "
       "Tensor seg_len, float? scale=None) -> (Tensor, Tensor)");
+  // Paged per-head storage (SPEC 3.1): k_pages / v_pages [num_pages, P, D]; segment s owns the
+  // pages page_table[s, 0..], its token i lives at page page_table[s, i / P], slot i % P.
+  m.def(
+      "paged_compact_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
+      "Tensor(c!) seg_len, Tensor key, Tensor value, Tensor kept_idx, Tensor kept_count, "
+      "int window, Tensor? key_start=None) -> ()");
+  m.def(
+      "paged_append_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
+      "Tensor(c!) seg_len, Tensor key_new, Tensor value_new, Tensor(d!)? overflow=None) -> ()");
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor k_pages, Tensor v_pages, Tensor page_table, "
+      "Tensor seg_len, float? scale=None) -> Tensor");
+  m.def(
+      "paged_decode_attention_lse(Tensor query, Tensor k_pages, Tensor v_pages, "
+      "Tensor page_table, Tensor seg_len, float? scale=None) -> (Tensor, Tensor)");
 }
 
 
@@ -62,4 +78,9 @@ STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
   m.impl("append_", TORCH_BOX(&adakv::ADAKV_BACKEND::append_));
   m.impl("decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_attention));
   m.impl("decode_attention_lse", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_attention_lse));
+  m.impl("paged_compact_", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_compact_));
+  m.impl("paged_append_", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_append_));
+  m.impl("paged_decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention));
+  m.impl("paged_decode_attention_lse",
+         TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention_lse));
 }

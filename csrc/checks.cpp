@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <limits>
+#include <vector>
 
 namespace adakv {
 namespace {
@@ -260,6 +261,157 @@ DecodeShape validate_decode(const Tensor& query, const Tensor& k_flat,
   ADAKV_CHECK(k_flat.size(1) == s.D, "adakv: query has head dim ", s.D, " but the cache has ",
               k_flat.size(1));
   return s;
+}
+
+// ---- paged storage
+
+PagedShape validate_paged_pool(const Tensor& k_pages, const Tensor& v_pages,
+                               const Tensor& page_table, const Tensor& seg_len) {
+  check_kv(k_pages, "k_pages [num_pages, P, D]", 3);
+  check_kv(v_pages, "v_pages [num_pages, P, D]", 3);
+  check_same_device(k_pages, v_pages, "k_pages", "v_pages");
+  check_same_dtype(k_pages, v_pages, "k_pages", "v_pages");
+  ADAKV_CHECK(same_shape(k_pages, v_pages), "adakv: v_pages has shape ", shape_str(v_pages),
+              " but k_pages has shape ", shape_str(k_pages));
+  check_int32(page_table, "page_table [S, max_pages]", 2);
+  check_int32(seg_len, "seg_len [S]", 1);
+  check_same_device(k_pages, page_table, "k_pages", "page_table");
+  check_same_device(k_pages, seg_len, "k_pages", "seg_len");
+  PagedShape p;
+  p.num_pages = k_pages.size(0);
+  p.P = k_pages.size(1);
+  p.D = k_pages.size(2);
+  p.S = page_table.size(0);
+  p.width = page_table.size(1);
+  ADAKV_CHECK(p.P >= 1, "adakv: k_pages must have a page size P >= 1, got shape ",
+              shape_str(k_pages));
+  ADAKV_CHECK(p.num_pages <= std::numeric_limits<int32_t>::max(),
+              "adakv: k_pages may hold at most 2^31 - 1 pages (int32 page ids), got ",
+              p.num_pages);
+  ADAKV_CHECK(seg_len.size(0) == p.S, "adakv: page_table has ", p.S,
+              " segments (rows) but seg_len has ", seg_len.size(0));
+  checked_mul(p.num_pages, p.P, "the page pool num_pages * P");
+  checked_mul(p.width, p.P, "the page table's rows width * P");
+  return p;
+}
+
+PagedShape validate_paged_compact(const Tensor& k_pages, const Tensor& v_pages,
+                                  const Tensor& page_table, const Tensor& seg_len,
+                                  const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                                  const Tensor& kept_count, int64_t window,
+                                  const std::optional<Tensor>& key_start) {
+  const PagedShape p = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
+  check_kv(key, "key [B, Hk, N, D]", 4);
+  validate_key_value(key, value);
+  check_same_device(k_pages, key, "k_pages", "key");
+  check_same_dtype(k_pages, key, "k_pages", "key");
+  const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2);
+  ADAKV_CHECK(key.size(3) == p.D, "adakv: key has head dim ", key.size(3),
+              " but k_pages has ", p.D);
+  ADAKV_CHECK(B * Hk == p.S, "adakv: key has B * Hk = ", B, " * ", Hk, " = ", B * Hk,
+              " segments but page_table has ", p.S, " rows");
+  ADAKV_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
+              window);
+  ADAKV_CHECK(window <= std::numeric_limits<int32_t>::max(),
+              "adakv: window must be < 2^31, got ", window);
+  check_int32(kept_idx, "kept_idx [B, Hk, N - window]", 3);
+  check_int32(kept_count, "kept_count [B, Hk]", 2);
+  check_same_device(key, kept_idx, "key", "kept_idx");
+  check_same_device(key, kept_count, "key", "kept_count");
+  ADAKV_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
+              "adakv: kept_idx must have shape [B, Hk, N - window] = [", B, ", ", Hk, ", ",
+              N - window, "], got ", shape_str(kept_idx));
+  ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
+              "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
+              shape_str(kept_count));
+  check_key_start(key_start, key, "key", B);
+  return p;
+}
+
+DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
+                                  const Tensor& page_table, const Tensor& seg_len,
+                                  const Tensor& key_new, const Tensor& value_new,
+                                  const std::optional<Tensor>& overflow, PagedShape& pool) {
+  pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
+  check_kv(key_new, "key_new [B, Hk, T, D]", 4);
+  check_same_device(k_pages, key_new, "k_pages", "key_new");
+  check_same_dtype(k_pages, key_new, "k_pages", "key_new");
+  validate_key_value(key_new, value_new);
+  DecodeShape s;
+  s.B = key_new.size(0);
+  s.Hk = key_new.size(1);
+  s.Hq = s.Hk;
+  s.T = key_new.size(2);
+  s.D = key_new.size(3);
+  s.rows = pool.num_pages * pool.P;
+  s.S = pool.S;
+  ADAKV_CHECK(s.T >= 1, "adakv: paged_append_ needs at least one new token (T >= 1), got T = ",
+              s.T);
+  ADAKV_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
+              s.B * s.Hk, " segments but page_table has ", s.S);
+  ADAKV_CHECK(pool.D == s.D, "adakv: key_new has head dim ", s.D, " but k_pages has ", pool.D);
+  if (overflow.has_value()) {
+    check_int32(*overflow, "overflow [S]", 1);
+    check_same_device(k_pages, *overflow, "k_pages", "overflow");
+    ADAKV_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
+                shape_str(*overflow));
+  }
+  return s;
+}
+
+DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,
+                                  const Tensor& v_pages, const Tensor& page_table,
+                                  const Tensor& seg_len, PagedShape& pool) {
+  pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
+  check_kv(query, "query [B, Hq, T, D]", 4);
+  check_same_device(k_pages, query, "k_pages", "query");
+  check_same_dtype(k_pages, query, "k_pages", "query");
+  DecodeShape s;
+  s.B = query.size(0);
+  s.Hq = query.size(1);
+  s.T = query.size(2);
+  s.D = query.size(3);
+  s.rows = pool.num_pages * pool.P;
+  s.S = pool.S;
+  ADAKV_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: page_table has ", s.S,
+              " segments, not a multiple of the query batch ", s.B);
+  s.Hk = s.S / s.B;
+  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
+              ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
+  ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
+  ADAKV_CHECK(pool.D == s.D, "adakv: query has head dim ", s.D, " but k_pages has ", pool.D);
+  return s;
+}
+
+void check_paged_rows(const char* op, const int32_t* page_table, const PagedShape& p, int64_t s,
+                      int64_t first, int64_t end) {
+  if (end <= first) return;
+  const int64_t slots = p.width * p.P;  // checked in validate_paged_pool
+  ADAKV_CHECK(end <= slots, "adakv: ", op, ": segment ", s, " needs ", end, " rows (",
+              (end + p.P - 1) / p.P, " pages of P = ", p.P, ") but page_table has only ",
+              p.width, " entries per segment");
+  for (int64_t i = first / p.P; i <= (end - 1) / p.P; ++i) {
+    const int32_t id = page_table[s * p.width + i];
+    ADAKV_CHECK(id >= 0 && id < p.num_pages, "adakv: ", op, ": page_table[", s, ", ", i,
+                "] = ", id, " is outside [0, num_pages = ", p.num_pages, ")");
+  }
+}
+
+void check_paged_unique(const char* op, const int32_t* page_table, const PagedShape& p,
+                        const int64_t* len) {
+  // owner[id] = 1 + the flat table entry that first used page id (0: unused)
+  std::vector<int64_t> owner(static_cast<size_t>(p.num_pages), 0);
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t n_pages = (len[s] + p.P - 1) / p.P;
+    for (int64_t i = 0; i < n_pages; ++i) {
+      const int64_t e = s * p.width + i;
+      const int32_t id = page_table[e];
+      ADAKV_CHECK(owner[id] == 0, "adakv: ", op, ": page ", id, " is used twice in page_table (",
+                  "page_table[", (owner[id] - 1) / p.width, ", ", (owner[id] - 1) % p.width,
+                  "] and page_table[", s, ", ", i, "]); a page belongs to one segment slot");
+      owner[id] = e + 1;
+    }
+  }
 }
 
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N) {

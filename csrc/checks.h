@@ -52,6 +52,42 @@ void validate_reserve(int64_t reserve);
 // for overflow and against the int32 row index; the error names the arguments.
 int64_t flat_cache_rows(int64_t B, int64_t Hk, int64_t budget, int64_t window, int64_t reserve);
 
+// ---- paged per-head storage (SPEC 3.1, docs/semantics.md "Paged storage")
+// Pool k_pages / v_pages [num_pages, P, D], page_table [S, width] int32, seg_len [S] int32.
+struct PagedShape { int64_t num_pages, P, D, S, width; };
+
+// Shapes, dtypes, devices and contiguity of the pool and its metadata (no device data read).
+PagedShape validate_paged_pool(const Tensor& k_pages, const Tensor& v_pages,
+                               const Tensor& page_table, const Tensor& seg_len);
+// paged_compact_: the pool, plus compact's checks of key/value/kept_idx/kept_count/window/
+// key_start (no budgets); S = B * Hk. Returns the pool shape.
+PagedShape validate_paged_compact(const Tensor& k_pages, const Tensor& v_pages,
+                                  const Tensor& page_table, const Tensor& seg_len,
+                                  const Tensor& key, const Tensor& value, const Tensor& kept_idx,
+                                  const Tensor& kept_count, int64_t window,
+                                  const std::optional<Tensor>& key_start);
+// paged_append_: key_new/value_new [B, Hk, T, D], T >= 1, B * Hk == S, overflow [S] int32.
+DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
+                                  const Tensor& page_table, const Tensor& seg_len,
+                                  const Tensor& key_new, const Tensor& value_new,
+                                  const std::optional<Tensor>& overflow, PagedShape& pool);
+// paged_decode_attention(_lse): query [B, Hq, T, D], S % B == 0, Hq % (S / B) == 0, T >= 1.
+// DecodeShape::rows is num_pages * P (the slots of the pool).
+DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,
+                                  const Tensor& v_pages, const Tensor& page_table,
+                                  const Tensor& seg_len, PagedShape& pool);
+
+// Data-dependent (CPU only; host pointers): rows [first, end) of segment s must lie in its page
+// table (end <= width * P) and every page holding one of them must be in [0, num_pages). The
+// error names `op`, the segment and the entry. first < end, first >= 0.
+void check_paged_rows(const char* op, const int32_t* page_table, const PagedShape& p, int64_t s,
+                      int64_t first, int64_t end);
+// Data-dependent (CPU only): no page id appears twice among the pages holding rows
+// [0, len[s]) of all segments (two segments sharing a page, or one page listed twice).
+// Call after check_paged_rows has validated every id.
+void check_paged_unique(const char* op, const int32_t* page_table, const PagedShape& p,
+                        const int64_t* len);
+
 // Data-dependent: key_start values in [0, N] (CPU only).
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N);
 

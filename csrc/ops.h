@@ -37,7 +37,21 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
                   int64_t budget, double floor_alpha, std::string_view pooling,                \
                   int64_t kernel_size, std::string_view gqa_reduce, bool adaptive,             \
                   std::string_view rounding, int64_t reserve, const OptTensor& key_start,      \
-                  std::string_view aggregate, std::optional<double> scale);
+                  std::string_view aggregate, std::optional<double> scale);                   \
+  /* paged per-head storage (SPEC 3.1) */                                                      \
+  void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,  \
+                      const Tensor& seg_len, const Tensor& key, const Tensor& value,           \
+                      const Tensor& kept_idx, const Tensor& kept_count, int64_t window,        \
+                      const OptTensor& key_start);                                             \
+  void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,   \
+                     const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,    \
+                     const OptTensor& overflow);                                               \
+  std::tuple<Tensor, Tensor> paged_decode_attention_lse(                                       \
+      const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,                       \
+      const Tensor& page_table, const Tensor& seg_len, std::optional<double> scale);          \
+  Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages,                    \
+                                const Tensor& v_pages, const Tensor& page_table,               \
+                                const Tensor& seg_len, std::optional<double> scale);
 
 namespace cpu {
 ADAKV_DECLARE_BACKEND_OPS

@@ -65,10 +65,30 @@ def base(dev: str) -> dict:
     t = dict(q=q, k=k, v=v, s=s, bud=bud, idx=idx, cnt=cnt, kf=kf, vf=vf, ss=ss, sl=sl,
              kn=torch.randn(B, Hk, 1, D, generator=g), vn=torch.randn(B, Hk, 1, D, generator=g),
              qd=torch.randn(B, Hq, 1, D, generator=g))
+    t.update(_paged_base(kf, vf, ss, sl))
     t = {n: x.to(dev) for n, x in t.items()}
     t["dev"] = dev
     t["other"] = "cpu" if dev != "cpu" else None
     return t
+
+
+PP = 4  # page size of the base paged pool
+PW = (C + W + R + PP - 1) // PP + 1  # its page-table width (every entry a valid, distinct page)
+NP = B * Hk * PW + 2  # its pages: two holes no segment owns
+
+
+def _paged_base(kf, vf, ss, sl) -> dict:
+    """The base flat cache's segments in a paged pool (shuffled pages, two holes)."""
+    g = torch.Generator().manual_seed(4)
+    pt = torch.randperm(NP, generator=g)[: B * Hk * PW].view(B * Hk, PW).int().contiguous()
+    kp = torch.randn(NP, PP, D, generator=g)
+    vp = torch.randn(NP, PP, D, generator=g)
+    for s_, (st, n) in enumerate(zip(ss.tolist(), sl.tolist())):
+        i = torch.arange(n)
+        rows = pt[s_].long()[i // PP] * PP + i % PP
+        kp.view(-1, D)[rows] = kf[st : st + n]
+        vp.view(-1, D)[rows] = vf[st : st + n]
+    return dict(kp=kp, vp=vp, pt=pt, psl=sl.clone())
 
 
 def with_(x: torch.Tensor, index, value) -> torch.Tensor:
@@ -98,6 +118,37 @@ def _decode(t, lse=False, **kw):
     a.update(kw)
     return ops.decode_attention(a["query"], a["k_flat"], a["v_flat"], a["seg_start"],
                                 a["seg_len"], return_lse=lse)
+
+
+def _pcompact(t, **kw):
+    a = dict(k_pages=t["kp"].clone(), v_pages=t["vp"].clone(), page_table=t["pt"],
+             seg_len=t["psl"].clone(), key=t["k"], value=t["v"], kept_idx=t["idx"],
+             kept_count=t["cnt"], window=W, key_start=None)
+    a.update(kw)
+    ops.paged_compact_(a["k_pages"], a["v_pages"], a["page_table"], a["seg_len"], a["key"],
+                       a["value"], a["kept_idx"], a["kept_count"], a["window"], a["key_start"])
+    return a
+
+
+def _pappend(t, **kw):
+    a = dict(k_pages=t["kp"].clone(), v_pages=t["vp"].clone(), page_table=t["pt"],
+             seg_len=t["psl"].clone(), key_new=t["kn"], value_new=t["vn"], overflow=None)
+    a.update(kw)
+    ops.paged_append_(a["k_pages"], a["v_pages"], a["page_table"], a["seg_len"], a["key_new"],
+                      a["value_new"], a["overflow"])
+    return a
+
+
+def _pdecode(t, lse=False, **kw):
+    a = dict(query=t["qd"], k_pages=t["kp"], v_pages=t["vp"], page_table=t["pt"],
+             seg_len=t["psl"])
+    a.update(kw)
+    return ops.paged_decode_attention(a["query"], a["k_pages"], a["v_pages"], a["page_table"],
+                                      a["seg_len"], return_lse=lse)
+
+
+def _noncontig(x):
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def _wide(dev, Dw=1 << 17):
@@ -290,6 +341,101 @@ for _lse in (False, True):
          r"adakv: .*seg_start", RAISE),
         (f"{_p}_device", lambda t, l=_lse: _decode(t, l, seg_start=t["ss"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
     ]
+# ---- paged storage (docs/semantics.md "Paged storage")
+CASES += [
+    ("pcompact_page_past_pool", lambda t: _pcompact(t, page_table=with_(t["pt"], (0, 0), NP)),
+     r"adakv: paged_compact_: page_table\[0, 0\]", CLAMP),
+    ("pcompact_page_neg", lambda t: _pcompact(t, page_table=with_(t["pt"], (1, 1), -1)),
+     r"adakv: paged_compact_: page_table\[1, 1\]", CLAMP),
+    ("pcompact_page_int32_max", lambda t: _pcompact(t, page_table=with_(t["pt"], (3, 0), I32)),
+     r"adakv: paged_compact_: page_table\[3, 0\]", CLAMP),
+    ("pcompact_shared_page", lambda t: _pcompact(t, page_table=with_(t["pt"], (2, 1), int(t["pt"][0, 0]))),
+     r"adakv: paged_compact_: page \d+ is used twice", CLAMP),
+    ("pcompact_page_twice_in_segment", lambda t: _pcompact(t, page_table=with_(t["pt"], (1, 1), int(t["pt"][1, 0]))),
+     r"adakv: paged_compact_: page \d+ is used twice", CLAMP),
+    ("pcompact_table_too_short", lambda t: _pcompact(t, page_table=t["pt"][:, :1].contiguous()),
+     r"adakv: paged_compact_: segment 0 needs .* page_table", CLAMP),
+    ("pcompact_count_huge", lambda t: _pcompact(t, kept_count=with_(t["cnt"], (0, 1), I32)),
+     r"adakv: .*kept_count", CLAMP),
+    ("pcompact_count_neg", lambda t: _pcompact(t, kept_count=with_(t["cnt"], (1, 0), -1)),
+     r"adakv: .*kept_count", CLAMP),
+    ("pcompact_idx_ge_L", lambda t: _pcompact(t, kept_idx=with_(t["idx"], (0, 0, 0), L)),
+     r"adakv: .*kept_idx", CLAMP),
+    ("pcompact_ks_gt_N", lambda t: _pcompact(t, key_start=i32(0, N + 1).to(t["dev"])),
+     r"adakv: .*key_start", CLAMP),
+    ("pcompact_window_gt_N", lambda t: _pcompact(t, window=N + 1), r"adakv: .*window", RAISE),
+    ("pcompact_window_over_int64", lambda t: _pcompact(t, window=2**70), r"adakv: .*window", RAISE),
+    ("pcompact_v_pages_dtype", lambda t: _pcompact(t, v_pages=t["vp"].half()), r"adakv: .*v_pages.*dtype", RAISE),
+    ("pcompact_key_dtype", lambda t: _pcompact(t, key=t["k"].half(), value=t["v"].half()),
+     r"adakv: .*key .*dtype", RAISE),
+    ("pcompact_head_dim", lambda t: _pcompact(t, k_pages=t["kp"][..., :-1].contiguous(),
+                                              v_pages=t["vp"][..., :-1].contiguous()),
+     r"adakv: .*head dim", RAISE),
+    ("pcompact_pool_rank", lambda t: _pcompact(t, k_pages=t["kp"][0].clone()), r"adakv: .*k_pages", RAISE),
+    ("pcompact_pool_P0", lambda t: _pcompact(t, k_pages=t["kp"][:, :0].contiguous(), v_pages=t["vp"][:, :0].contiguous()),
+     r"adakv: .*page size P >= 1", RAISE),
+    ("pcompact_pool_noncontiguous", lambda t: _pcompact(t, k_pages=_noncontig(t["kp"])),
+     r"adakv: .*k_pages.*contiguous", RAISE),
+    ("pcompact_table_int64", lambda t: _pcompact(t, page_table=t["pt"].long()), r"adakv: .*page_table.*int32", RAISE),
+    ("pcompact_table_rank", lambda t: _pcompact(t, page_table=t["pt"].view(-1)), r"adakv: .*page_table", RAISE),
+    ("pcompact_table_rows", lambda t: _pcompact(t, page_table=t["pt"][:-1].contiguous()), r"adakv: .*page_table", RAISE),
+    ("pcompact_segments", lambda t: _pcompact(t, page_table=t["pt"].repeat(2, 1), seg_len=t["psl"].repeat(2)),
+     r"adakv: .*segments", RAISE),
+    ("pcompact_seg_len_count", lambda t: _pcompact(t, seg_len=t["psl"][:-1].clone()), r"adakv: .*seg_len", RAISE),
+    ("pcompact_device", lambda t: _pcompact(t, page_table=t["pt"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+    ("pappend_overflow", lambda t: _pappend(t, key_new=t["kn"].repeat(1, 1, PW * PP, 1),
+                                            value_new=t["vn"].repeat(1, 1, PW * PP, 1)),
+     r"adakv: paged_append_ of \d+ tokens exceeds", CLAMP),
+    ("pappend_seg_len_neg", lambda t: _pappend(t, seg_len=with_(t["psl"], 0, -1)), r"adakv: .*seg_len\[0\]", CLAMP),
+    ("pappend_seg_len_int32_max", lambda t: _pappend(t, seg_len=with_(t["psl"], 2, I32)),
+     r"adakv: paged_append_ .*segment 2", CLAMP),
+    ("pappend_page_past_pool", lambda t: _pappend(t, page_table=with_(t["pt"], (1, int(t["psl"][1]) // PP), NP)),
+     r"adakv: paged_append_: page_table\[1, ", CLAMP),
+    ("pappend_page_neg", lambda t: _pappend(t, page_table=with_(t["pt"], (3, int(t["psl"][3]) // PP), -1)),
+     r"adakv: paged_append_: page_table\[3, ", CLAMP),
+    ("pappend_T0", lambda t: _pappend(t, key_new=t["kn"][:, :, :0].contiguous(), value_new=t["vn"][:, :, :0].contiguous()),
+     r"adakv: .*T >= 1", RAISE),
+    ("pappend_segments", lambda t: _pappend(t, key_new=t["kn"].repeat(1, 2, 1, 1), value_new=t["vn"].repeat(1, 2, 1, 1)),
+     r"adakv: .*segments", RAISE),
+    ("pappend_head_dim", lambda t: _pappend(t, key_new=t["kn"][..., :-1].contiguous(), value_new=t["vn"][..., :-1].contiguous()),
+     r"adakv: .*head dim", RAISE),
+    ("pappend_dtype", lambda t: _pappend(t, key_new=t["kn"].half(), value_new=t["vn"].half()), r"adakv: .*key_new.*dtype", RAISE),
+    ("pappend_value_shape", lambda t: _pappend(t, value_new=t["vn"].repeat(1, 1, 2, 1)), r"adakv: .*value", RAISE),
+    ("pappend_overflow_shape", lambda t: _pappend(t, overflow=torch.zeros(B * Hk + 1, dtype=torch.int32, device=t["dev"])),
+     r"adakv: .*overflow", RAISE),
+    ("pappend_overflow_dtype", lambda t: _pappend(t, overflow=torch.zeros(B * Hk, dtype=torch.int64, device=t["dev"])),
+     r"adakv: .*overflow.*int32", RAISE),
+    ("pappend_pool_shape", lambda t: _pappend(t, v_pages=t["vp"][:-1].clone()), r"adakv: .*v_pages", RAISE),
+    ("pappend_device", lambda t: _pappend(t, key_new=t["kn"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+]
+for _lse in (False, True):
+    _p = "pdecode_lse" if _lse else "pdecode"
+    CASES += [
+        (f"{_p}_seg_len_neg", lambda t, l=_lse: _pdecode(t, l, seg_len=with_(t["psl"], 1, -4)),
+         r"adakv: .*seg_len\[1\]", CLAMP),
+        (f"{_p}_seg_len_past_table", lambda t, l=_lse: _pdecode(t, l, seg_len=with_(t["psl"], 3, PW * PP + 1)),
+         r"adakv: .*seg_len\[3\]", CLAMP),
+        (f"{_p}_seg_len_int32_max", lambda t, l=_lse: _pdecode(t, l, seg_len=with_(t["psl"], 2, I32)),
+         r"adakv: .*seg_len\[2\]", CLAMP),
+        (f"{_p}_page_past_pool", lambda t, l=_lse: _pdecode(t, l, page_table=with_(t["pt"], (2, 0), NP)),
+         r"adakv: .*page_table\[2, 0\]", CLAMP),
+        (f"{_p}_page_neg", lambda t, l=_lse: _pdecode(t, l, page_table=with_(t["pt"], (0, 1), -1)),
+         r"adakv: .*page_table\[0, 1\]", CLAMP),
+        (f"{_p}_table_too_short", lambda t, l=_lse: _pdecode(t, l, page_table=t["pt"][:, :1].contiguous()),
+         r"adakv: .*seg_len\[0\]", CLAMP),
+        (f"{_p}_batch", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][:1].repeat(3, 1, 1, 1)), r"adakv: .*batch", RAISE),
+        (f"{_p}_B0", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][:0].contiguous()), r"adakv: .*batch", RAISE),
+        (f"{_p}_heads", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][:, :3].contiguous()), r"adakv: .*heads", RAISE),
+        (f"{_p}_head_dim", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][..., :-1].contiguous()), r"adakv: .*head dim", RAISE),
+        (f"{_p}_dtype", lambda t, l=_lse: _pdecode(t, l, query=t["qd"].half()), r"adakv: .*dtype", RAISE),
+        (f"{_p}_query_rank", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][0]), r"adakv: .*query", RAISE),
+        (f"{_p}_T0", lambda t, l=_lse: _pdecode(t, l, query=t["qd"][:, :, :0].contiguous()), r"adakv: .*T >= 1", RAISE),
+        (f"{_p}_pool_int", lambda t, l=_lse: _pdecode(t, l, k_pages=t["kp"].int(), v_pages=t["vp"].int()),
+         r"adakv: .*k_pages.*float", RAISE),
+        (f"{_p}_table_rank", lambda t, l=_lse: _pdecode(t, l, page_table=t["pt"][0]), r"adakv: .*page_table", RAISE),
+        (f"{_p}_seg_len_int64", lambda t, l=_lse: _pdecode(t, l, seg_len=t["psl"].long()), r"adakv: .*seg_len.*int32", RAISE),
+        (f"{_p}_device", lambda t, l=_lse: _pdecode(t, l, seg_len=t["psl"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+    ]
 CASE_NAMES = [c[0] for c in CASES]
 assert len(set(CASE_NAMES)) == len(CASE_NAMES)
 _BY_NAME = {c[0]: c for c in CASES}
@@ -384,6 +530,55 @@ def test_failed_append_changes_nothing(dev):
     assert_equal(kf, t["kf"], "k_flat")
     assert_equal(vf, t["vf"], "v_flat")
     assert_equal(sl, t["sl"], "seg_len")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("name", ["pcompact_page_past_pool", "pcompact_page_neg", "pcompact_shared_page",
+                                  "pcompact_table_too_short", "pcompact_count_huge", "pappend_overflow",
+                                  "pappend_seg_len_int32_max", "pappend_page_past_pool", "pappend_page_neg"])
+def test_bad_paged_metadata_writes_nothing_outside(dev, name):
+    """CPU: the bad call raises and changes nothing. CUDA (clamps): the two hole pages of the
+    pool, which no table entry names, are never written, and a paged_append_ that cannot fit
+    leaves its segment's length unchanged and flags it."""
+    _, fn, _, _ = _BY_NAME[name]
+    t = base(dev)
+    holes = sorted(set(range(NP)) - set(t["pt"].view(-1).tolist()))
+    assert len(holes) == 2
+    if dev == "cpu":
+        with pytest.raises(RuntimeError, match=r"adakv: "):
+            fn(t)
+        return
+    try:
+        seen = fn(t)  # _pcompact / _pappend return the (copied) arguments they mutated
+    except RuntimeError as e:  # CLAMP: raising the same clear error is allowed too
+        assert str(e).startswith("adakv: ")
+        return
+    torch.cuda.synchronize()
+    kp, vp = seen["k_pages"].cpu(), seen["v_pages"].cpu()
+    for h in holes:
+        assert_equal(kp[h], t["kp"][h].cpu(), f"hole page {h} (k)")
+        assert_equal(vp[h], t["vp"][h].cpu(), f"hole page {h} (v)")
+    if name == "pappend_overflow":
+        assert_equal(seen["seg_len"], t["psl"], "seg_len of segments that could not be written")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_failed_paged_append_changes_nothing(dev):
+    t = base(dev)
+    kp, vp, sl = t["kp"].clone(), t["vp"].clone(), t["psl"].clone()
+    kn = t["kn"].repeat(1, 1, PW * PP, 1)
+    of = torch.zeros_like(sl)
+    try:
+        ops.paged_append_(kp, vp, t["pt"], sl, kn, kn.clone(), of)
+    except RuntimeError as e:
+        assert dev == "cpu" and re.search(r"adakv: paged_append_ .*exceeds", str(e))
+    else:
+        assert dev != "cpu", "CPU paged_append_ past the page table must raise"
+        assert of.tolist() == [1] * (B * Hk)  # CUDA: every segment flagged
+    assert of.tolist() == [0] * (B * Hk) or dev != "cpu"
+    assert_equal(kp, t["kp"], "k_pages")
+    assert_equal(vp, t["vp"], "v_pages")
+    assert_equal(sl, t["psl"], "seg_len")
 
 
 # ----------------------------------------------------------------------------------------------

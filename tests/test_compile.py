@@ -78,3 +78,45 @@ def test_compile_decode_step_repeated(device, backend, dtype):
         torch.testing.assert_close(lse_c, lse_e, rtol=1e-6, atol=1e-6)
         for name, a, e in zip(("k_flat", "v_flat", "seg_start", "seg_len"), cache_c, cache_e):
             assert_equal(a, e, f"{name} after step {step}")
+
+
+P = 4
+
+
+def paged_decode_step(k_pages, v_pages, page_table, seg_len, key_new, value_new, query):
+    ops.paged_append_(k_pages, v_pages, page_table, seg_len, key_new, value_new)
+    out, lse = ops.paged_decode_attention(query, k_pages, v_pages, page_table, seg_len,
+                                          return_lse=True)
+    return out, lse
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_paged_decode_step_repeated(device, backend, dtype):
+    torch._dynamo.reset()
+    q, k, v, ks, *_ = _inputs(7, 1, dtype)
+    s = ops.score(q, k, key_start=ks)
+    bud = ops.allocate(s, C, key_start=ks)
+    idx, cnt = ops.select(s, bud, key_start=ks)
+    S, width = B * Hk, (C + W + R + P - 1) // P + 1
+    num_pages = S * width + 5
+    table = torch.randperm(num_pages, generator=torch.Generator().manual_seed(8))[: S * width]
+    table = table.view(S, width).int().contiguous()
+    kp = randn((num_pages, P, D), 9, dtype)
+    vp = randn((num_pages, P, D), 10, dtype)
+    seg_len = torch.zeros(S, dtype=torch.int32)
+    ops.paged_compact_(kp, vp, table, seg_len, k, v, idx, cnt, W, key_start=ks)
+    cache_e = list(to(device, kp, vp, table, seg_len))
+    cache_c = [t.clone() for t in cache_e]
+    fn = torch.compile(paged_decode_step, fullgraph=True, backend=backend)
+    for step, T in enumerate([1, 1, 2, 1]):
+        kn, vn, qn = to(device, randn((B, Hk, T, D), 40 + step, dtype),
+                        randn((B, Hk, T, D), 50 + step, dtype),
+                        randn((B, Hq, T, D), 60 + step, dtype))
+        out_e, lse_e = paged_decode_step(*cache_e, kn, vn, qn)
+        out_c, lse_c = fn(*cache_c, kn, vn, qn)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse_c, lse_e, rtol=1e-6, atol=1e-6)
+        for name, a, e in zip(("k_pages", "v_pages", "page_table", "seg_len"), cache_c, cache_e):
+            assert_equal(a, e, f"{name} after step {step}")

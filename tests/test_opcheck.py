@@ -115,3 +115,57 @@ def test_opcheck_append_and_decode(device, B, Hq, Hk, D, T, dtype):
     for scale in (None, 0.3):
         opcheck(A.decode_attention.default, (q, kf, vf, st, ln2, scale))
         opcheck(A.decode_attention_lse.default, (q, kf, vf, st, ln2, scale))
+
+
+def paged_pool(S, P, D, lens, extra, device, dtype, seed):
+    """Pool [num_pages, P, D] with shuffled page ids; segment s owns ceil((lens[s] + extra) / P)
+    pages; unused table entries -1."""
+    need = [(n + extra + P - 1) // P for n in lens]
+    num_pages = sum(need) + 3
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(num_pages, generator=g).int()
+    table = torch.full((S, max(need) + 1), -1, dtype=torch.int32)
+    at = 0
+    for s, k in enumerate(need):
+        table[s, :k] = ids[at : at + k]
+        at += k
+    kp = randn((num_pages, P, D), seed, dtype)
+    vp = randn((num_pages, P, D), seed + 1, dtype)
+    return to(device, kp, vp, table, torch.tensor(lens, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("P", [3, 16])
+def test_opcheck_paged_compact(device, shape, P):
+    B, Hq, Hk, N, W, D, C, padded = shape
+    q, k, v, ks = inputs(shape, 4, device)
+    ks_c = None if ks is None else ks.cpu()
+    s = rand_scores(B, Hk, N - W, 5, ks_c)
+    bud = ref.allocate_ref(s, C, key_start=ks_c)
+    idx, cnt = ref.select_ref(s, bud, ks_c)
+    lens = [int(c) + W for c in cnt.view(-1).tolist()]  # an upper bound of compact's seg_len
+    kp, vp, table, ln = paged_pool(B * Hk, P, D, lens, 0, device, torch.float32, 11)
+    opcheck(A.paged_compact_.default, (kp, vp, table, ln * 0, k, v, *to(device, idx, cnt), W),
+            dict(key_start=ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Hq,Hk,D,T", [(1, 4, 2, 16, 1), (2, 8, 2, 64, 3), (2, 3, 3, 8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("P", [1, 16])
+def test_opcheck_paged_append_and_decode(device, B, Hq, Hk, D, T, dtype, P):
+    S = B * Hk
+    lens = [(5 * s) % 15 for s in range(S)]
+    # opcheck runs the op several times: room for a few appends
+    kp, vp, table, ln = paged_pool(S, P, D, lens, 8 * T, device, dtype, 12)
+    kn = to(device, randn((B, Hk, T, D), 8, dtype))
+    vn = to(device, randn((B, Hk, T, D), 9, dtype))
+    opcheck(A.paged_append_.default, (kp, vp, table, ln.clone(), kn, vn))
+    ov = torch.zeros(S, dtype=torch.int32, device=device)
+    opcheck(A.paged_append_.default, (kp, vp, table, ln.clone(), kn, vn, ov))
+    q = to(device, randn((B, Hq, T, D), 10, dtype))
+    ln2 = ln + T
+    for scale in (None, 0.3):
+        opcheck(A.paged_decode_attention.default, (q, kp, vp, table, ln2, scale))
+        opcheck(A.paged_decode_attention_lse.default, (q, kp, vp, table, ln2, scale))

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace adakv {
@@ -35,17 +36,9 @@ FlatCache compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx
   for (int64_t s = 0; s < S; ++s) {
     ADAKV_CHECK(bud[s] >= 0, "adakv: budgets[", s / Hk, ", ", s % Hk, "] = ", bud[s],
                 " is negative");
-    ADAKV_CHECK(cnt[s] >= 0 && cnt[s] <= bud[s] && cnt[s] <= L, "adakv: kept_count[", s / Hk,
-                ", ", s % Hk, "] = ", cnt[s], " is outside [0, min(budget = ", bud[s],
-                ", L = ", L, ")]");
     const int64_t ksb = ks ? ks[s / Hk] : 0;
-    for (int64_t i = 0; i < cnt[s]; ++i) {
-      const int32_t n = idx[s * L + i];
-      ADAKV_CHECK(n >= ksb && n < L, "adakv: kept_idx[", s / Hk, ", ", s % Hk, ", ", i, "] = ", n,
-                  " is outside the valid prefix [", ksb, ", ", L, ")");
-    }
     start[s] = static_cast<int32_t>(total);
-    len[s] = cnt[s] + static_cast<int32_t>(std::min<int64_t>(window, N - ksb));
+    len[s] = static_cast<int32_t>(compact_segment_len(s, Hk, cnt, idx, L, N, window, ksb, bud[s]));
     total += bud[s] + window + reserve;
     ADAKV_CHECK(total <= std::numeric_limits<int32_t>::max(),
                 "adakv: the flat cache would exceed 2^31 - 1 rows");
@@ -64,14 +57,11 @@ FlatCache compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx
   torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int64_t ksb = ks ? ks[s / Hk] : 0;
-      int64_t dst = start[s];
-      auto copy_row = [&](int64_t n) {
+      for_each_compact_row(s, cnt, idx, L, N, ksb, [&](int64_t i, int64_t n) {
+        const int64_t dst = start[s] + i;
         std::memcpy(kf + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
         std::memcpy(vf + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
-        ++dst;
-      };
-      for (int64_t i = 0; i < cnt[s]; ++i) copy_row(idx[s * L + i]);
-      for (int64_t n = std::max(ksb, L); n < N; ++n) copy_row(n);
+      });
     }
   });
   return {k_flat, v_flat, seg_start, seg_len};

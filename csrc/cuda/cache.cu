@@ -38,32 +38,6 @@ namespace adakv {
 namespace cuda {
 namespace {
 
-template <int VEC> struct VecType;
-template <> struct VecType<16> { using type = uint4; };
-template <> struct VecType<8> { using type = uint2; };
-template <> struct VecType<4> { using type = uint32_t; };
-template <> struct VecType<2> { using type = uint16_t; };
-
-// Largest vector width in bytes dividing the row size and the address of every tensor.
-int vector_width(int64_t row_bytes, std::initializer_list<const Tensor*> tensors) {
-  for (int v : {16, 8, 4}) {
-    bool ok = row_bytes % v == 0;
-    for (const Tensor* t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % v == 0;
-    if (ok) return v;
-  }
-  return 2;  // every supported dtype has at least 2 bytes per element
-}
-
-#define ADAKV_VEC_SWITCH(WIDTH, NAME, ...)                      \
-  [&] {                                                         \
-    switch (WIDTH) {                                            \
-      case 16: { constexpr int NAME = 16; return __VA_ARGS__(); } \
-      case 8: { constexpr int NAME = 8; return __VA_ARGS__(); }   \
-      case 4: { constexpr int NAME = 4; return __VA_ARGS__(); }   \
-      default: { constexpr int NAME = 2; return __VA_ARGS__(); }  \
-    }                                                           \
-  }()
-
 // ---------------------------------------------------------------------------------------------
 // compact
 

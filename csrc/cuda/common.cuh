@@ -1,6 +1,7 @@
 // Shared CUDA helpers of the adakv kernels: the CUDA side of the stable-ABI adapter (current
 // stream through the C shim, device guard, CUDA error checks), conversions, vector types,
-// static switches (runtime value -> template parameter) and launch checks.
+// static switches (runtime value -> template parameter), launch checks and the vector width of
+// row copies.
 // Like every file in csrc/, this uses PyTorch's stable C++ ABI only (csrc/torch_api.h): no ATen
 // or c10 header.
 #pragma once
@@ -82,8 +83,36 @@ inline int num_sms(int device) {
   return n;
 }
 
+template <int VEC> struct VecType;
+template <> struct VecType<16> { using type = uint4; };
+template <> struct VecType<8> { using type = uint2; };
+template <> struct VecType<4> { using type = uint32_t; };
+template <> struct VecType<2> { using type = uint16_t; };
+
+// Row copies (cache.cu, paged.cu): VecType<VEC> is the unsigned type of VEC bytes;
+// vector_width is the largest width in bytes dividing the row size and the address of every
+// tensor; ADAKV_VEC_SWITCH turns it into the compile-time VEC.
+inline int vector_width(int64_t row_bytes, std::initializer_list<const Tensor*> tensors) {
+  for (int v : {16, 8, 4}) {
+    bool ok = row_bytes % v == 0;
+    for (const Tensor* t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % v == 0;
+    if (ok) return v;
+  }
+  return 2;  // every supported dtype has at least 2 bytes per element
+}
+
 }  // namespace cuda
 }  // namespace adakv
+
+#define ADAKV_VEC_SWITCH(WIDTH, NAME, ...)                      \
+  [&] {                                                         \
+    switch (WIDTH) {                                            \
+      case 16: { constexpr int NAME = 16; return __VA_ARGS__(); } \
+      case 8: { constexpr int NAME = 8; return __VA_ARGS__(); }   \
+      case 4: { constexpr int NAME = 4; return __VA_ARGS__(); }   \
+      default: { constexpr int NAME = 2; return __VA_ARGS__(); }  \
+    }                                                           \
+  }()
 
 // Static switches: turn a runtime value into a compile-time constant named NAME.
 // The K/V dtypes as CUDA types: float, __half, __nv_bfloat16.

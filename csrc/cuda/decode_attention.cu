@@ -22,6 +22,10 @@
 //     tiny kernel (one warp per query row).
 //   * sm_90: launched with programmatic dependent launch (the kernel waits for the previous one
 //     before reading anything), so its launch overlaps the previous kernel's tail.
+// The launcher (decode::launch_decode, declared in decode_params.cuh) is shared with the paged
+// layout (paged.cu): it picks the split plan (decode_heuristics.h) and instantiates the kernel
+// with contiguous (row = seg_start[s] + i) or paged (row = page_table[s, i / P] * P + i % P)
+// addressing; the rest of the kernel, the cluster merge and the two-launch merge are the same.
 // No host synchronisation; device-side segment geometry is clamped into [0, rows).
 // lse follows SPEC section 9: -inf only for a row that sees no key; a NaN logit (in any split)
 // makes the row's lse NaN, so a NaN output never looks like an empty segment.
@@ -39,6 +43,7 @@
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/decode_heuristics.h"
 #include "cuda/decode_kernel.cuh"
 #include "cuda/decode_merge.cuh"
 #include "cuda/decode_params.cuh"
@@ -53,9 +58,6 @@ using decode::DecodeTraits;
 using decode::MergeParams;
 
 constexpr int kMaxDevices = 64;
-constexpr int64_t kMaxSplits = 128;
-constexpr int kWavesTarget = 2;   // two-launch path
-constexpr int kClusterWaves = 8;  // cluster path
 
 // Per (kernel instantiation, device), configured once: the occupancy of the split kernel (CTAs
 // per SM), the largest thread-block cluster it can run with (0: no cluster path: device or
@@ -68,7 +70,7 @@ struct KernelConfig {
   bool pdl = false;
 };
 
-template <typename T, int D>
+template <typename T, int D, bool kPaged>
 KernelConfig kernel_config(int device) {
   using Tr = DecodeTraits<T, D>;
   static std::mutex mu;
@@ -77,8 +79,8 @@ KernelConfig kernel_config(int device) {
   const bool cacheable = device >= 0 && device < kMaxDevices;
   std::lock_guard<std::mutex> lock(mu);
   if (cacheable && ready[device]) return cache[device];
-  auto plain = decode::decode_split_kernel<T, D, false>;
-  auto clustered = decode::decode_split_kernel<T, D, true>;
+  auto plain = decode::decode_split_kernel<T, D, false, kPaged>;
+  auto clustered = decode::decode_split_kernel<T, D, true, kPaged>;
   KernelConfig kc;
   ADAKV_CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Tr::kSmemBytes));
@@ -113,13 +115,13 @@ KernelConfig kernel_config(int device) {
 
 // Developer / test overrides (read per call, no device work): ADAKV_DECODE_SPLITS=n forces n
 // splits; ADAKV_DECODE_CLUSTER=0 forces the two-launch merge for num_splits > 1.
-int64_t env_int(const char* name, int64_t fallback) {
+std::optional<int64_t> env_int(const char* name) {
   const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
+  if (v == nullptr || *v == '\0') return std::nullopt;
   return std::strtoll(v, nullptr, 10);
 }
 
-template <typename T, int D, bool kCluster>
+template <typename T, int D, bool kCluster, bool kPaged>
 void launch_split(const DecodeParams& p, int64_t grid, int cluster, int smem, bool pdl,
                   cudaStream_t stream) {
   using Tr = DecodeTraits<T, D>;
@@ -144,93 +146,63 @@ void launch_split(const DecodeParams& p, int64_t grid, int cluster, int smem, bo
   cfg.stream = stream;
   cfg.attrs = attrs;
   cfg.numAttrs = n;
-  ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster>, p));
+  ADAKV_CUDA_CHECK(
+      cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster, kPaged>, p));
 }
 
-template <typename T, int D>
-void launch_decode(const DecodeShape& sh, const Tensor& query, const Tensor& k_flat,
-                   const Tensor& v_flat, const Tensor& seg_start, const Tensor& seg_len,
-                   const Tensor& out, float* lse, double scale) {
+template <typename T, int D, bool kPaged>
+void launch_decode_t(DecodeParams& p, const Tensor& query, int64_t avg_cap, const char* op) {
   using Tr = DecodeTraits<T, D>;
   const int device = query.get_device_index();
-  const int64_t S = sh.S;
-  const int64_t GT = (sh.Hq / sh.Hk) * sh.T;
+  const int64_t S = p.S;
+  const int64_t GT = p.GT;
   const int64_t num_mblocks = (GT + Tr::kRows - 1) / Tr::kRows;
   const int64_t base_ctas = S * num_mblocks;
 
-  // Splits from shapes only (never from seg_len). Two-launch path (no clusters): enough CTAs
-  // for kWavesTarget full waves, but no split smaller than one CTA stage (kWarps * kTileKeys
-  // keys) of the average segment capacity. Cluster path (sm_90): the splits of a query block
-  // are one cluster merged in the same launch, so splitting costs no workspace traffic: aim at
-  // kClusterWaves waves (finer work units even out skewed, Ada-like segment lengths), at most
-  // max_cluster splits, and at most max(4, one wave / base_ctas) of them (large clusters in a
-  // multi-wave grid schedule badly: measured on an H100 at batch 64, 12-16 splits ran 1.6x
-  // slower than 4). Batch 1 of an 8-KV-head layer: 16 splits = 128 CTAs.
-  const KernelConfig kc = kernel_config<T, D>(device);
-  const int64_t sms = num_sms(device);
-  const int64_t slots = sms * kc.occ;
-  const int64_t avg_cap = (sh.rows + S - 1) / S;
-  const int64_t keys_per_cta_stage = Tr::kWarps * Tr::kTileKeys;
-  const int64_t max_by_len = std::max<int64_t>(1, (avg_cap + keys_per_cta_stage - 1) / keys_per_cta_stage);
-  const bool cluster_ok = kc.max_cluster >= 2 && env_int("ADAKV_DECODE_CLUSTER", 1) != 0;
-  int64_t num_splits;
-  if (cluster_ok) {
-    num_splits = (int64_t{kClusterWaves} * slots + base_ctas - 1) / base_ctas;
-    num_splits = std::min({num_splits, max_by_len, int64_t{kc.max_cluster},
-                           std::max<int64_t>(4, slots / base_ctas)});
-  } else {
-    num_splits = (int64_t{kWavesTarget} * slots + base_ctas - 1) / base_ctas;
-    num_splits = std::min({num_splits, max_by_len, kMaxSplits});
-  }
-  num_splits = env_int("ADAKV_DECODE_SPLITS", num_splits);
-  num_splits = std::max<int64_t>(1, std::min(num_splits, kMaxSplits));
-  const bool use_cluster = num_splits > 1 && cluster_ok && num_splits <= kc.max_cluster;
+  const KernelConfig kc = kernel_config<T, D, kPaged>(device);
+  decode::DecodeSplitInputs in;
+  in.base_ctas = base_ctas;
+  in.avg_cap = avg_cap;
+  in.keys_per_cta_stage = Tr::kWarps * Tr::kTileKeys;
+  in.slots = static_cast<int64_t>(num_sms(device)) * kc.occ;
+  in.max_cluster = kc.max_cluster;
+  const std::optional<int64_t> cluster_env = env_int("ADAKV_DECODE_CLUSTER");
+  in.cluster_allowed = !cluster_env.has_value() || *cluster_env != 0;
+  in.forced_splits = env_int("ADAKV_DECODE_SPLITS");
+  const decode::DecodeSplitPlan plan = decode::plan_decode_splits(in);
+  const int64_t num_splits = plan.num_splits;
+  const bool use_cluster = plan.use_cluster;
   const int64_t grid = base_ctas * num_splits;
   ADAKV_CHECK(grid <= std::numeric_limits<int32_t>::max() && GT <= std::numeric_limits<int32_t>::max() / 2,
-              "adakv: decode_attention is not implemented for CUDA at this size (", S,
+              "adakv: ", op, " is not implemented for CUDA at this size (", S,
               " segments x ", GT, " query rows per segment)");
 
-  DecodeParams p;
-  p.q = query.data_ptr();
-  p.k = k_flat.data_ptr();
-  p.v = v_flat.data_ptr();
-  p.seg_start = ptr<int32_t>(seg_start);
-  p.seg_len = ptr<int32_t>(seg_len);
-  p.out = out.data_ptr();
-  p.lse = lse;
   p.part_o = nullptr;
   p.part_lse = nullptr;
-  p.rows = sh.rows;
-  p.S = static_cast<int>(S);
-  p.GT = static_cast<int>(GT);
-  p.T = static_cast<int>(sh.T);
   p.num_splits = static_cast<int>(num_splits);
   p.num_mblocks = static_cast<int>(num_mblocks);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const cudaStream_t stream = current_stream(query);
   if (use_cluster) {
-    launch_split<T, D, true>(p, grid, static_cast<int>(num_splits), Tr::kClusterSmemBytes, kc.pdl,
-                             stream);
+    launch_split<T, D, true, kPaged>(p, grid, static_cast<int>(num_splits),
+                                     Tr::kClusterSmemBytes, kc.pdl, stream);
     return;
   }
   OptTensor part_o, part_lse;  // alive until the launches below are enqueued
   if (num_splits > 1) {
-    part_o = new_empty("decode_attention", "the split partials", query,
-                       {num_splits, S * GT, int64_t{D}}, kFloat);
-    part_lse = new_empty("decode_attention", "the split log-sum-exps", query,
-                         {num_splits, S * GT}, kFloat);
+    part_o = new_empty(op, "the split partials", query, {num_splits, S * GT, int64_t{D}}, kFloat);
+    part_lse = new_empty(op, "the split log-sum-exps", query, {num_splits, S * GT}, kFloat);
     p.part_o = ptr<float>(part_o);
     p.part_lse = ptr<float>(part_lse);
   }
-  launch_split<T, D, false>(p, grid, 1, Tr::kSmemBytes, kc.pdl, stream);
+  launch_split<T, D, false, kPaged>(p, grid, 1, Tr::kSmemBytes, kc.pdl, stream);
 
   if (num_splits > 1) {
     MergeParams mp;
     mp.part_o = p.part_o;
     mp.part_lse = p.part_lse;
     mp.out = p.out;
-    mp.lse = lse;
+    mp.lse = p.lse;
     mp.n_rows = S * GT;
     mp.num_splits = p.num_splits;
     const int64_t merge_grid = (mp.n_rows + decode::kMergeRowsPerCta - 1) / decode::kMergeRowsPerCta;
@@ -260,20 +232,56 @@ std::tuple<Tensor, OptTensor> decode_impl(const Tensor& query, const Tensor& k_f
   OptTensor lse;
   if (want_lse)
     lse = new_empty("decode_attention", "the log-sum-exp", query, {sh.B, sh.Hq, sh.T}, kFloat);
-  ADAKV_DECODE_HEADDIM_SWITCH(sh.D, kHeadDim, [&] {
-    if (out.numel() == 0) return;  // Hq == 0: nothing to compute
-    ADAKV_CHECK(aligned16(query) && (sh.rows == 0 || (aligned16(k_flat) && aligned16(v_flat))),
-                "adakv: decode_attention is not implemented for CUDA on tensors whose data is "
-                "not 16-byte aligned (query / k_flat / v_flat views with an odd storage offset)");
-    ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
-      launch_decode<scalar_t, kHeadDim>(sh, query, k_flat, v_flat, seg_start, seg_len, out,
-                                        ptr<float>(lse), sc);
-    });
-  });
+  decode::check_decode_head_dim(sh.D);
+  if (out.numel() == 0) return {out, lse};  // Hq == 0: nothing to compute
+  ADAKV_CHECK(aligned16(query) && (sh.rows == 0 || (aligned16(k_flat) && aligned16(v_flat))),
+              "adakv: decode_attention is not implemented for CUDA on tensors whose data is "
+              "not 16-byte aligned (query / k_flat / v_flat views with an odd storage offset)");
+  DecodeParams p{};
+  p.q = query.data_ptr();
+  p.k = k_flat.data_ptr();
+  p.v = v_flat.data_ptr();
+  p.seg_start = ptr<int32_t>(seg_start);
+  p.seg_len = ptr<int32_t>(seg_len);
+  p.page_table = nullptr;
+  p.out = out.data_ptr();
+  p.lse = ptr<float>(lse);
+  p.rows = sh.rows;
+  p.T = static_cast<int>(sh.T);
+  p.scale_log2 = static_cast<float>(sc * 1.4426950408889634);
+  const int64_t avg_cap = (sh.rows + sh.S - 1) / sh.S;
+  decode::launch_decode(p, query, sh.S, (sh.Hq / sh.Hk) * sh.T, sh.D, avg_cap, "decode_attention");
   return {out, lse};
 }
 
 }  // namespace
+
+namespace decode {
+
+void check_decode_head_dim(int64_t head_dim) {
+  ADAKV_DECODE_HEADDIM_SWITCH(head_dim, kHeadDim, [&] { (void)kHeadDim; });
+}
+
+void launch_decode(DecodeParams& p, const Tensor& query, int64_t S, int64_t GT,
+                   int64_t head_dim, int64_t avg_cap, const char* op) {
+  // grid = S * ceil(GT / kRows) * num_splits CTAs must fit int32 (checked again with the
+  // chosen split count below); p.S / p.GT are int on the device.
+  ADAKV_CHECK(S >= 1 && S <= std::numeric_limits<int32_t>::max() &&
+                  GT <= std::numeric_limits<int32_t>::max() / 2,
+              "adakv: ", op, " is not implemented for CUDA at this size (", S,
+              " segments x ", GT, " query rows per segment)");
+  p.S = static_cast<int>(S);
+  p.GT = static_cast<int>(GT);
+  ADAKV_DECODE_HEADDIM_SWITCH(head_dim, kHeadDim, [&] {
+    ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
+      ADAKV_BOOL_SWITCH(p.page_table != nullptr, kPaged, [&] {
+        launch_decode_t<scalar_t, kHeadDim, kPaged>(p, query, avg_cap, op);
+      });
+    });
+  });
+}
+
+}  // namespace decode
 
 std::tuple<Tensor, Tensor> decode_attention_lse(const Tensor& query, const Tensor& k_flat,
                                                 const Tensor& v_flat, const Tensor& seg_start,

@@ -1,4 +1,10 @@
-// Split-K decode attention kernel over the head-flattened cache (flash-decoding).
+// Split-K decode attention kernel (flash-decoding) over either K/V layout, chosen at compile
+// time (kPaged): the head-flattened cache k_flat / v_flat [rows, D] (key i of segment s is row
+// seg_start[s] + i) or the paged pool k_pages / v_pages [num_pages, P, D] (key i of segment s
+// is row page_table[s, i / P] * P + i % P of the pool seen as [num_pages * P, D]). The address
+// computation of a key tile is the only difference: a tile (kTileKeys consecutive keys, starting
+// at a multiple of kTileKeys) never straddles a page because the host requires
+// P % kTileKeys == 0, so its rows are contiguous in both layouts.
 //
 // One CTA = (segment s, split, query-row block mb), blockIdx.x = (s * num_splits + split) *
 // num_mblocks + mb, so the CTAs that share a K/V chunk run next to each other. The CTA's query
@@ -20,6 +26,9 @@
 // On sm_90 the kernel is launched with programmatic stream serialization: it waits for the
 // previous kernel of the stream (griddepcontrol.wait) before reading any input, so only its
 // launch overlaps that kernel's tail.
+// Paged geometry from device memory is clamped, never followed out of bounds: seg_len into
+// [0, page_width * P] (0 when the pool is empty), page ids into [0, num_pages); only table
+// entries of tiles below seg_len are read.
 // Row r sees keys n < n_r = len - T + 1 + (r % T) (causal among the T newest); a row with no
 // visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf (SPEC section 9: the only
 // -inf lse). A NaN logit makes l NaN (fmaxf keeps m finite or -inf, exp2f(NaN) = NaN); every
@@ -32,14 +41,11 @@
 
 #include "cuda/decode_params.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/softmax_state.cuh"
 
 namespace adakv {
 namespace cuda {
 namespace decode {
-
-constexpr float kLn2 = 0.693147180559945309f;
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
 
 // Two floats -> one 32-bit register of two 16-bit values (lo in the low half).
 template <typename T>
@@ -80,12 +86,12 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Issues the copies of one warp tile: kTileKeys rows of K and V starting at cache row `row0`
-// into the (swizzled) shared tiles at byte addresses sk / sv. Only the first `valid_rows` rows
-// are read; the others are zero-filled.
-template <typename Tr, typename T>
+// Issues the copies of one warp tile: kTileKeys rows of K and V, tile row r from cache row
+// row_of(r), into the (swizzled) shared tiles at byte addresses sk / sv. Only the first
+// `valid_rows` rows are read; the others are zero-filled.
+template <typename Tr, typename T, typename RowOf>
 __device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __restrict__ k,
-                                          const T* __restrict__ v, int64_t row0, int valid_rows,
+                                          const T* __restrict__ v, RowOf row_of, int valid_rows,
                                           int lane) {
   constexpr int kChunks = Tr::kTileKeys * Tr::kCPR;
   constexpr int D = Tr::kCPR * Tr::kEPC;
@@ -98,12 +104,33 @@ __device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __r
       // bounds: only rows < valid_rows (inside the split, hence inside the clamped segment and
       // the cache) are read; the others read nothing (src-size 0) and use the base pointer.
       // Their shared rows are zero-filled: zero K and V keep the masked products finite.
-      const int64_t off = ok ? (row0 + r) * D + c * Tr::kEPC : 0;
+      const int64_t off = ok ? row_of(r) * D + c * Tr::kEPC : 0;
       const uint32_t dst = static_cast<uint32_t>(r * Tr::kCPR + (c ^ (r & Tr::kSwz))) * 16u;
       cp_async_16(sk + dst, k + off, ok ? 16 : 0);
       cp_async_16(sv + dst, v + off, ok ? 16 : 0);
     }
   }
+}
+
+// Merge of the kWarps warp states of local row r, dims [d0, d0 + 8): acc = the unnormalised
+// merged o, returns (M, L). No warp is skipped (softmax_state.cuh): an empty warp weighs 0, a
+// NaN warp (l NaN, m possibly -inf) keeps the row NaN.
+template <typename Tr>
+__device__ __forceinline__ float2 merge_warp_states(const float* o_s, const float* m_s,
+                                                    const float* l_s, int r, int d0,
+                                                    float (&acc)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  return merge_states(
+      Tr::kWarps, [&](int w) { return m_s[w * Tr::kRows + r]; },
+      [&](int w) { return l_s[w * Tr::kRows + r]; },
+      [&](int w, float wgt) {
+        const float4* src =
+            reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
+        const float4 a = src[0], b = src[1];
+        acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
+        acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
+      });
 }
 
 // Cross-warp merge of the per-warp states (o_s [warp][row][kLdO] unnormalised, m_s / l_s
@@ -120,34 +147,19 @@ __device__ __forceinline__ void combine_and_store(const DecodeParams& p, const f
     const int r = i / kGroups, d0 = (i % kGroups) * 8;
     const int rg = row_base + r;
     if (rg >= p.GT) continue;  // padding rows of the last query block
-    // m_s is never NaN (fmaxf drops NaN logits); a NaN logit shows as l = NaN, possibly with
-    // m = -inf (every visible logit NaN). So no warp is skipped: with M = -inf the weights use
-    // 0 instead (exp2(-inf) = 0 for an empty warp), and 0 * NaN keeps a NaN warp NaN.
-    float M = neg_inf();
-#pragma unroll
-    for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
-    const float Mu = M == neg_inf() ? 0.f : M;
-    float L = 0.f;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < Tr::kWarps; ++w) {
-      const float wgt = exp2f(m_s[w * Tr::kRows + r] - Mu);  // 0 for an empty warp (-inf)
-      L += wgt * l_s[w * Tr::kRows + r];
-      const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
-      const float4 a = src[0], b = src[1];
-      acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
-      acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
-    }
+    float acc[8];
+    const float2 ML = merge_warp_states<Tr>(o_s, m_s, l_s, r, d0, acc);
+    const float M = ML.x, L = ML.y;
     // L == 0 iff no key was visible (out 0, lse -inf); L = NaN: acc is NaN too, out and lse NaN
-    const float inv = L == 0.f ? 0.f : 1.f / L;
+    const float inv = inv_or_zero(L);
     const int64_t row = static_cast<int64_t>(s) * p.GT + rg;
     if (p.num_splits == 1) {
       store8<T>(static_cast<T*>(p.out) + row * D + d0, acc, inv);
-      if (p.lse != nullptr && d0 == 0) p.lse[row] = L == 0.f ? neg_inf() : (M + log2f(L)) * kLn2;
+      if (p.lse != nullptr && d0 == 0) p.lse[row] = state_lse2(M, L) * kLn2;
     } else {
       const int64_t prow = static_cast<int64_t>(split) * p.S * p.GT + row;
       store8<float>(p.part_o + prow * D + d0, acc, inv);
-      if (d0 == 0) p.part_lse[prow] = L == 0.f ? neg_inf() : M + log2f(L);
+      if (d0 == 0) p.part_lse[prow] = state_lse2(M, L);
     }
   }
 }
@@ -198,25 +210,10 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
   cluster_wait();  // entry phase: every CTA of the cluster runs, its shared memory may be written
   for (int i = threadIdx.x; i < rows_here * kGroups; i += Tr::kThreads) {
     const int r = i / kGroups, d0 = (i % kGroups) * 8;
-    // m_s is never NaN (fmaxf drops NaN logits); a NaN logit shows as l = NaN, possibly with
-    // m = -inf (every visible logit NaN). So no warp is skipped: with M = -inf the weights use
-    // 0 instead (exp2(-inf) = 0 for an empty warp), and 0 * NaN keeps a NaN warp NaN.
-    float M = neg_inf();
-#pragma unroll
-    for (int w = 0; w < Tr::kWarps; ++w) M = fmaxf(M, m_s[w * Tr::kRows + r]);
-    const float Mu = M == neg_inf() ? 0.f : M;
-    float L = 0.f;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < Tr::kWarps; ++w) {
-      const float wgt = exp2f(m_s[w * Tr::kRows + r] - Mu);  // 0 for an empty warp (-inf)
-      L += wgt * l_s[w * Tr::kRows + r];
-      const float4* src = reinterpret_cast<const float4*>(o_s + (w * Tr::kRows + r) * Tr::kLdO + d0);
-      const float4 a = src[0], b = src[1];
-      acc[0] += wgt * a.x; acc[1] += wgt * a.y; acc[2] += wgt * a.z; acc[3] += wgt * a.w;
-      acc[4] += wgt * b.x; acc[5] += wgt * b.y; acc[6] += wgt * b.z; acc[7] += wgt * b.w;
-    }
-    const float inv = L == 0.f ? 0.f : 1.f / L;  // as in combine_and_store
+    float acc[8];
+    const float2 ML = merge_warp_states<Tr>(o_s, m_s, l_s, r, d0, acc);
+    const float M = ML.x, L = ML.y;
+    const float inv = inv_or_zero(L);  // as in combine_and_store
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int item = r * kG4 + d0 / 4 + h;
@@ -227,7 +224,7 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
                          acc[4 * h + 3] * inv);
     }
     // the row's lse goes to every CTA; the row's threads share the ns stores
-    const float lse2 = L == 0.f ? neg_inf() : M + log2f(L);  // NaN for a NaN partial
+    const float lse2 = state_lse2(M, L);  // NaN for a NaN partial
     for (int o = i % kGroups; o < ns; o += kGroups) {
       cluster.map_shared_rank(recv_lse, static_cast<unsigned>(o))[r * kMaxCluster + split] = lse2;
     }
@@ -242,29 +239,16 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
     // A NaN partial (lse NaN, o NaN) is dropped by fmaxf from M but not from the sum:
     // exp2f(NaN - Mu) = NaN, so sum, out and lse become NaN; with M = -inf (no partial saw a
     // finite logit) the weights use 0 instead of M, so empty partials still weigh 0.
-    float lv[kMaxCluster];
-    float M = neg_inf();
-#pragma unroll
-    for (int sp = 0; sp < kMaxCluster; ++sp) {
-      lv[sp] = neg_inf();
-      if (sp < ns) {
-        lv[sp] = recv_lse[r * kMaxCluster + sp];
-        M = fmaxf(M, lv[sp]);
-      }
-    }
-    const float Mu = M == neg_inf() ? 0.f : M;
-    float sum = 0.f;
+    // Each partial is the state (lse, 1, o) (softmax_state.cuh).
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int sp = 0; sp < kMaxCluster; ++sp) {
-      if (sp < ns) {
-        const float w = exp2f(lv[sp] - Mu);  // 0 for an empty partial, NaN for a NaN one
-        const float4 x = src[sp];
-        sum += w;
-        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
-      }
-    }
-    const float inv = sum == 0.f ? 0.f : 1.f / sum;
+    const float2 ML = merge_states(
+        ns, [&](int sp) { return recv_lse[r * kMaxCluster + sp]; }, [](int) { return 1.f; },
+        [&](int sp, float w) {
+          const float4 x = src[sp];
+          acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
+        });
+    const float M = ML.x, sum = ML.y;
+    const float inv = inv_or_zero(sum);
     const int64_t row = static_cast<int64_t>(s) * p.GT + row_base + r;
     T* dst = static_cast<T*>(p.out) + row * D + d0;
     if constexpr (std::is_same_v<T, float>) {
@@ -273,14 +257,14 @@ __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p,
       *reinterpret_cast<uint2*>(dst) =
           make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
     }
-    if (p.lse != nullptr && d0 == 0) p.lse[row] = sum == 0.f ? neg_inf() : (M + log2f(sum)) * kLn2;
+    if (p.lse != nullptr && d0 == 0) p.lse[row] = state_lse2(M, sum) * kLn2;
   }
 #else
   __trap();  // the launcher uses the cluster path on sm_90 and newer only
 #endif
 }
 
-template <typename T, int D, bool kCluster>
+template <typename T, int D, bool kCluster, bool kPaged>
 __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     decode_split_kernel(const DecodeParams p) {
   using Tr = DecodeTraits<T, D>;
@@ -309,9 +293,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
 #endif
 
   // bounds: the segment geometry comes from device memory; clamp it into the cache so that
-  // every row read below lies in [0, rows).
-  const int64_t start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
-  const int64_t len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - start);
+  // every row read below lies in [0, rows) (contiguous) or in the pool (paged: len into
+  // [0, page_width * P], 0 for an empty pool, page ids into [0, num_pages) in key_row).
+  int64_t start = 0, len;
+  if constexpr (kPaged) {
+    const int64_t cap = p.num_pages > 0 ? static_cast<int64_t>(p.page_width) * p.page_size : 0;
+    len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), cap);
+  } else {
+    start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
+    len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - start);
+  }
   int64_t chunk = (len + p.num_splits - 1) / p.num_splits;
   chunk = (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int begin = static_cast<int>(min(static_cast<int64_t>(split) * chunk, len));
@@ -326,10 +317,40 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   const uint32_t ring_addr = smem_u32(ring) + static_cast<uint32_t>(warp * kStages * Tr::kStageBytes);
   constexpr uint32_t kVOffset = Tr::kTileElems * sizeof(T);
   auto tile_key0 = [&](int j) { return begin + (warp + j * kWarps) * kTileKeys; };
+  // Cache row of key `key` (< len) of the segment, looked up per row (a tile may straddle
+  // pages when P % kTileKeys != 0; for P >= kTileKeys a tile's rows share one table entry, an
+  // L1 hit).
+  auto key_row = [&](int key) -> int64_t {
+    if constexpr (kPaged) {
+      int pg, slot;
+      if (p.page_shift >= 0) {
+        pg = key >> p.page_shift;
+        slot = key & (p.page_size - 1);
+      } else {
+        pg = key / p.page_size;
+        slot = key - pg * p.page_size;
+      }
+      // bounds: key < len <= page_width * P, so the table entry is inside row s of the table;
+      // the page id is clamped into the pool
+      const int32_t id = p.page_table[static_cast<int64_t>(s) * p.page_width + pg];
+      const int64_t page = min(max(static_cast<int64_t>(id), int64_t{0}), p.num_pages - 1);
+      return page * p.page_size + slot;
+    } else {
+      return start + key;
+    }
+  };
   auto issue = [&](int j) {
     const int key0 = tile_key0(j);
     const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
-    load_tile<Tr>(sk, sk + kVOffset, kp, vp, start + key0, end - key0, lane);
+    if (!kPaged || p.page_size % kTileKeys == 0) {
+      // contiguous, or pages holding whole tiles (key0 % kTileKeys == 0): one lookup per tile
+      const int64_t row0 = key_row(key0);
+      load_tile<Tr>(sk, sk + kVOffset, kp, vp, [=](int r) { return row0 + r; }, end - key0,
+                    lane);
+    } else {
+      load_tile<Tr>(sk, sk + kVOffset, kp, vp, [&](int r) { return key_row(key0 + r); },
+                    end - key0, lane);
+    }
   };
   // Exclusive key limit of local query row r, clamped into [begin, end] (begin: no key).
   auto row_limit = [&](int r) -> int {
@@ -419,13 +440,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-      const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
       // a row with no visible key so far keeps m = -inf; subtract 0 then (exp2(-inf) = 0)
-      const float mu_lo = mn_lo == neg_inf() ? 0.f : mn_lo;
-      const float mu_hi = mn_hi == neg_inf() ? 0.f : mn_hi;
-      const float c_lo = exp2f(m_lo - mu_lo), c_hi = exp2f(m_hi - mu_hi);
-      m_lo = mn_lo;
-      m_hi = mn_hi;
+      float mu_lo, mu_hi;
+      const float c_lo = softmax_rescale(m_lo, mx_lo, mu_lo);
+      const float c_hi = softmax_rescale(m_hi, mx_hi, mu_hi);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         sc[nt][0] = exp2f(sc[nt][0] - mu_lo);
@@ -525,15 +543,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
           dot = warp_sum(dot);
           if (n < lim[r]) {  // warp-uniform
             const float x = dot * p.scale_log2;
-            const float mn = fmaxf(m[r], x);
             // -inf logits weigh 0 even while the running max is still -inf (exp2f(-inf - -inf)
             // would be NaN): the same rule as the tensor-core path and the CPU kernel.
-            const float mu = mn == neg_inf() ? 0.f : mn;
-            const float c = exp2f(m[r] - mu), pr = exp2f(x - mu);
+            float mu;
+            const float c = softmax_rescale(m[r], x, mu);
+            const float pr = exp2f(x - mu);
             l[r] = l[r] * c + pr;
 #pragma unroll
             for (int i = 0; i < kDPL; ++i) acc[r][i] = fmaf(pr, vv[i], acc[r][i] * c);
-            m[r] = mn;
           }
         }
       }

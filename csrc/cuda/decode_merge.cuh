@@ -1,4 +1,5 @@
-// Log-sum-exp merge of the split partials of decode_kernel.cuh.
+// Log-sum-exp merge of the split partials of decode_kernel.cuh (both K/V layouts: the
+// partials do not depend on it), merge math from softmax_state.cuh.
 //
 // One warp per query row (n_rows = S * G * T), 4 rows per 128-thread CTA; lane owns dims
 // lane * 4 + 128 i (16-byte fp32 loads). out = sum_i w_i o_i / sum_i w_i with
@@ -11,7 +12,8 @@
 
 #include <cstdint>
 
-#include "cuda/decode_kernel.cuh"
+#include "cuda/decode_kernel.cuh"  // pack2
+#include "cuda/softmax_state.cuh"
 
 namespace adakv {
 namespace cuda {
@@ -38,30 +40,29 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + (threadIdx.x >> 5);
   if (row >= p.n_rows) return;  // bounds: grid rounds n_rows up to whole CTAs
 
-  float M = neg_inf();
-  for (int sp = 0; sp < p.num_splits; ++sp) M = fmaxf(M, p.part_lse[sp * p.n_rows + row]);
-  const float Mu = M == neg_inf() ? 0.f : M;
-  float sum = 0.f;
+  // Each partial is the state (part_lse, 1, part_o) (softmax_state.cuh).
   float4 acc[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int sp = 0; sp < p.num_splits; ++sp) {
-    const int64_t prow = sp * p.n_rows + row;
-    const float w = exp2f(p.part_lse[prow] - Mu);  // 0 for an empty partial, NaN for a NaN one
-    sum += w;
+  const float2 ML = merge_states(
+      p.num_splits, [&](int sp) { return p.part_lse[sp * p.n_rows + row]; },
+      [](int) { return 1.f; },
+      [&](int sp, float w) {  // w: 0 for an empty partial, NaN for a NaN one
+        const int64_t prow = sp * p.n_rows + row;
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int d = lane * 4 + it * 128;
-      if (D % 128 == 0 || d < D) {
-        const float4 x = *reinterpret_cast<const float4*>(p.part_o + prow * D + d);
-        acc[it].x += w * x.x;
-        acc[it].y += w * x.y;
-        acc[it].z += w * x.z;
-        acc[it].w += w * x.w;
-      }
-    }
-  }
-  const float inv = sum == 0.f ? 0.f : 1.f / sum;
+        for (int it = 0; it < kIters; ++it) {
+          const int d = lane * 4 + it * 128;
+          if (D % 128 == 0 || d < D) {
+            const float4 x = *reinterpret_cast<const float4*>(p.part_o + prow * D + d);
+            acc[it].x += w * x.x;
+            acc[it].y += w * x.y;
+            acc[it].z += w * x.z;
+            acc[it].w += w * x.w;
+          }
+        }
+      });
+  const float M = ML.x, sum = ML.y;
+  const float inv = inv_or_zero(sum);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int d = lane * 4 + it * 128;
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
                 make_float4(acc[it].x * inv, acc[it].y * inv, acc[it].z * inv, acc[it].w * inv));
     }
   }
-  if (lane == 0 && p.lse != nullptr) p.lse[row] = sum == 0.f ? neg_inf() : (M + log2f(sum)) * kLn2;
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = state_lse2(M, sum) * kLn2;
 }
 
 }  // namespace decode

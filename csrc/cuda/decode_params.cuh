@@ -1,5 +1,8 @@
 // Parameters and compile-time traits of the decode_attention kernels (decode_kernel.cuh: the
-// split-K attention kernel, decode_merge.cuh: the log-sum-exp merge of the split partials).
+// split-K attention kernel, decode_merge.cuh: the log-sum-exp merge of the split partials), for
+// both K/V layouts (contiguous k_flat [rows, D] + seg_start, or paged k_pages [num_pages, P, D]
+// + page_table [S, page_width]), and the one host launcher of that kernel family
+// (launch_decode, defined in decode_attention.cu, called by decode_attention.cu and paged.cu).
 //
 // Problem view: query [B, Hq, T, D] is read as [S, GT, D] with S = B * Hk segments and
 // GT = G * T query rows per segment (row r = g * T + t of segment s = b * Hk + h is query head
@@ -19,13 +22,21 @@ struct DecodeParams {
   const void* __restrict__ q;          // [S, GT, D] query dtype
   const void* __restrict__ k;          // [rows, D]
   const void* __restrict__ v;          // [rows, D]
-  const int32_t* __restrict__ seg_start;  // [S]
+  const int32_t* __restrict__ seg_start;  // [S] (contiguous layout; nullptr when paged)
   const int32_t* __restrict__ seg_len;    // [S]
+  // Paged layout (page_table != nullptr): k / v are [num_pages * P, D], key i of segment s is
+  // row page_table[s * page_width + i / P] * P + i % P (any P >= 1; each key row is looked up
+  // on its own, so a tile may straddle pages; shift/mask when P is a power of two).
+  const int32_t* __restrict__ page_table;  // [S, page_width] or nullptr (contiguous)
+  int64_t num_pages;
+  int page_width;                      // table entries per segment (page_width * P < 2^31)
+  int page_size;                       // P
+  int page_shift;                      // log2(P) when P is a power of two, else -1
   void* __restrict__ out;              // [S, GT, D] query dtype (num_splits == 1 or cluster merge)
   float* __restrict__ lse;             // [S, GT] natural log, or nullptr (num_splits == 1)
   float* __restrict__ part_o;          // [num_splits, S, GT, D] fp32, normalised (num_splits > 1)
   float* __restrict__ part_lse;        // [num_splits, S, GT] base-2 lse of each partial
-  int64_t rows;                        // cache rows (bounds for seg_start / seg_len)
+  int64_t rows;                        // cache rows (bounds for seg_start / seg_len; paged: unused)
   int S, GT, T;
   int num_splits, num_mblocks;
   float scale_log2;                    // softmax scale * log2(e): logits are kept in base 2
@@ -86,6 +97,19 @@ struct DecodeTraits {
   static_assert(kBodyBytes % 16 == 0, "receive area must stay 16-B aligned");
   static_assert(kQBytes % 128 == 0, "ring must stay 128-B aligned");
 };
+
+// Launches the decode kernel family for p on the current stream of `query`'s device (the
+// caller holds a DeviceGuard; query's dtype is the K/V dtype): p.q, k, v, seg_start or
+// page_table (+ num_pages, page_width, page_shift), seg_len, out, lse, rows, T and scale_log2
+// are filled by the caller; S (segments) and GT (query rows per segment) are range-checked and
+// stored here; num_splits, num_mblocks and the partial buffers are chosen here
+// (decode_heuristics.h; the two-launch merge's workspace comes from torch's allocator).
+// `avg_cap` is the average segment capacity in keys (shapes only, never seg_len), `op` names
+// the op in errors. head_dim: see check_decode_head_dim.
+void launch_decode(DecodeParams& p, const Tensor& query, int64_t S, int64_t GT,
+                   int64_t head_dim, int64_t avg_cap, const char* op);
+// Rejects a head dim the kernels are not built for (ADAKV_DECODE_HEADDIM_SWITCH's error).
+void check_decode_head_dim(int64_t head_dim);
 
 }  // namespace decode
 }  // namespace cuda

@@ -74,6 +74,9 @@ from .ops import (  # noqa: E402
     compact,
     decode_attention,
     evict,
+    paged_append_,
+    paged_compact_,
+    paged_decode_attention,
     score,
     select,
 )
@@ -88,5 +91,8 @@ __all__ = [
     "evict",
     "append_",
     "decode_attention",
+    "paged_compact_",
+    "paged_append_",
+    "paged_decode_attention",
     "pyramid_budgets",
 ]

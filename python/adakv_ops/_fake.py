@@ -123,3 +123,26 @@ def _decode_fake(query, k_flat, v_flat, seg_start, seg_len, scale=None):
 @torch.library.register_fake("adakv::decode_attention_lse")
 def _decode_lse_fake(query, k_flat, v_flat, seg_start, seg_len, scale=None):
     return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("adakv::paged_compact_")
+def _paged_compact_fake(k_pages, v_pages, page_table, seg_len, key, value, kept_idx, kept_count,
+                        window, key_start=None):
+    N = key.shape[2]
+    _check(0 <= window <= N, lambda: f"adakv: window must be in [0, N = {N}], got {window}")
+    return None
+
+
+@torch.library.register_fake("adakv::paged_append_")
+def _paged_append_fake(k_pages, v_pages, page_table, seg_len, key_new, value_new, overflow=None):
+    return None
+
+
+@torch.library.register_fake("adakv::paged_decode_attention")
+def _paged_decode_fake(query, k_pages, v_pages, page_table, seg_len, scale=None):
+    return torch.empty_like(query)
+
+
+@torch.library.register_fake("adakv::paged_decode_attention_lse")
+def _paged_decode_lse_fake(query, k_pages, v_pages, page_table, seg_len, scale=None):
+    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)

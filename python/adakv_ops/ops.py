@@ -159,3 +159,74 @@ def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: T
         return torch.ops.adakv.decode_attention_lse(query, k_flat, v_flat, seg_start, seg_len,
                                                     scale)
     return torch.ops.adakv.decode_attention(query, k_flat, v_flat, seg_start, seg_len, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# paged per-head storage (SPEC 3.1, docs/semantics.md "Paged storage")
+#
+# Pool ``k_pages``/``v_pages [num_pages, P, D]``; segment ``s`` owns the pages
+# ``page_table[s, 0..]`` (``[S, max_pages]`` int32) and holds ``seg_len[s]`` tokens (``[S]``
+# int32); its token ``i`` is ``k_pages[page_table[s, i // P], i % P]``. Entries past
+# ``ceil(seg_len / P)`` are ignored (may hold -1). Freeing pages is host-side (no op).
+
+
+def paged_compact_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len: Tensor,
+                   key: Tensor, value: Tensor, kept_idx: Tensor, kept_count: Tensor,
+                   window: int, key_start: Optional[Tensor] = None) -> None:
+    """Write the eviction result into pages, in place (the paged ``compact``).
+
+    Args:
+        k_pages, v_pages: ``[num_pages, P, D]`` pool (dtype of ``key``), mutated.
+        page_table: ``[B * Hk, max_pages]`` int32; must list ``ceil(seg_len / P)`` distinct
+            in-range pages per segment (no page shared between segments).
+        seg_len: ``[B * Hk]`` int32, overwritten with ``kept_count + min(window, N - ks_b)``.
+        key, value: ``[B, Hk, N, D]``; kept_idx ``[B, Hk, N - window]`` and kept_count
+            ``[B, Hk]`` as :func:`select` returns them; key_start ``[B]`` left padding.
+
+    Segment rows are exactly :func:`compact`'s (kept prefix in ``kept_idx`` order, then the
+    window); only rows ``[0, seg_len)`` are written. On CPU bad metadata raises before
+    anything is written; CUDA skips rows it cannot place (docs/semantics.md).
+    """
+    _check_ints(window=window)
+    torch.ops.adakv.paged_compact_(k_pages, v_pages, page_table, seg_len, key, value, kept_idx,
+                                   kept_count, window, key_start)
+
+
+def paged_append_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len: Tensor,
+                  key_new: Tensor, value_new: Tensor, overflow: Optional[Tensor] = None) -> None:
+    """Append ``key_new``/``value_new [B, Hk, T, D]`` to every paged segment, in place.
+
+    Token ``t`` of segment ``s`` goes to row ``seg_len[s] + t``; then ``seg_len[s] += T``. The
+    caller must have given each segment enough pages first (the host knows ``T``). On CPU a
+    segment whose table is too short (or points outside the pool) raises before anything is
+    written; on CUDA that segment is left unchanged and ``overflow[s]`` (``[S]`` int32) is set
+    to 1. With ``ADAKV_DEBUG=1`` the CUDA overflow flags are checked after every call (a sync).
+    """
+    if overflow is None and k_pages.is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
+        flags = torch.zeros_like(seg_len)
+        torch.ops.adakv.paged_append_(k_pages, v_pages, page_table, seg_len, key_new,
+                                      value_new, flags)
+        bad = torch.nonzero(flags).flatten().tolist()
+        if bad:
+            raise RuntimeError(f"adakv: paged_append_ overflowed the page tables of segments "
+                               f"{bad}")
+        return
+    torch.ops.adakv.paged_append_(k_pages, v_pages, page_table, seg_len, key_new, value_new,
+                                  overflow)
+
+
+def paged_decode_attention(query: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
+                           seg_len: Tensor, scale: Optional[float] = None,
+                           return_lse: bool = False):
+    """:func:`decode_attention` over paged storage (same semantics, same results).
+
+    ``query [B, Hq, T, D]``; ``page_table [S, max_pages]``, ``seg_len [S]`` with
+    ``S = B * Hk``. ``seg_len`` may be 0 (an unused slot of a batch bucket: output 0, lse
+    ``-inf``). Returns ``out [B, Hq, T, D]`` and with ``return_lse=True`` also
+    ``lse [B, Hq, T]`` float32.
+    """
+    if return_lse:
+        return torch.ops.adakv.paged_decode_attention_lse(query, k_pages, v_pages, page_table,
+                                                          seg_len, scale)
+    return torch.ops.adakv.paged_decode_attention(query, k_pages, v_pages, page_table, seg_len,
+                                                  scale)

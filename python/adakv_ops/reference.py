@@ -41,6 +41,10 @@ __all__ = [
     "attention_over_segments_ref",
     "kept_positions_ref",
     "segments_ref",
+    "paged_segments_ref",
+    "paged_compact_ref",
+    "paged_append_ref",
+    "paged_decode_attention_ref",
     "pyramid_budgets",
     "uniform_budgets",
 ]
@@ -500,4 +504,154 @@ def decode_attention_ref(
         segments_ref(v_flat, seg_start, seg_len),
         scale,
     )
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# paged per-head storage (docs/semantics.md "Paged storage")
+
+
+def _paged_pages(page_table: torch.Tensor, s: int, first: int, end: int, P: int,
+                 num_pages: int) -> list[int]:
+    """Page ids holding rows ``[first, end)`` of segment ``s``, validated (width and range)."""
+    if end <= first:
+        return []
+    width = page_table.shape[1]
+    if end > width * P:
+        _fail(f"segment {s} needs {end} rows but page_table has only {width} pages of P = {P}")
+    ids = page_table[s, first // P : (end - 1) // P + 1].tolist()
+    for i, pid in enumerate(ids):
+        if not 0 <= pid < num_pages:
+            _fail(f"page_table[{s}, {first // P + i}] = {pid} is outside [0, {num_pages})")
+    return ids
+
+
+def _paged_rows(page_table: torch.Tensor, s: int, n: int, P: int) -> torch.Tensor:
+    """Flat pool row (``page * P + slot``) of tokens ``0..n-1`` of segment ``s``, int64."""
+    i = torch.arange(n, dtype=torch.long)
+    return page_table[s].long()[i // P] * P + i % P
+
+
+def paged_segments_ref(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    seg_len: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every segment's tokens, gathered through the page table: ``(keys, values)``, lists of
+    ``[seg_len[s], D]`` tensors (copies). Validates lengths, table width and page ids."""
+    num_pages, P, D = k_pages.shape
+    kf, vf = k_pages.reshape(-1, D), v_pages.reshape(-1, D)
+    keys, values = [], []
+    for s, n in enumerate(seg_len.tolist()):
+        if n < 0:
+            _fail(f"seg_len[{s}] = {n} is negative")
+        _paged_pages(page_table, s, 0, n, P, num_pages)
+        rows = _paged_rows(page_table, s, n, P)
+        keys.append(kf[rows])
+        values.append(vf[rows])
+    return keys, values
+
+
+def paged_compact_ref(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    seg_len: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept_idx: torch.Tensor,
+    kept_count: torch.Tensor,
+    window: int,
+    key_start: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional ``paged_compact_``: returns new ``(k_pages, v_pages, seg_len)``.
+
+    Segment rows are ``compact``'s (``kept_positions_ref``); only rows ``[0, seg_len)`` of each
+    segment are written. Raises (before writing) on bad counts/indices, a too-short table, an
+    out-of-range page id or a page used twice."""
+    B, Hk, N, D = key.shape
+    num_pages, P, _ = k_pages.shape
+    if not 0 <= window <= N:
+        _fail(f"window must be in [0, N={N}], got {window}")
+    if page_table.shape[0] != B * Hk or seg_len.numel() != B * Hk:
+        _fail(f"page_table / seg_len must have B*Hk = {B * Hk} segments")
+    L = N - window
+    positions = kept_positions_ref(kept_idx, kept_count, N, window, key_start)
+    ks = _key_start_list(key_start, B, N)
+    used: dict[int, tuple[int, int]] = {}
+    for s, pos in enumerate(positions):
+        b, h = divmod(s, Hk)
+        cnt = int(kept_count[b, h])
+        if not 0 <= cnt <= L:
+            _fail(f"kept_count[{b}, {h}] = {cnt} is outside [0, L = {L}]")
+        if cnt and (int(pos[:cnt].min()) < ks[b] or int(pos[:cnt].max()) >= L):
+            _fail(f"kept_idx of segment {s} outside the valid prefix [{ks[b]}, {L})")
+        for i, pid in enumerate(_paged_pages(page_table, s, 0, len(pos), P, num_pages)):
+            if pid in used:
+                _fail(f"page {pid} is used twice (segments {used[pid][0]} and {s})")
+            used[pid] = (s, i)
+    kp, vp = k_pages.clone(), v_pages.clone()
+    kf, vf = kp.view(-1, D), vp.view(-1, D)
+    new_len = seg_len.clone()
+    for s, pos in enumerate(positions):
+        b, h = divmod(s, Hk)
+        rows = _paged_rows(page_table, s, len(pos), P)
+        kf[rows] = key[b, h, pos]
+        vf[rows] = value[b, h, pos]
+        new_len[s] = len(pos)
+    return kp, vp, new_len
+
+
+def paged_append_ref(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    seg_len: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional ``paged_append_``: returns new ``(k_pages, v_pages, seg_len)``.
+
+    Raises (before writing anything) if a segment's length is negative, its table is too short
+    for ``seg_len + T`` rows, or a page it writes is out of range."""
+    B, Hk, T, D = key_new.shape
+    num_pages, P, _ = k_pages.shape
+    S = seg_len.numel()
+    if B * Hk != S or page_table.shape[0] != S:
+        _fail(f"key_new has B*Hk={B * Hk} segments, page_table has {page_table.shape[0]}")
+    if T < 1:
+        _fail("T must be >= 1")
+    lens = seg_len.tolist()
+    for s, n in enumerate(lens):
+        if n < 0:
+            _fail(f"seg_len[{s}] = {n} is negative")
+        _paged_pages(page_table, s, n, n + T, P, num_pages)
+    kp, vp = k_pages.clone(), v_pages.clone()
+    kf, vf = kp.view(-1, D), vp.view(-1, D)
+    for s, n in enumerate(lens):
+        b, h = divmod(s, Hk)
+        rows = _paged_rows(page_table, s, n + T, P)[n:]
+        kf[rows] = key_new[b, h]
+        vf[rows] = value_new[b, h]
+    return kp, vp, (seg_len.long() + T).to(torch.int32)
+
+
+def paged_decode_attention_ref(
+    query: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    seg_len: torch.Tensor,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Decode attention over paged storage: ``attention_over_segments_ref`` of the segments
+    gathered through the table (float64 math)."""
+    B, Hq, T, D = query.shape
+    S = seg_len.numel()
+    if B == 0 or S % B != 0 or Hq % (S // B) != 0:
+        _fail(f"query heads Hq={Hq} / segments {S} / batch {B} mismatch")
+    keys, values = paged_segments_ref(k_pages, v_pages, page_table, seg_len)
+    out, lse = attention_over_segments_ref(query, keys, values, scale)
     return (out, lse) if return_lse else out

@@ -1,0 +1,152 @@
+// CPU kernels of the paged per-head storage (SPEC 3.1, docs/semantics.md "Paged storage").
+//
+// Pool k_pages / v_pages [num_pages, P, D]; segment s = b * Hk + h owns the pages
+// page_table[s, 0..] ([S, width] int32) and holds seg_len[s] ([S] int32) tokens; its token i is
+// k_pages[page_table[s, i / P], i % P]. Entries past ceil(seg_len / P) are never read.
+//
+// paged_compact_: the eviction result (key/value [B, Hk, N, D], kept_idx/kept_count as select
+//   returns them, window, key_start) written into the pages, rows in exactly compact's order
+//   (for_each_compact_row, cpu/kernels.h); seg_len = compact's seg_len. Parallel over segments,
+//   one memcpy per row.
+// paged_append_: key_new/value_new [B, Hk, T, D] written at rows seg_len[s] + [0, T), then
+//   seg_len += T. Parallel over segments.
+// paged_decode_attention(_lse): decode_attention's math (decode_rows, cpu/kernels.h, parallel
+//   over the B * Hq * T query rows) with segment rows read through the page table.
+//
+// Every data-dependent check (lengths, table width, page ids in range, no page used twice by
+// paged_compact_) runs before anything is written: a failed call changes nothing.
+
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace adakv {
+namespace cpu {
+namespace {
+
+// Pool row (page slot) of token n of segment s.
+struct PagedRow {
+  const int32_t* table;
+  int64_t width, P;
+  int64_t operator()(int64_t s, int64_t n) const {
+    return int64_t{table[s * width + n / P]} * P + n % P;
+  }
+};
+
+}  // namespace
+
+void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
+                    const Tensor& seg_len, const Tensor& key, const Tensor& value,
+                    const Tensor& kept_idx, const Tensor& kept_count, int64_t window,
+                    const OptTensor& key_start) {
+  const PagedShape p = validate_paged_compact(k_pages, v_pages, page_table, seg_len, key, value,
+                                              kept_idx, kept_count, window, key_start);
+  const int64_t Hk = key.size(1), N = key.size(2), L = N - window;
+  check_key_start_range(key_start, N);
+  const int32_t* cnt = ptr<int32_t>(kept_count);
+  const int32_t* idx = ptr<int32_t>(kept_idx);
+  const int32_t* ks = ptr<int32_t>(key_start);
+  const int32_t* table = ptr<int32_t>(page_table);
+  std::vector<int64_t> len(static_cast<size_t>(p.S));
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t ksb = ks ? ks[s / Hk] : 0;
+    len[s] = compact_segment_len(s, Hk, cnt, idx, L, N, window, ksb, /*budget=*/-1);
+    check_paged_rows("paged_compact_", table, p, s, 0, len[s]);
+  }
+  check_paged_unique("paged_compact_", table, p, len.data());
+
+  int32_t* out_len = ptr<int32_t>(seg_len);
+  const PagedRow row{table, p.width, p.P};
+  const int64_t row_bytes = p.D * key.element_size();
+  const char* kp = static_cast<const char*>(key.data_ptr());
+  const char* vp = static_cast<const char*>(value.data_ptr());
+  char* kd = static_cast<char*>(k_pages.data_ptr());
+  char* vd = static_cast<char*>(v_pages.data_ptr());
+  torch::stable::parallel_for(0, p.S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t ksb = ks ? ks[s / Hk] : 0;
+      for_each_compact_row(s, cnt, idx, L, N, ksb, [&](int64_t i, int64_t n) {
+        const int64_t dst = row(s, i);
+        std::memcpy(kd + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
+        std::memcpy(vd + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
+      });
+      out_len[s] = static_cast<int32_t>(len[s]);
+    }
+  });
+}
+
+void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
+                   const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,
+                   const OptTensor& overflow) {
+  PagedShape p;
+  const DecodeShape s = validate_paged_append(k_pages, v_pages, page_table, seg_len, key_new,
+                                              value_new, overflow, p);
+  const int32_t* table = ptr<int32_t>(page_table);
+  int32_t* len = ptr<int32_t>(seg_len);
+  // Validate every segment before writing anything: a failed append changes nothing. (overflow
+  // is the CUDA kernels' report; the CPU raises instead and leaves it as it is.)
+  for (int64_t i = 0; i < s.S; ++i) {
+    ADAKV_CHECK(len[i] >= 0, "adakv: paged_append_: seg_len[", i, "] = ", len[i],
+                " is negative");
+    ADAKV_CHECK(int64_t{len[i]} + s.T <= p.width * p.P, "adakv: paged_append_ of ", s.T,
+                " tokens exceeds the page_table of segment ", i, " (length ", len[i], ", ",
+                p.width, " pages of P = ", p.P, " = ", p.width * p.P,
+                " rows); give the segment more pages before appending");
+    check_paged_rows("paged_append_", table, p, i, len[i], int64_t{len[i]} + s.T);
+  }
+  const PagedRow row{table, p.width, p.P};
+  const int64_t row_bytes = s.D * k_pages.element_size();
+  const char* kn = static_cast<const char*>(key_new.data_ptr());
+  const char* vn = static_cast<const char*>(value_new.data_ptr());
+  char* kd = static_cast<char*>(k_pages.data_ptr());
+  char* vd = static_cast<char*>(v_pages.data_ptr());
+  torch::stable::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t t = 0; t < s.T; ++t) {
+        const int64_t dst = row(i, len[i] + t);
+        std::memcpy(kd + dst * row_bytes, kn + (i * s.T + t) * row_bytes, row_bytes);
+        std::memcpy(vd + dst * row_bytes, vn + (i * s.T + t) * row_bytes, row_bytes);
+      }
+      len[i] += static_cast<int32_t>(s.T);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> paged_decode_attention_lse(
+    const Tensor& query, const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
+    const Tensor& seg_len, std::optional<double> scale) {
+  PagedShape p;
+  const DecodeShape s = validate_paged_decode(query, k_pages, v_pages, page_table, seg_len, p);
+  const int32_t* table = ptr<int32_t>(page_table);
+  const int32_t* len = ptr<int32_t>(seg_len);
+  for (int64_t i = 0; i < s.S; ++i) {
+    ADAKV_CHECK(len[i] >= 0 && len[i] <= p.width * p.P, "adakv: paged_decode_attention: seg_len[",
+                i, "] = ", len[i], " is outside [0, max_pages * P = ", p.width, " * ", p.P,
+                " = ", p.width * p.P, "]");
+    check_paged_rows("paged_decode_attention", table, p, i, 0, len[i]);
+  }
+  Tensor out = new_empty("paged_decode_attention", "the output", query, {s.B, s.Hq, s.T, s.D},
+                         query.scalar_type());
+  Tensor lse = new_empty("paged_decode_attention", "the log-sum-exp", query, {s.B, s.Hq, s.T},
+                         kFloat);
+  const float sc = decode_scale(scale, s.D);
+  const PagedRow row{table, p.width, p.P};
+  ADAKV_CPU_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
+    decode_rows<scalar_t>(ptr<scalar_t>(query), ptr<scalar_t>(k_pages), ptr<scalar_t>(v_pages),
+                          len, row, ptr<scalar_t>(out), ptr<float>(lse), s, sc);
+  });
+  return {out, lse};
+}
+
+Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,
+                              const Tensor& page_table, const Tensor& seg_len,
+                              std::optional<double> scale) {
+  return std::get<0>(
+      paged_decode_attention_lse(query, k_pages, v_pages, page_table, seg_len, scale));
+}
+
+}  // namespace cpu
+}  // namespace adakv

@@ -1,0 +1,429 @@
+"""Paged per-head storage (SPEC 3.1, docs/semantics.md "Paged storage"): paged_compact_,
+paged_append_ and paged_decode_attention(_lse) against adakv_ops.reference and against the
+contiguous ops on the same data.
+
+Page tables are shuffled, have holes (pages of the pool no segment owns), entries past a
+segment's pages hold -1 or garbage, pages are reused after a (host-side) free. CUDA cases run
+the same checks (skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import (DEVICES, assert_equal, cpu, gen, make_key_start, make_qkv, randn,
+                      ref, rel_err, requires_ops, to)
+
+pytestmark = requires_ops
+
+import conftest  # noqa: E402
+
+ops = conftest.ops
+
+PAGE_SIZES = [1, 3, 16, 64]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def n_pages(n: int, P: int) -> int:
+    return (n + P - 1) // P
+
+
+def make_pool(pages_per_seg, P, D, dtype, seed, extra_pages=5, width=None, garbage=True):
+    """Random pool ``[num_pages, P, D]`` (k, v) and a page table giving segment ``s`` exactly
+    ``pages_per_seg[s]`` distinct, shuffled page ids; ``extra_pages`` pages nobody owns (holes);
+    table entries past a segment's pages hold -1 or (``garbage``) out-of-range ids."""
+    g = gen(seed)
+    S = len(pages_per_seg)
+    total = sum(pages_per_seg)
+    num_pages = total + extra_pages
+    width = max([1, *pages_per_seg]) + 1 if width is None else width
+    ids = torch.randperm(num_pages, generator=g)[:total].int()
+    table = torch.full((S, width), -1, dtype=torch.int32)
+    if garbage:
+        table[:, 1::2] = num_pages + 1000  # ignored entries: never read
+    at = 0
+    for s, k in enumerate(pages_per_seg):
+        table[s, :k] = ids[at : at + k]
+        at += k
+    kp = randn((num_pages, P, D), g, dtype)
+    vp = randn((num_pages, P, D), g, dtype)
+    return kp, vp, table
+
+
+def flat_from_segments(keys, values, D, dtype):
+    """A contiguous flat cache holding the given segments back to back (capacity = length)."""
+    lens = [k.shape[0] for k in keys]
+    st = torch.zeros(len(lens), dtype=torch.int32)
+    if len(lens) > 1:
+        st[1:] = torch.cumsum(torch.tensor(lens), 0)[:-1].int()
+    rows = max(1, sum(lens))
+    kf = torch.zeros(rows, D, dtype=dtype)
+    vf = torch.zeros(rows, D, dtype=dtype)
+    for s, (k, v) in enumerate(zip(keys, values)):
+        kf[int(st[s]) : int(st[s]) + lens[s]] = k
+        vf[int(st[s]) : int(st[s]) + lens[s]] = v
+    return kf, vf, st, torch.tensor(lens, dtype=torch.int32)
+
+
+def check_decode(got, want, dtype, what):
+    """out/lse against the float64 reference: same empty rows (out 0, lse -inf), fp32 or
+    half-precision tolerances (as tests/test_cpu_ops.py)."""
+    (out, lse), (w_out, w_lse) = cpu(*got), cpu(*want)
+    assert out.dtype == dtype and lse.dtype == torch.float32, what
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(w_lse)), f"{what}: empty rows differ"
+    empty = torch.isneginf(w_lse)
+    assert (out[empty] == 0).all(), f"{what}: empty rows must be 0"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, w_out) < tol, f"{what}: rel err {rel_err(out, w_out)}"
+    fin = ~empty
+    torch.testing.assert_close(lse[fin], w_lse[fin], rtol=1e-5,
+                               atol=1e-5 if dtype == torch.float32 else 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# paged_compact_ == compact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", PAGE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", [1, 4])
+def test_paged_compact_equals_compact(device, P, dtype, G):
+    B, Hk, N, W, D, C = 3, 2, 53, 6, 16, 9
+    Hq = Hk * G
+    sd = 1000 * P + 10 * G + DTYPES.index(dtype)
+    q, k, v = make_qkv(B, Hq, Hk, N, W, D, sd, dtype=dtype)
+    ks = make_key_start(B, N, sd, max_pad=N - 4)  # row 2 may have fewer than C prefix tokens
+    q, k, v, ks = to(device, q, k, v, ks)
+    s = ops.score(q, k, key_start=ks)
+    bud = ops.allocate(s, C, key_start=ks)
+    idx, cnt = ops.select(s, bud, key_start=ks)
+    kf, vf, st, ln = ops.compact(k, v, idx, cnt, bud, W, reserve=2, key_start=ks)
+    lens = ln.cpu().tolist()
+    kp, vp, table = make_pool([n_pages(n, P) for n in lens], P, D, dtype, sd + 1)
+    want = ref.paged_compact_ref(kp, vp, table, torch.zeros(B * Hk, dtype=torch.int32),
+                                 *cpu(k, v, idx, cnt), W, cpu(ks))
+    kp, vp, table = to(device, kp, vp, table)
+    seg_len = torch.full((B * Hk,), 77, dtype=torch.int32, device=device)
+    ops.paged_compact_(kp, vp, table, seg_len, k, v, idx, cnt, W, key_start=ks)
+    assert_equal(seg_len, ln, "seg_len == compact's seg_len")
+    # exactly compact's rows (bitwise), and nothing else of the pool touched
+    pk, pv = ref.paged_segments_ref(*cpu(kp, vp, table, seg_len))
+    for sgm, (a, b) in enumerate(zip(pk, ref.segments_ref(*cpu(kf, st, ln)))):
+        assert_equal(a, b, f"k rows of segment {sgm}")
+    for sgm, (a, b) in enumerate(zip(pv, ref.segments_ref(*cpu(vf, st, ln)))):
+        assert_equal(a, b, f"v rows of segment {sgm}")
+    assert_equal(kp, want[0], "k_pages (untouched slots kept)")
+    assert_equal(vp, want[1], "v_pages (untouched slots kept)")
+    # decode over the pages == decode over the flat cache
+    for T in (1, 3):
+        qd = to(device, randn((B, Hq, T, D), sd + 5 + T, dtype))
+        got = ops.paged_decode_attention(qd, kp, vp, table, seg_len, return_lse=True)
+        flat = ops.decode_attention(qd, kf, vf, st, ln, return_lse=True)
+        if device == "cpu":  # the same kernel over the same rows: bitwise
+            assert_equal(got[0], flat[0], f"out T={T}")
+            assert_equal(got[1], flat[1], f"lse T={T}")
+        else:
+            torch.testing.assert_close(got[1], flat[1], rtol=1e-5, atol=1e-5)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert rel_err(got[0], flat[0]) < tol
+
+
+# ----------------------------------------------------------------------------------------------
+# random metadata against the reference: append then decode
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", PAGE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("G", [1, 4])
+def test_paged_append_decode_vs_reference(device, P, dtype, T, G):
+    B, Hk, D = 2, 3, 64 if P == 16 else 16
+    S, Hq = B * Hk, Hk * G
+    sd = 7 + 100 * P + 10 * T + G + 1000 * DTYPES.index(dtype)
+    g = gen(sd)
+    # odd fills, empty segments, one segment exactly at a page boundary
+    lens = torch.randint(0, 3 * P + 2, (S,), generator=g).int()
+    lens[0] = 0
+    lens[1] = 2 * P
+    pages = [n_pages(int(n) + T, P) + int(torch.randint(0, 2, (1,), generator=g)) for n in lens]
+    kp, vp, table = make_pool(pages, P, D, dtype, sd + 1, extra_pages=7)
+    qd = randn((B, Hq, T, D), sd + 2, dtype)
+    kn = randn((B, Hk, T, D), sd + 3, dtype)
+    vn = randn((B, Hk, T, D), sd + 4, dtype)
+
+    # decode before the append: segments shorter than T (out 0 / lse -inf rows)
+    want = ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True)
+    dq, dkp, dvp, dtab, dlen = to(device, qd, kp, vp, table, lens)
+    got = ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen, return_lse=True)
+    check_decode(got, want, dtype, "decode before append")
+    assert_equal(ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen), cpu(got[0]), "no-lse out")
+    assert_equal(torch.ops.adakv.paged_decode_attention_lse(dq, dkp, dvp, dtab, dlen, None)[1],
+                 cpu(got[1]), "lse op vs wrapper")
+
+    wk, wv, wl = ref.paged_append_ref(kp, vp, table, lens, kn, vn)
+    ov = torch.zeros(S, dtype=torch.int32, device=device)
+    ops.paged_append_(dkp, dvp, dtab, dlen, *to(device, kn, vn), overflow=ov)
+    assert_equal(dlen, wl, "seg_len after append")
+    assert_equal(dkp, wk, "k_pages after append")
+    assert_equal(dvp, wv, "v_pages after append")
+    assert ov.cpu().tolist() == [0] * S
+
+    want = ref.paged_decode_attention_ref(qd, wk, wv, table, wl, scale=0.3, return_lse=True)
+    got = ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen, scale=0.3, return_lse=True)
+    check_decode(got, want, dtype, "decode after append")
+    # == the contiguous decode over the same segments
+    keys, values = ref.paged_segments_ref(wk, wv, table, wl)
+    flat = to(device, *flat_from_segments(keys, values, D, dtype))
+    want_flat = ops.decode_attention(dq, *flat, scale=0.3, return_lse=True)
+    if device == "cpu":
+        assert_equal(got[0], want_flat[0], "paged out == flat out")
+        assert_equal(got[1], want_flat[1], "paged lse == flat lse")
+    else:
+        check_decode(got, cpu(*want_flat), dtype, "paged vs flat (cuda)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", [3, 16])
+def test_all_empty_bucket_slots(device, P):
+    """Unused slots of a batch bucket: seg_len 0, table all -1: out 0, lse -inf."""
+    B, Hk, Hq, T, D = 2, 2, 4, 1, 16
+    kp, vp, table = make_pool([2, 0, 0, 1], P, D, torch.float32, 3, garbage=False)
+    lens = torch.tensor([P + 1, 0, 0, 1], dtype=torch.int32)
+    qd = randn((B, Hq, T, D), 4)
+    want = ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True)
+    got = ops.paged_decode_attention(*to(device, qd, kp, vp, table, lens), return_lse=True)
+    check_decode(got, want, torch.float32, "bucket")
+    out, lse = cpu(*got)
+    assert (out[0, 2:] == 0).all() and (out[1, :2] == 0).all()
+    assert torch.isneginf(lse[0, 2:]).all() and torch.isneginf(lse[1, :2]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# a serving-like lifetime: evict into pages, decode steps, free a sequence, reuse its pages
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pages_reused_after_free(device, P, dtype):
+    B, Hk, G, N, W, D, C = 2, 2, 2, 40, 4, 16, 6
+    S, Hq = B * Hk, Hk * G
+    sd = 31 * P + DTYPES.index(dtype)
+    q, k, v = make_qkv(B, Hq, Hk, N, W, D, sd, dtype=dtype)
+    ks = torch.tensor([0, 5], dtype=torch.int32)
+    s = ref.score_ref(q, k, key_start=ks)
+    bud = ref.allocate_ref(s, C, key_start=ks)
+    idx, cnt = ref.select_ref(s, bud, ks)
+    steps = [1, 2, 1]
+    lens0 = [int(cnt.view(-1)[i]) + min(W, N - int(ks[i // Hk])) for i in range(S)]
+    # every segment gets the pages its prompt and all decode steps need (pool shared, holes)
+    need = [n_pages(n + sum(steps) + 1, P) for n in lens0]  # + the step after the reuse
+    width = max(need) + 2
+    kp, vp, table = make_pool(need, P, D, dtype, sd + 1, extra_pages=3, width=width)
+    free = sorted(set(range(kp.shape[0])) - set(table.view(-1).tolist()))  # the holes
+    seg_len = torch.zeros(S, dtype=torch.int32)
+    want = ref.paged_compact_ref(kp, vp, table, seg_len, k, v, idx, cnt, W, ks)
+    d = dict(zip(("kp", "vp", "table", "len"), to(device, kp, vp, table, seg_len)))
+    ops.paged_compact_(d["kp"], d["vp"], d["table"], d["len"], *to(device, k, v, idx, cnt), W,
+                       key_start=ks.to(device))
+    wk, wv, wl = want
+    for step, T in enumerate(steps):
+        kn = randn((B, Hk, T, D), sd + 10 + step, dtype)
+        vn = randn((B, Hk, T, D), sd + 20 + step, dtype)
+        qd = randn((B, Hq, T, D), sd + 30 + step, dtype)
+        wk, wv, wl = ref.paged_append_ref(wk, wv, table, wl, kn, vn)
+        ops.paged_append_(d["kp"], d["vp"], d["table"], d["len"], *to(device, kn, vn))
+        got = ops.paged_decode_attention(qd.to(device), d["kp"], d["vp"], d["table"], d["len"],
+                                         return_lse=True)
+        check_decode(got, ref.paged_decode_attention_ref(qd, wk, wv, table, wl, return_lse=True),
+                     dtype, f"step {step}")
+    assert_equal(d["kp"], wk, "k_pages after the steps")
+
+    # sequence 0 finishes: its pages go back to the free list (host side); a new sequence
+    # (prompt of different length) takes pages from the free list, reversed (shuffled order)
+    freed = table[:Hk][:, :width].reshape(-1)
+    freed = [i for i in freed.tolist() if 0 <= i < kp.shape[0]]
+    free = list(reversed(free + sorted(freed)))
+    q2, k2, v2 = make_qkv(1, Hq, Hk, N - 7, W, D, sd + 99, dtype=dtype)
+    s2 = ref.score_ref(q2, k2)
+    bud2 = ref.allocate_ref(s2, C + 2)
+    idx2, cnt2 = ref.select_ref(s2, bud2)
+    lens2 = [int(c) + W for c in cnt2.view(-1).tolist()]
+    table2 = table.clone()
+    table2[:Hk] = -1
+    for h in range(Hk):
+        for i in range(n_pages(lens2[h] + 1, P)):
+            table2[h, i] = free.pop()
+    # one compact call of the whole bucket would rewrite sequence 1 too; instead compact the new
+    # sequence alone into a 1-row view of the table (B = 1), then decode the whole bucket
+    sub_len = torch.zeros(Hk, dtype=torch.int32)
+    wk, wv, wl2 = ref.paged_compact_ref(wk, wv, table2[:Hk].contiguous(), sub_len, k2, v2, idx2,
+                                        cnt2, W)
+    wl = torch.cat([wl2, wl[Hk:]])
+    t2 = table2.to(device)
+    dsub = torch.zeros(Hk, dtype=torch.int32, device=device)
+    ops.paged_compact_(d["kp"], d["vp"], t2[:Hk].contiguous(), dsub, *to(device, k2, v2, idx2,
+                                                                         cnt2), W)
+    d["len"] = torch.cat([dsub, d["len"][Hk:]])
+    assert_equal(d["kp"], wk, "k_pages after reuse (sequence 1 untouched)")
+    assert_equal(d["vp"], wv, "v_pages after reuse")
+    kn = randn((B, Hk, 1, D), sd + 50, dtype)
+    wk, wv, wl = ref.paged_append_ref(wk, wv, table2, wl, kn, -kn)
+    ops.paged_append_(d["kp"], d["vp"], t2, d["len"], *to(device, kn, -kn))
+    qd = randn((B, Hq, 1, D), sd + 51, dtype)
+    got = ops.paged_decode_attention(qd.to(device), d["kp"], d["vp"], t2, d["len"],
+                                     return_lse=True)
+    check_decode(got, ref.paged_decode_attention_ref(qd, wk, wv, table2, wl, return_lse=True),
+                 dtype, "after reuse")
+    assert_equal(d["len"], wl, "seg_len after reuse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_compact_no_window_and_all_padding(device):
+    """window = 0, a row that is all padding (seg_len 0: no page needed, table row all -1)."""
+    B, Hk, N, D, P = 2, 2, 12, 16, 4
+    g = gen(5)
+    k = randn((B, Hk, N, D), g)
+    v = randn((B, Hk, N, D), g)
+    ks = torch.tensor([0, N], dtype=torch.int32)
+    idx = torch.full((B, Hk, N), -1, dtype=torch.int32)
+    idx[0, 0, :3] = torch.tensor([7, 1, 4], dtype=torch.int32)  # given order, not sorted
+    idx[0, 1, :1] = 11
+    cnt = torch.tensor([[3, 1], [0, 0]], dtype=torch.int32)
+    kp, vp, table = make_pool([1, 1, 0, 0], P, D, torch.float32, 6)
+    want = ref.paged_compact_ref(kp, vp, table, torch.zeros(4, dtype=torch.int32), k, v, idx, cnt,
+                                 0, ks)
+    dk, dv, dt = to(device, kp, vp, table)
+    ln = torch.zeros(4, dtype=torch.int32, device=device)
+    ops.paged_compact_(dk, dv, dt, ln, *to(device, k, v, idx, cnt), 0, key_start=ks.to(device))
+    assert ln.cpu().tolist() == [3, 1, 0, 0]
+    assert_equal(dk, want[0], "k_pages")
+    assert_equal(dv, want[1], "v_pages")
+
+
+def test_cpu_errors_change_nothing():
+    """CPU: a bad paged_compact_ / paged_append_ raises before writing anything."""
+    B, Hk, N, W, D, P = 1, 2, 10, 2, 8, 2
+    g = gen(9)
+    k, v = randn((B, Hk, N, D), g), randn((B, Hk, N, D), g)
+    idx = torch.arange(N - W, dtype=torch.int32).repeat(B, Hk, 1).contiguous()
+    cnt = torch.full((B, Hk), 3, dtype=torch.int32)
+    kp, vp, table = make_pool([3, 3], P, D, torch.float32, 10, width=3)
+    bad = table.clone()
+    bad[1, 2] = bad[0, 0]  # segment 1's last page is segment 0's first
+    ln = torch.zeros(2, dtype=torch.int32)
+    k0, v0 = kp.clone(), vp.clone()
+    with pytest.raises(RuntimeError, match=r"adakv: paged_compact_: page \d+ is used twice"):
+        ops.paged_compact_(kp, vp, bad, ln, k, v, idx, cnt, W)
+    assert_equal(kp, k0, "k_pages")
+    assert_equal(vp, v0, "v_pages")
+    assert ln.tolist() == [0, 0]
+    ops.paged_compact_(kp, vp, table, ln, k, v, idx, cnt, W)
+    assert ln.tolist() == [5, 5]
+    k0, v0 = kp.clone(), vp.clone()
+    kn = randn((B, Hk, 2, D), 11)
+    with pytest.raises(RuntimeError, match=r"adakv: paged_append_ of 2 tokens exceeds"):
+        ops.paged_append_(kp, vp, table, ln, kn, kn)  # 5 + 2 > 3 pages * 2
+    assert_equal(kp, k0, "k_pages after failed append")
+    assert ln.tolist() == [5, 5]
+    ov = torch.zeros(2, dtype=torch.int32)
+    ops.paged_append_(kp, vp, table, ln, kn[:, :, :1].contiguous(), kn[:, :, :1].contiguous(), ov)
+    assert ln.tolist() == [6, 6] and ov.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_append_overflow_flags_only_that_segment(device):
+    """A segment whose table cannot fit the append: CPU raises and writes nothing; CUDA leaves
+    that segment unchanged, sets overflow[s] = 1 and appends to the others."""
+    B, Hk, D, P, T = 1, 3, 16, 4, 2
+    kp, vp, table = make_pool([2, 1, 2], P, D, torch.float32, 12, garbage=False)
+    lens = torch.tensor([3, 3, 6], dtype=torch.int32)  # segment 1: 3 + 2 > 1 page of 4
+    kn = randn((B, Hk, T, D), 13)
+    d = to(device, kp.clone(), vp.clone(), table, lens.clone())
+    ov = torch.zeros(3, dtype=torch.int32, device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"adakv: paged_append_.*page_table\[1, 1\] = -1"):
+            ops.paged_append_(*d, kn, kn, ov)
+        assert_equal(d[0], kp, "k_pages")
+        assert d[3].tolist() == [3, 3, 6] and ov.tolist() == [0, 0, 0]
+        return
+    ops.paged_append_(*d, *to(device, kn, kn), ov)
+    assert ov.cpu().tolist() == [0, 1, 0]
+    assert d[3].cpu().tolist() == [5, 3, 8]
+    keys, _ = ref.paged_segments_ref(*cpu(d[0], d[1], d[2]), torch.tensor([5, 3, 8],
+                                                                          dtype=torch.int32))
+    assert_equal(keys[0][3:], kn[0, 0], "segment 0 appended")
+    assert_equal(keys[2][6:], kn[0, 2], "segment 2 appended")
+    assert_equal(cpu(d[0])[table[1, 0]], kp[table[1, 0]], "segment 1 untouched")
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference itself
+
+
+def test_reference_paged_equals_flat():
+    """paged_*_ref agree with the flat reference on the same segments."""
+    B, Hk, Hq, N, W, D, C, P = 2, 2, 4, 30, 4, 8, 5, 3
+    q, k, v = make_qkv(B, Hq, Hk, N, W, D, 77)
+    ks = torch.tensor([0, 4], dtype=torch.int32)
+    s = ref.score_ref(q, k, key_start=ks)
+    bud = ref.allocate_ref(s, C, key_start=ks)
+    idx, cnt = ref.select_ref(s, bud, ks)
+    kf, vf, st, ln = ref.compact_ref(k, v, idx, cnt, bud, W, reserve=1, key_start=ks)
+    kp, vp, table = make_pool([n_pages(int(n) + 1, P) for n in ln], P, D, torch.float32, 78)
+    kp, vp, pl = ref.paged_compact_ref(kp, vp, table, torch.zeros_like(ln), k, v, idx, cnt, W, ks)
+    assert_equal(pl, ln, "seg_len")
+    kn = randn((B, Hk, 1, D), 79)
+    kf, vf, ln = ref.append_ref(kf, vf, st, ln, kn, kn)
+    kp, vp, pl = ref.paged_append_ref(kp, vp, table, pl, kn, kn)
+    qd = randn((B, Hq, 1, D), 80)
+    a = ref.decode_attention_ref(qd, kf, vf, st, ln, return_lse=True)
+    b = ref.paged_decode_attention_ref(qd, kp, vp, table, pl, return_lse=True)
+    assert_equal(a[0], b[0], "out")
+    assert_equal(a[1], b[1], "lse")
+    with pytest.raises(RuntimeError, match="outside"):
+        ref.paged_segments_ref(kp, vp, torch.full_like(table, kp.shape[0]), pl)
+    assert math.isfinite(float(b[1].sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the paged layout through every path of the shared decode kernel family
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("splits,cluster", [("1", "0"), ("3", "0"), ("16", "0"), ("4", "1"),
+                                            ("16", "1"), ("auto", "1")])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64),
+                                     (torch.bfloat16, 256), (torch.float32, 32)])
+@pytest.mark.parametrize("P", [5, 16, 256])
+def test_cuda_paged_decode_split_paths(monkeypatch, splits, cluster, dtype, D, P):
+    """Paged decode == contiguous decode on the same data for the single-split, two-launch
+    merge and cluster-merge paths (ADAKV_DECODE_SPLITS / ADAKV_DECODE_CLUSTER), page sizes
+    that split a key tile (5), match it (16) or hold whole segments (256), scattered pages."""
+    if splits == "auto":
+        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
+    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
+    B, Hk, G, T = 2, 2, 4, 3
+    S, Hq = B * Hk, Hk * G
+    sd = 9000 + P + 7 * D + 13 * ["1", "3", "16", "4", "auto"].index(splits) + int(cluster)
+    g = gen(sd)
+    lens = torch.randint(T, 700, (S,), generator=g).int()
+    lens[0] = 0
+    lens[1] = 2 * P
+    kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
+    qd = randn((B, Hq, T, D), sd + 2, dtype)
+    dev = to("cuda", qd, kp, vp, table, lens)
+    got = ops.paged_decode_attention(*dev, return_lse=True)
+    keys, values = ref.paged_segments_ref(kp, vp, table, lens)
+    flat = to("cuda", *flat_from_segments(keys, values, D, dtype))
+    want_flat = ops.decode_attention(dev[0], *flat, return_lse=True)
+    want = ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True)
+    check_decode(got, want, dtype, "paged vs reference")
+    check_decode(got, cpu(*want_flat), dtype, "paged vs contiguous")
