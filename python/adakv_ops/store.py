@@ -1,0 +1,624 @@
+"""Paged per-head KV store (SPEC 3.1, issue 12): pages, tables, lengths, growth, snapshots.
+
+No ``transformers`` dependency: a model integration (``adakv_ops.hf``, next step) or a serving
+engine drives it. Full description: ``docs/store.md``.
+
+Layout
+------
+One pool for all layers: ``k_pages``, ``v_pages [num_pages, P, D]`` (``P = page_size``). A
+*sequence* takes a slot ``q``; its KV head ``h`` is the *segment* ``s = q * Hk + h`` of every
+layer. Per layer ``l`` the device holds ``page_table[l] [max_segments, width]`` int32 and
+``seg_len[l] [max_segments]`` int32; segment ``s``'s token ``i`` lives at
+``k_pages[page_table[l][s, i // P], i % P]``. Table entries past ``ceil(seg_len / P)`` are 0
+(ignored by the ops). Pages are handed out on the host (a free list) and the host mirrors every
+segment's length and page list, so decode never reads the device: the only device->host read is
+``kept_count`` (one ``[Hk]`` tensor) per layer in :meth:`PagedKVStore.finish_prefill`.
+
+Life of a sequence
+------------------
+``seq = store.add_sequence()``; per layer and prompt chunk ``prefill_chunk`` (append the
+chunk's K/V into transient pages) and ``prefill_attention`` (the chunk's causal attention over
+the prompt so far); after the last chunk ``finish_prefill`` (score + evict exactly as the
+one-shot ``adakv_ops.evict`` / ``compact`` path, keep only the kept rows, free the transient
+pages). Decode: ``reserve(seqs, T)`` (host: pages for the next ``T`` tokens in every layer),
+``append(l, seqs, k, v)``, ``attend(l, seqs, q)``. ``snapshot`` / ``restore`` for
+compress-once / ask-many. ``free_sequence`` gives every page back; nobody else's pages move.
+
+Out of pages: :class:`OutOfPages` (a ``RuntimeError``) is raised by the host-side admission
+check, before any device work, and leaves the store unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops as _ops
+from .budgets import pyramid_budgets
+
+__all__ = ["PagedKVStore", "OutOfPages", "StoreSnapshot", "METHODS", "have_paged_ops"]
+
+METHODS = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
+_ADAPTIVE = {"ada_snapkv": True, "ada_pyramid": True, "snapkv": False, "pyramid": False}
+_INT32_MAX = 2**31 - 1
+
+
+def have_paged_ops() -> bool:
+    """Whether the paged ops (``torch.ops.adakv.paged_*``) are registered."""
+    ns = getattr(torch.ops, "adakv", None)
+    return ns is not None and all(
+        hasattr(ns, n) for n in ("paged_compact_", "paged_append_", "paged_decode_attention"))
+
+
+class OutOfPages(RuntimeError):
+    """Not enough free pages for a request. Raised before any device work; the store is left
+    unchanged. ``needed`` / ``free`` are page counts."""
+
+    def __init__(self, needed: int, free: int, what: str):
+        self.needed, self.free = needed, free
+        super().__init__(f"adakv: out of pages: {what} needs {needed} more page(s), "
+                         f"{free} free (free a sequence or build the store with more pages)")
+
+
+# -- thin indirections to the op wrappers (one place to adapt; ADAKV_DEBUG=1 checks CUDA append
+# overflow flags in adakv_ops.ops.paged_append_)
+
+def _paged_compact(k_pages, v_pages, table, seg_len, key, value, kept_idx, kept_count, window):
+    _ops.paged_compact_(k_pages, v_pages, table, seg_len, key, value, kept_idx, kept_count,
+                        window)
+
+
+def _paged_append(k_pages, v_pages, table, seg_len, key_new, value_new):
+    _ops.paged_append_(k_pages, v_pages, table, seg_len, key_new, value_new)
+
+
+def _paged_attention(query, k_pages, v_pages, table, seg_len, scale):
+    return _ops.paged_decode_attention(query, k_pages, v_pages, table, seg_len, scale)
+
+
+def _streaming_scores(L: int, ks: Tensor, n_sink: int) -> Tensor:
+    """StreamingLLM as a score pattern over ``[..., L]`` (same as ``adakv_ops.hf``): the first
+    ``n_sink`` valid tokens above everything, then recency; ``ks`` = first valid column."""
+    n = torch.arange(L, device=ks.device, dtype=torch.float32)
+    rank = n - ks.to(torch.float32).unsqueeze(-1)
+    s = torch.where(rank < n_sink, 2.0 * L + n_sink - rank, n)
+    return torch.where(rank < 0, torch.full_like(s, float("-inf")), s)
+
+
+@dataclass
+class StoreSnapshot:
+    """What :meth:`PagedKVStore.snapshot` records: per layer and head the length and the number
+    of pages held. Cheap (host integers only); the rows themselves are never copied (appends
+    only write past the recorded lengths)."""
+
+    seq_id: int
+    generation: int
+    epochs: Tuple[int, ...]
+    lens: Tuple[Tuple[int, ...], ...]       # [layer][head]
+    n_pages: Tuple[Tuple[int, ...], ...]    # [layer][head]
+    compressed: Tuple[bool, ...]
+
+
+@dataclass
+class _Seq:
+    generation: int
+    # per layer: has finish_prefill run (True) or is the segment content the raw prompt (False)
+    compressed: List[bool] = field(default_factory=list)
+    # per layer: bumped by finish_prefill (a snapshot from before it is invalid)
+    epoch: List[int] = field(default_factory=list)
+
+
+class PagedKVStore:
+    """Per-head paged K/V storage for ``num_layers`` layers of ``num_kv_heads`` KV heads.
+
+    Args:
+        num_layers, num_kv_heads (``Hk``), head_dim (``D``).
+        page_size: ``P`` rows per page (default 64).
+        num_pages: pool size (shared by all layers, K and V each ``[num_pages, P, D]``).
+        dtype, device: of the pages (fp32 / fp16 / bf16).
+        max_pages_per_segment: page-table width. ``None``: the table starts narrow and doubles
+            (one device copy, new address) when a segment needs more pages; an int fixes it
+            (static addresses, e.g. for CUDA graphs) and a longer segment is an error.
+        max_sequences: sequence slots. ``None``: start at 4 and double when full (new table
+            addresses); an int fixes it.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, page_size: int = 64,
+                 num_pages: int, dtype: torch.dtype = torch.float32, device="cpu",
+                 max_pages_per_segment: Optional[int] = None,
+                 max_sequences: Optional[int] = None):
+        for name, v, lo in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
+                            ("head_dim", head_dim, 1), ("page_size", page_size, 1),
+                            ("num_pages", num_pages, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= _INT32_MAX:
+                raise ValueError(f"{name} must be an int in [{lo}, 2^31 - 1], got {v!r}")
+        for name, v in (("max_pages_per_segment", max_pages_per_segment),
+                        ("max_sequences", max_sequences)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be fp32 / fp16 / bf16, got {dtype}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size, self.num_pages = page_size, num_pages
+        self.dtype, self.device = dtype, torch.device(device)
+        self._fixed_width = max_pages_per_segment is not None
+        self._fixed_slots = max_sequences is not None
+        self.k_pages = torch.zeros((num_pages, page_size, head_dim), dtype=dtype,
+                                   device=self.device)
+        self.v_pages = torch.zeros_like(self.k_pages)
+        # free list: a stack, lowest page index handed out first
+        self._free: List[int] = list(range(num_pages - 1, -1, -1))
+        self._width = max_pages_per_segment if self._fixed_width else min(num_pages, 16)
+        self._slots = max_sequences if self._fixed_slots else 4
+        S = self._slots * num_kv_heads
+        self.page_table: List[Tensor] = [
+            torch.zeros((S, self._width), dtype=torch.int32, device=self.device)
+            for _ in range(num_layers)]
+        self.seg_len: List[Tensor] = [torch.zeros(S, dtype=torch.int32, device=self.device)
+                                      for _ in range(num_layers)]
+        # host mirrors: page list and length of every segment of every layer
+        self._pages: List[List[List[int]]] = [[[] for _ in range(S)] for _ in range(num_layers)]
+        self._len: List[List[int]] = [[0] * S for _ in range(num_layers)]
+        self._seqs: Dict[int, _Seq] = {}
+        self._generation = 0
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def pages_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def pages_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def bytes_per_page(self) -> int:
+        """K and V bytes of one page."""
+        return 2 * self.page_size * self.head_dim * self.k_pages.element_size()
+
+    @property
+    def sequences(self) -> List[int]:
+        return sorted(self._seqs)
+
+    @property
+    def max_sequences(self) -> int:
+        return self._slots
+
+    @property
+    def table_width(self) -> int:
+        return self._width
+
+    def pages_held(self, seq_id: int) -> int:
+        """Pages held by the sequence, all layers and heads."""
+        self._check_seq(seq_id)
+        return sum(len(self._pages[l][s]) for l in range(self.num_layers)
+                   for s in self._segs(seq_id))
+
+    def bytes_held(self, seq_id: int) -> int:
+        """K/V bytes held by the sequence (its pages, all layers)."""
+        return self.pages_held(seq_id) * self.bytes_per_page
+
+    def lengths(self, layer: int, seq_id: int) -> List[int]:
+        """Host copy of the sequence's per-head lengths in ``layer`` (no device read)."""
+        self._check_seq(seq_id)
+        return [self._len[layer][s] for s in self._segs(seq_id)]
+
+    def is_compressed(self, layer: int, seq_id: int) -> bool:
+        self._check_seq(seq_id)
+        return self._seqs[seq_id].compressed[layer]
+
+    def segment_kv(self, layer: int, seq_id: int, head: int) -> Tuple[Tensor, Tensor]:
+        """The valid rows ``[len, D]`` of one segment, gathered from its pages (a copy; for
+        inspection and tests)."""
+        self._check_seq(seq_id)
+        s = seq_id * self.num_kv_heads + head
+        n, pages = self._len[layer][s], self._pages[layer][s]
+        idx = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        k = self.k_pages.index_select(0, idx).reshape(-1, self.head_dim)[:n]
+        v = self.v_pages.index_select(0, idx).reshape(-1, self.head_dim)[:n]
+        return k, v
+
+    # -- sequences -----------------------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        """Take a free sequence slot (lowest first) and return its id. Holds no page yet."""
+        free_slots = [q for q in range(self._slots) if q not in self._seqs]
+        if not free_slots:
+            if self._fixed_slots:
+                raise RuntimeError(f"adakv: all {self._slots} sequence slots are in use "
+                                   f"(max_sequences={self._slots})")
+            self._grow(slots=2 * self._slots)
+            free_slots = [q for q in range(self._slots) if q not in self._seqs]
+        q = free_slots[0]
+        self._generation += 1
+        self._seqs[q] = _Seq(self._generation, [False] * self.num_layers, [0] * self.num_layers)
+        return q
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Give every page of the sequence back; its lengths become 0 and table rows 0."""
+        self._check_seq(seq_id)
+        segs = list(self._segs(seq_id))
+        for l in range(self.num_layers):
+            for s in segs:
+                self._release(self._pages[l][s])
+                self._pages[l][s] = []
+                self._len[l][s] = 0
+            r0, r1 = segs[0], segs[-1] + 1
+            self.page_table[l][r0:r1].zero_()
+            self.seg_len[l][r0:r1].zero_()
+        del self._seqs[seq_id]
+
+    # -- page hand-out (host only) -------------------------------------------------------------
+
+    def reserve(self, seq_ids: Sequence[int], T: int, layers: Optional[Sequence[int]] = None
+                ) -> int:
+        """Hand out pages so that every segment of ``seq_ids`` can take ``T`` more tokens in
+        every layer of ``layers`` (default all). Host work plus one small host->device copy of
+        the changed table rows per layer (no device read). All-or-nothing: raises
+        :class:`OutOfPages` (store unchanged) if the free list is too short. Returns the number
+        of pages handed out."""
+        seq_ids = self._check_seqs(seq_ids)
+        if not isinstance(T, int) or T < 0:
+            raise ValueError(f"T must be an int >= 0, got {T!r}")
+        layers = range(self.num_layers) if layers is None else list(layers)
+        P = self.page_size
+        plan = []   # (layer, seg, pages wanted)
+        width = self._width
+        for l in layers:
+            for q in seq_ids:
+                for s in self._segs(q):
+                    want = -(-(self._len[l][s] + T) // P)
+                    have = len(self._pages[l][s])
+                    if want > have:
+                        plan.append((l, s, want - have))
+                        width = max(width, want)
+        needed = sum(p[2] for p in plan)
+        if needed > len(self._free):
+            raise OutOfPages(needed, len(self._free),
+                             f"reserving {T} token(s) for sequence(s) {list(seq_ids)}")
+        if width > self._width:
+            if self._fixed_width:
+                raise RuntimeError(
+                    f"adakv: a segment would need {width} pages, more than "
+                    f"max_pages_per_segment={self._width} ({width * P} tokens)")
+            self._grow(width=min(max(width, 2 * self._width), self.num_pages))
+        touched: Dict[int, List[int]] = {}
+        for l, s, n in plan:
+            pages = self._pages[l][s]
+            pages.extend(self._free.pop() for _ in range(n))
+            touched.setdefault(l, []).append(s)
+        for l, segs in touched.items():
+            self._push_rows(l, segs)
+        return needed
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def batch_table(self, layer: int, seq_ids: Sequence[int], pad_to: Optional[int] = None
+                    ) -> Tuple[Tensor, Tensor]:
+        """``(page_table [B' * Hk, width], seg_len [B' * Hk])`` of ``seq_ids`` in that order,
+        for the paged ops. A contiguous ascending run of slots gives views (``append`` through
+        them updates the store); any other set gives gathered copies. ``pad_to`` (``>= B``)
+        appends empty sequences (table 0, length 0: output 0) for a fixed batch bucket."""
+        return self._batch(layer, self._check_seqs(seq_ids), pad_to)[:2]
+
+    def _batch(self, layer: int, seq_ids: List[int], pad_to: Optional[int] = None
+               ) -> Tuple[Tensor, Tensor, bool]:
+        Hk = self.num_kv_heads
+        B = len(seq_ids)
+        Bp = B if pad_to is None else pad_to
+        if Bp < B:
+            raise ValueError(f"pad_to={pad_to} < {B} sequences")
+        q0 = seq_ids[0]
+        if Bp == B and list(seq_ids) == list(range(q0, q0 + B)):
+            return (self.page_table[layer][q0 * Hk:(q0 + B) * Hk],
+                    self.seg_len[layer][q0 * Hk:(q0 + B) * Hk], True)
+        idx = self._seg_index(seq_ids)
+        table = self.page_table[layer].index_select(0, idx)
+        sl = self.seg_len[layer].index_select(0, idx)
+        if Bp > B:
+            table = torch.cat([table, table.new_zeros(((Bp - B) * Hk, table.shape[1]))])
+            sl = torch.cat([sl, sl.new_zeros((Bp - B) * Hk)])
+        return table, sl, False
+
+    def append(self, layer: int, seq_ids: Sequence[int], k_new: Tensor, v_new: Tensor) -> None:
+        """Append ``k_new``, ``v_new [B, Hk, T, D]`` (row ``b`` = ``seq_ids[b]``) at the end of
+        every segment of ``layer``. Pages missing for these ``T`` tokens are handed out first
+        (``reserve`` of this layer; :class:`OutOfPages` before any device work)."""
+        seq_ids = self._check_seqs(seq_ids)
+        self._check_kv(k_new, v_new, len(seq_ids), "k_new")
+        T = k_new.shape[2]
+        self.reserve(seq_ids, T, layers=[layer])
+        table, sl, is_view = self._batch(layer, seq_ids)
+        _paged_append(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
+                      v_new.contiguous())
+        if not is_view:      # gathered copy: write the new lengths back
+            self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
+        for q in seq_ids:
+            for s in self._segs(q):
+                self._len[layer][s] += T
+
+    def attend(self, layer: int, seq_ids: Sequence[int], query: Tensor,
+               scale: Optional[float] = None, pad_to: Optional[int] = None) -> Tensor:
+        """``paged_decode_attention`` of ``query [B, Hq, T, D]`` over the sequences' segments
+        of ``layer`` (the ``T`` newest tokens, already appended, are the query tokens: causal
+        among themselves). Returns ``[B, Hq, T, D]``."""
+        seq_ids = self._check_seqs(seq_ids)
+        B = len(seq_ids)
+        if query.dim() != 4 or query.shape[0] != B:
+            raise ValueError(f"query must be [B={B}, Hq, T, D], got {tuple(query.shape)}")
+        table, sl, _ = self._batch(layer, seq_ids, pad_to)
+        q = query.contiguous()
+        if pad_to is not None and pad_to > B:
+            q = torch.cat([q, q.new_zeros((pad_to - B,) + tuple(q.shape[1:]))])
+        out = _paged_attention(q, self.k_pages, self.v_pages, table, sl, scale)
+        return out[:B]
+
+    # -- chunked prefill -----------------------------------------------------------------------
+
+    def prefill_chunk(self, layer: int, seq_id: int, k_chunk: Tensor, v_chunk: Tensor) -> None:
+        """Append a prompt chunk ``k_chunk``, ``v_chunk [1, Hk, n, D]`` (full K/V, after RoPE)
+        to the sequence's segments of ``layer`` (transient pages until ``finish_prefill``)."""
+        self._check_seq(seq_id)
+        if self._seqs[seq_id].compressed[layer]:
+            raise RuntimeError(f"adakv: layer {layer} of sequence {seq_id} was already evicted "
+                               f"(finish_prefill); use append() for decode tokens")
+        self.append(layer, [seq_id], k_chunk, v_chunk)
+
+    def prompt_kv(self, layer: int, seq_id: int) -> Tuple[Tensor, Tensor]:
+        """The sequence's whole prompt so far in ``layer`` as contiguous ``[1, Hk, N, D]`` K and
+        V (gathered from its pages: a copy of ``2 * Hk * N * D`` elements)."""
+        self._check_seq(seq_id)
+        segs = list(self._segs(seq_id))
+        lens = {self._len[layer][s] for s in segs}
+        if len(lens) != 1 or self._seqs[seq_id].compressed[layer]:
+            raise RuntimeError(f"adakv: layer {layer} of sequence {seq_id} holds no raw prompt "
+                               f"(already evicted)")
+        N = lens.pop()
+        Hk, D, P = self.num_kv_heads, self.head_dim, self.page_size
+        npg = -(-N // P)
+        r0 = segs[0]
+        idx = self.page_table[layer][r0:r0 + Hk, :npg].reshape(-1).to(torch.int64)
+        k = self.k_pages.index_select(0, idx).view(Hk, npg * P, D)[:, :N]
+        v = self.v_pages.index_select(0, idx).view(Hk, npg * P, D)[:, :N]
+        return k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous()
+
+    def prefill_attention(self, layer: int, seq_id: int, q_chunk: Tensor,
+                          scale: Optional[float] = None, impl: str = "sdpa") -> Tensor:
+        """Causal attention of the newest chunk ``q_chunk [1, Hq, n, D]`` over the prompt so
+        far (its chunk already appended with ``prefill_chunk``): query ``t`` sits at position
+        ``N - n + t`` and sees keys ``<= N - n + t``. Returns ``[1, Hq, n, D]``.
+
+        ``impl="sdpa"``: gather the prompt K/V (``prompt_kv``) and call torch SDPA with the
+        causal offset (cost per chunk: a copy of the whole prompt so far, so ``O(N^2 / n)``
+        copied over a prompt). ``impl="paged"``: ``paged_decode_attention`` straight over the
+        pages (its ``T`` newest tokens are causal among themselves: exactly this mask)."""
+        if impl == "paged":
+            return self.attend(layer, [seq_id], q_chunk, scale=scale)
+        if impl != "sdpa":
+            raise ValueError(f"impl must be 'sdpa' or 'paged', got {impl!r}")
+        k, v = self.prompt_kv(layer, seq_id)
+        n, N = q_chunk.shape[2], k.shape[2]
+        Hq, Hk = q_chunk.shape[1], self.num_kv_heads
+        if Hq % Hk or n > N:
+            raise ValueError(f"q_chunk [1, Hq, n, D] needs Hq % {Hk} == 0 and n <= {N}")
+        G = Hq // Hk
+        if G > 1:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        mask = (torch.arange(N, device=k.device).unsqueeze(0)
+                <= torch.arange(N - n, N, device=k.device).unsqueeze(1))
+        return F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=mask, scale=scale)
+
+    def finish_prefill(self, layer: int, seq_id: int, q_window: Optional[Tensor] = None, *,
+                       method: str = "ada_snapkv", budget: Optional[int] = None,
+                       window: Optional[int] = None, alpha: float = 0.2,
+                       pooling: str = "max", kernel_size: int = 7, gqa_reduce: str = "mean",
+                       aggregate: str = "mean", rounding: str = "exact", n_sink: int = 4,
+                       pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
+                       layer_budget: Optional[int] = None, scale: Optional[float] = None
+                       ) -> Dict[str, object]:
+        """Score and evict the sequence's prompt in ``layer``, exactly as the one-shot path.
+
+        ``q_window [1, Hq, W, D]``: the last ``W = min(window, N)`` prompt queries (after RoPE;
+        not needed for ``full`` / ``streaming``, which then take ``W = min(window, N)``).
+        ``method`` and the settings are those of ``AdaKVCache``: ``full`` keeps all ``N``;
+        ``streaming`` the first ``n_sink`` prefix tokens + most recent (``budget`` prefix
+        tokens) + window; ``snapkv`` / ``ada_snapkv`` / ``pyramid`` / ``ada_pyramid`` run
+        ``score -> allocate -> select`` (pyramid: ``budget`` spread over the store's layers by
+        ``pyramid_budgets``; ``layer_budget`` overrides ``C_l``). The kept rows are then written
+        with ``paged_compact_`` into fresh pages; the transient prompt pages are freed first
+        (the prompt was gathered into a contiguous copy), so this never needs more pages than
+        the prompt held. One device->host read (``kept_count``). Returns ``{"budget": C_l,
+        "window": W, "lengths": [per head]}``."""
+        self._check_seq(seq_id)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        key, value = self.prompt_kv(layer, seq_id)
+        _, Hk, N, D = key.shape
+        if N == 0:
+            raise RuntimeError(f"adakv: finish_prefill of sequence {seq_id} layer {layer} "
+                               f"before any prompt chunk")
+        dev = key.device
+        if q_window is not None:
+            q_window = q_window.contiguous()
+            W = q_window.shape[2]
+            if window is not None and W != min(window, N):
+                raise ValueError(f"q_window has W={W} queries, expected min(window={window}, "
+                                 f"N={N}) = {min(window, N)}")
+        elif method in ("full", "streaming"):
+            if window is None and method == "streaming":
+                raise ValueError("streaming needs window= (or q_window)")
+            W = min(window if window is not None else N, N)
+        else:
+            raise ValueError(f"method {method!r} needs q_window")
+        if method != "full" and budget is None and layer_budget is None:
+            raise ValueError(f"method {method!r} needs budget=")
+        empty = torch.empty((1, Hk, 0), device=dev, dtype=torch.int32)
+        if method == "full":
+            C, Wc = N, N
+            kept_idx, kept_count = empty, torch.zeros((1, Hk), device=dev, dtype=torch.int32)
+        elif method == "streaming":
+            C, Wc = (layer_budget if layer_budget is not None else budget), W
+            ks0 = torch.zeros(1, device=dev, dtype=torch.int32)
+            scores = _streaming_scores(N - W, ks0, n_sink).unsqueeze(1).expand(1, Hk, N - W)
+            budgets = torch.full((1, Hk), C, device=dev, dtype=torch.int32)
+            kept_idx, kept_count = _ops.select(scores.contiguous(), budgets)
+        else:
+            if layer_budget is not None:
+                C = layer_budget
+            elif method in ("pyramid", "ada_pyramid"):
+                C = pyramid_budgets(budget, self.num_layers, N, W, beta=pyramid_beta,
+                                    exact_mean=pyramid_exact_mean)[layer]
+            else:
+                C = budget
+            Wc = W
+            scores = _ops.score(q_window, key, kernel_size=kernel_size, pooling=pooling,
+                                aggregate=aggregate, gqa_reduce=gqa_reduce, scale=scale)
+            budgets = _ops.allocate(scores, C, floor_alpha=alpha, adaptive=_ADAPTIVE[method],
+                                    rounding=rounding)
+            kept_idx, kept_count = _ops.select(scores, budgets)
+        counts = kept_count.view(-1).tolist()            # the one device->host read
+        new_lens = [c + min(Wc, N) for c in counts]
+        segs = list(self._segs(seq_id))
+        P = self.page_size
+        want = [-(-n // P) for n in new_lens]
+        if max(want) > self._width:      # cannot happen (kept <= prompt), kept for safety
+            raise RuntimeError("adakv: kept rows exceed the page-table width")
+        # free the transient prompt pages (the prompt is in key/value now), then hand out the
+        # kept rows' pages: never more than were just freed
+        for s in segs:
+            self._release(self._pages[layer][s])
+            self._pages[layer][s] = []
+        for s, n in zip(segs, want):
+            self._pages[layer][s] = [self._free.pop() for _ in range(n)]
+        self._push_rows(layer, segs)
+        r0 = segs[0]
+        _paged_compact(self.k_pages, self.v_pages, self.page_table[layer][r0:r0 + Hk],
+                       self.seg_len[layer][r0:r0 + Hk], key, value, kept_idx.contiguous(),
+                       kept_count.contiguous(), Wc)
+        for s, n in zip(segs, new_lens):
+            self._len[layer][s] = n
+        st = self._seqs[seq_id]
+        st.compressed[layer] = True
+        st.epoch[layer] += 1
+        return {"budget": C, "window": W, "lengths": new_lens}
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self, seq_id: int) -> StoreSnapshot:
+        """Record the sequence's lengths and page counts (host integers, no device work)."""
+        self._check_seq(seq_id)
+        st = self._seqs[seq_id]
+        segs = list(self._segs(seq_id))
+        return StoreSnapshot(
+            seq_id, st.generation, tuple(st.epoch),
+            tuple(tuple(self._len[l][s] for s in segs) for l in range(self.num_layers)),
+            tuple(tuple(len(self._pages[l][s]) for s in segs) for l in range(self.num_layers)),
+            tuple(st.compressed))
+
+    def restore(self, seq_id: int, snap: StoreSnapshot) -> None:
+        """Put the sequence back to ``snap``: lengths restored (device ``seg_len`` too), pages
+        handed out after the snapshot go back to the free list. Valid any number of times while
+        the sequence lives and no ``finish_prefill`` ran on it since the snapshot."""
+        self._check_seq(seq_id)
+        st = self._seqs[seq_id]
+        if snap.seq_id != seq_id or snap.generation != st.generation:
+            raise ValueError(f"adakv: snapshot of another sequence (or of a freed slot) "
+                             f"restored into sequence {seq_id}")
+        if tuple(st.epoch) != snap.epochs:
+            raise ValueError("adakv: the sequence was evicted again (finish_prefill) after "
+                             "the snapshot; it cannot be restored")
+        segs = list(self._segs(seq_id))
+        for l in range(self.num_layers):
+            for s, n, npg in zip(segs, snap.lens[l], snap.n_pages[l]):
+                pages = self._pages[l][s]
+                if len(pages) < npg or self._len[l][s] < n:
+                    raise RuntimeError("adakv: inconsistent snapshot (segment shrank)")
+                self._release(pages[npg:])
+                del pages[npg:]
+                self._len[l][s] = n
+            self._push_rows(l, segs)
+            r0 = segs[0]
+            self.seg_len[l][r0:r0 + len(segs)].copy_(
+                torch.tensor(snap.lens[l], dtype=torch.int32), non_blocking=True)
+        st.compressed = list(snap.compressed)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _segs(self, seq_id: int) -> range:
+        Hk = self.num_kv_heads
+        return range(seq_id * Hk, (seq_id + 1) * Hk)
+
+    def _seg_index(self, seq_ids: Sequence[int]) -> Tensor:
+        idx = [s for q in seq_ids for s in self._segs(q)]
+        return torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _check_seq(self, seq_id) -> None:
+        if not isinstance(seq_id, int) or seq_id not in self._seqs:
+            raise KeyError(f"adakv: no live sequence {seq_id!r} (live: {self.sequences})")
+
+    def _check_seqs(self, seq_ids) -> List[int]:
+        seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
+        if not seq_ids:
+            raise ValueError("adakv: empty list of sequences")
+        for q in seq_ids:
+            self._check_seq(q)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"adakv: repeated sequence in {seq_ids}")
+        return seq_ids
+
+    def _check_kv(self, k: Tensor, v: Tensor, B: int, name: str) -> None:
+        want = (B, self.num_kv_heads)
+        if k.dim() != 4 or tuple(k.shape[:2]) != want or k.shape[3] != self.head_dim \
+                or k.shape != v.shape or k.shape[2] < 1:
+            raise ValueError(f"{name} and its values must both be [B={B}, Hk="
+                             f"{self.num_kv_heads}, T>=1, D={self.head_dim}], got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"{name} dtype {k.dtype} / {v.dtype} != store dtype {self.dtype}")
+
+    def _release(self, pages: List[int]) -> None:
+        # reversed so the next hand-out takes them back in the same order
+        self._free.extend(reversed(pages))
+
+    def _push_rows(self, layer: int, segs: Sequence[int]) -> None:
+        """Copy the host page lists of ``segs`` into the device table (one host->device copy
+        from a fresh pageable tensor, ``non_blocking``: no stream sync)."""
+        segs = list(segs)
+        rows = torch.zeros((len(segs), self._width), dtype=torch.int32)
+        for i, s in enumerate(segs):
+            p = self._pages[layer][s]
+            if p:
+                rows[i, :len(p)] = torch.tensor(p, dtype=torch.int32)
+        table = self.page_table[layer]
+        if segs == list(range(segs[0], segs[0] + len(segs))):
+            table[segs[0]:segs[0] + len(segs)].copy_(rows, non_blocking=True)
+        else:
+            idx = torch.tensor(segs, dtype=torch.int64).to(self.device, non_blocking=True)
+            table.index_copy_(0, idx, rows.to(self.device, non_blocking=True))
+
+    def _grow(self, width: Optional[int] = None, slots: Optional[int] = None) -> None:
+        """Widen the tables and / or add sequence slots (new device tensors: addresses change;
+        host decision, before any op runs)."""
+        width = self._width if width is None else width
+        slots = self._slots if slots is None else slots
+        Hk = self.num_kv_heads
+        S_old, S = self._slots * Hk, slots * Hk
+        for l in range(self.num_layers):
+            t = torch.zeros((S, width), dtype=torch.int32, device=self.device)
+            t[:S_old, :self._width] = self.page_table[l]
+            sl = torch.zeros(S, dtype=torch.int32, device=self.device)
+            sl[:S_old] = self.seg_len[l]
+            self.page_table[l], self.seg_len[l] = t, sl
+            self._pages[l].extend([] for _ in range(S - S_old))
+            self._len[l].extend([0] * (S - S_old))
+        self._width, self._slots = width, slots
+
+    def __repr__(self):
+        return (f"PagedKVStore(layers={self.num_layers}, Hk={self.num_kv_heads}, "
+                f"D={self.head_dim}, P={self.page_size}, pages={self.pages_used}/"
+                f"{self.num_pages} used, sequences={self.sequences})")
