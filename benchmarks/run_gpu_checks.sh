@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
-# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|all]...
+# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|all]...
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -64,11 +64,14 @@ if has sanitize; then
   # every adversarial CUDA case (malicious metadata, huge sizes, NaN/Inf) under memcheck: the
   # kernels must never read or write out of bounds, whatever the input
   # (--report-api-errors no: the allocation-failure cases make cudaMalloc fail on purpose)
-  compute-sanitizer --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 $PY -m pytest tests/test_adversarial.py \
+  compute-sanitizer --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 $PY -m pytest tests/test_adversarial.py tests/test_paged.py \
     -q -k cuda -p no:cacheprovider > "$out/sanitize_adversarial.log" 2>&1
   rc=$?
-  echo "compute-sanitizer memcheck, adversarial: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_adversarial.log" | tail -n 2 | tr '\n' ' ')"
+  echo "compute-sanitizer memcheck, adversarial + paged: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_adversarial.log" | tail -n 2 | tr '\n' ' ')"
   [ $rc -eq 0 ] || status=1
+fi
+if has benchpaged; then
+  $PY benchmarks/bench_paged.py --out "$out/paged.jsonl" 2>&1 | tee "$out/bench_paged.log" | tail -n 20
 fi
 if has bench; then
   $PY benchmarks/bench_ops.py --cases "${BENCH_CASES:-evict,append,decode_b1,decode_bN,graph}" \
