@@ -79,7 +79,7 @@ except Exception:  # noqa: BLE001  (not installed: use the source tree, the exte
 import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from adakv_ops.hf import AdaKVCache, AdaKVLayer, restore_attention  # noqa: E402
+from adakv_ops.hf import AdaKVCache, AdaKVLayer, cache_kwarg, restore_attention  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +199,11 @@ def prefill(ctx, model, ids, cache, chunk=None):
     t0 = time.perf_counter()
     step = N if not chunk else chunk
     out = None
+    ckw = cache_kwarg(cache)
     for s in range(0, N, step):
         e = min(N, s + step)
         out = model(input_ids=ids[:, s:e], position_ids=positions(B, s, e - s, ids.device),
-                    past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+                    **ckw, use_cache=cache is not None, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
     ctx.sync()
     return tok, time.perf_counter() - t0
@@ -214,6 +215,7 @@ def decode(ctx, fwd, cache, tok, start, steps, warmup=0, before_step=None, mark_
     B = tok.shape[0]
     dev = tok.device
     toks = []
+    ckw = cache_kwarg(cache)
 
     def one(i, t):
         if before_step is not None:
@@ -221,7 +223,7 @@ def decode(ctx, fwd, cache, tok, start, steps, warmup=0, before_step=None, mark_
         if mark_step:
             torch.compiler.cudagraph_mark_step_begin()
         out = fwd(input_ids=t, position_ids=positions(B, start + i, 1, dev),
-                  past_key_values=cache, use_cache=True)
+                  **ckw, use_cache=True)
         return out.logits[:, -1:].argmax(-1)
 
     ctx.sync()

@@ -7,6 +7,7 @@ Families: Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text; sliding + full layers). E
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -505,3 +506,136 @@ def test_errors():
     with pytest.raises(NotImplementedError):
         cache.crop(-1)
     assert math.isfinite(cache.kv_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the cache argument's name: `cache=` (transformers >= 5.24) and `past_key_values=`
+
+
+def _takes_cache_name() -> bool:
+    from packaging.version import Version
+    return Version(transformers.__version__).release >= (5, 24)
+
+
+def _cache_name_warnings(record):
+    return [w for w in record if issubclass(w.category, FutureWarning)
+            and "past_key_values" in str(w.message)]
+
+
+def test_cache_kwarg_rule():
+    from adakv_ops.hf import CACHE_KWARG, cache_kwarg
+    assert CACHE_KWARG == ("cache" if _takes_cache_name() else "past_key_values")
+    sentinel = object()
+    assert cache_kwarg(sentinel) == {CACHE_KWARG: sentinel}
+    model = make_model("llama")
+    assert cache_kwarg(sentinel, model) == {CACHE_KWARG: sentinel}
+
+    class _OldStyle(torch.nn.Module):  # a custom model whose forward was not renamed
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    assert cache_kwarg(sentinel, _OldStyle()) == {"past_key_values": sentinel}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generate_cache_name_matches_past_key_values(family):
+    model = make_model(family)
+    ids, mask = make_batch(3, 30, seed=4)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+              do_sample=False)
+    from adakv_ops.hf import cache_kwarg
+    outs = {}
+    names = ["past_key_values"] + (["cache"] if _takes_cache_name() else [])
+    with torch.no_grad():
+        ref = model.generate(**kw, **cache_kwarg(DynamicCache(config=model.config)))
+        for name in names:
+            cache = AdaKVCache(model, budget=12, window=4)        # evicts: 30 > 12 + 4
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                outs[name] = model.generate(**kw, **{name: cache})
+            assert cache.get_seq_length() == 30 + 10 - 1
+            assert all(int(l.seg_len.sum()) < l.seg_len.numel() * 30 for l in cache.adakv_layers)
+        big = AdaKVCache(model, budget=64, window=4)               # keeps everything
+        assert torch.equal(model.generate(**kw, **cache_kwarg(big)), ref)
+    for name in names[1:]:
+        assert torch.equal(outs[name], outs["past_key_values"])
+
+
+def test_forward_cache_name_matches_past_key_values():
+    """A prefill + decode forward loop gives the same logits whichever name carries the cache."""
+    model = make_model("llama")
+    ids, mask = make_batch(2, 30, seed=6)
+    pos = positions(mask)
+    names = ["past_key_values"] + (["cache"] if _takes_cache_name() else [])
+    logits = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for name in names:
+            cache = AdaKVCache(model, budget=12, window=4)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                        **{name: cache})
+            steps = [out.logits[:, -1]]
+            tok = out.logits[:, -1:].argmax(-1)
+            for i in range(4):
+                out = model(input_ids=tok, position_ids=pos[:, -1:] + 1 + i, use_cache=True,
+                            **{name: cache})
+                steps.append(out.logits[:, -1])
+                tok = out.logits[:, -1:].argmax(-1)
+            assert cache.get_seq_length() == 34
+            logits[name] = torch.stack(steps)
+    for name in names[1:]:
+        assert torch.equal(logits[name], logits["past_key_values"])
+
+
+@pytest.mark.skipif(not _takes_cache_name(), reason="transformers < 5.24 has no `cache=`")
+def test_past_key_values_still_warns_upstream():
+    # guards the next test: on this transformers the old name does emit the FutureWarning
+    model = make_model("llama")
+    ids, mask = make_batch(1, 12)
+    with pytest.warns(FutureWarning, match="past_key_values"), torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       past_key_values=AdaKVCache(model, budget=8, window=4))
+
+
+def test_library_calls_emit_no_past_key_values_warning(monkeypatch):
+    import importlib
+    import io
+    import types
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    from adakv_ops.demo import main as demo_main
+    from adakv_ops.eval.runner import Prompt, run_sample, run_text
+    from adakv_ops.hf import cache_kwarg
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    bench = importlib.import_module("bench_generate")
+
+    model = make_model("llama")
+    ids, mask = make_batch(2, 30)
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randint(2, 128, (40,), generator=g).tolist()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        # AdaKVCache.compress + generate through cache_kwarg
+        cache = AdaKVCache(model, budget=12, window=4, reserve=4)
+        cache.compress(ids, mask)
+        with cache.reuse(), torch.no_grad():
+            model.generate(input_ids=torch.cat([ids, ids[:, -3:]], 1),
+                           attention_mask=torch.cat([mask, torch.ones_like(ids[:, -3:])], 1),
+                           max_new_tokens=3, do_sample=False, **cache_kwarg(cache))
+        # the evaluation runner (DynamicCache + AdaKVCache forwards)
+        run_sample(model, Prompt(seq[:30], seq[30:36], seq[36:40]), ["ada_snapkv"], [0.5],
+                   window=4)
+        run_text(model, seq, ["snapkv"], [0.5], prefix=30, cont=8, window=4)
+        # the benchmark's prefill / decode loops
+        ctx = types.SimpleNamespace(sync=lambda: None)
+        bcache = AdaKVCache(model, budget=12, window=4)
+        tok, _ = bench.prefill(ctx, model, ids[:1, 5:], bcache)
+        bench.decode(ctx, model, bcache, tok, 25, 3)
+        # the demo's real-model path (tiny random Llama, no download)
+        with redirect_stdout(io.StringIO()):
+            assert demo_main(["--model", "tiny-random-llama", "--prompt-tokens", "128",
+                              "--max-new-tokens", "2", "--threads", "1"]) == 0
+    assert _cache_name_warnings(record) == [], [str(w.message) for w in record]

@@ -19,7 +19,6 @@ import importlib.util
 import os
 import sys
 import time
-import warnings
 
 import torch
 
@@ -176,7 +175,7 @@ def model_demo(args) -> int:
 
     from .eval import PromptBuilder, load_model, make_samples
     from .eval.models import OFFLINE_MODELS, cache_dir
-    from .hf import AdaKVCache
+    from .hf import AdaKVCache, cache_kwarg
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -226,11 +225,8 @@ def model_demo(args) -> int:
 
     def answer(cache):
         t = time.perf_counter()
-        with warnings.catch_warnings():   # transformers >= 5.24 renames it `cache` (until 6.0)
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated",
-                                    category=FutureWarning)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 past_key_values=cache, **gen)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             **cache_kwarg(cache), **gen)
         dt = time.perf_counter() - t
         new = out[0, N:].tolist()
         text = tok.decode(new, skip_special_tokens=True) if eos is not None else tok.decode(new)

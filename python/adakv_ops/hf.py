@@ -3,9 +3,17 @@
 ```python
 from adakv_ops.hf import AdaKVCache
 cache = AdaKVCache(model, method="ada_snapkv", budget=256, window=32, alpha=0.2)
-out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64, do_sample=False)
+out = model.generate(**inputs, cache=cache, max_new_tokens=64, do_sample=False)
 cache.kv_bytes()   # bytes held by K/V storage, all layers
 ```
+
+The cache argument is named ``cache=`` (of ``generate()`` and of the model forward) since
+transformers 5.24; ``past_key_values=cache`` works too and is the only name on 5.0 .. 5.23
+(on >= 5.24 it emits a FutureWarning: removal is announced for 6.0 in ``generate()`` and for
+5.40 in the model forward). Code that must run on the whole range can write
+``**cache_kwarg(cache)`` (``{"cache": cache}`` or ``{"past_key_values": cache}``, whichever the
+installed transformers takes; :data:`CACHE_KWARG` is the name), as the library's own calls do.
+The cache works the same whichever name the caller used.
 
 No model class is patched. The constructor does three things to the *model instance*:
 
@@ -20,7 +28,8 @@ No model class is patched. The constructor does three things to the *model insta
    which keep their bounded cache and are never evicted.
 
 How the attention function reaches the cache (the only link between the two): in
-transformers 5 an attention layer calls ``past_key_values.update(k, v, layer_idx)`` and then
+transformers 5 an attention layer calls ``cache.update(k, v, layer_idx)`` (its cache argument,
+``past_key_values`` before 5.24) and then
 ``attention_interface(module, query, key, value, mask, ...)``. ``AdaKVLayer.update`` puts
 itself into the model's mailbox under its layer index; the attention function pops
 ``module._adakv_mailbox[module.layer_idx]`` and uses the AdaKV path only if an entry is there
@@ -73,7 +82,7 @@ Question-agnostic use (compress a context once, ask several questions)::
     cache.compress(context_ids, attention_mask)       # prefill + eviction, no generation
     with cache.reuse():                                # snapshot ... restore
         out = model.generate(input_ids=context_plus_question, attention_mask=mask,
-                             past_key_values=cache, max_new_tokens=32)
+                             cache=cache, max_new_tokens=32)
     # the compressed context is back exactly as it was; ask the next question
 
 Continuations are appended in place, so restoring resets the segment lengths and the logical
@@ -89,6 +98,7 @@ Exact semantics of the ops: ``docs/semantics.md``; user guide: ``docs/hf.md``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import weakref
 from dataclasses import dataclass
@@ -103,8 +113,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from . import ops as _ops
 from .budgets import pyramid_budgets
 
-__all__ = ["AdaKVCache", "AdaKVLayer", "CacheSnapshot", "METHODS", "QueryRecorder",
-           "restore_attention", "original_attn_implementation"]
+__all__ = ["AdaKVCache", "AdaKVLayer", "CACHE_KWARG", "CacheSnapshot", "METHODS", "QueryRecorder",
+           "cache_kwarg", "restore_attention", "original_attn_implementation"]
 
 METHODS = ("full", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "streaming")
 _ADAPTIVE = {"ada_snapkv": True, "ada_pyramid": True, "snapkv": False, "pyramid": False}
@@ -113,6 +123,49 @@ _PREFIX = "adakv_"
 _MAILBOX = "_adakv_mailbox"
 _RECORDER = "_adakv_query_recorder"
 _INT32_MAX = 2**31 - 1  # every row index / segment start of the flat cache is int32
+
+
+# ---------------------------------------------------------------------------------------------
+# the name of the cache argument
+
+
+def _transformers_names_it_cache() -> bool:
+    """True where ``generate()`` and the model forward take the cache as ``cache=``
+    (transformers >= 5.24; up to 5.23 only ``past_key_values=`` exists). Detected from
+    ``transformers.generation.utils.ALL_CACHE_NAMES`` (the names generate looks the cache up
+    under: ``"cache"`` since 5.24, ``"past_key_values"`` before), with the version as fallback."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        return "cache" in ALL_CACHE_NAMES
+    except ImportError:  # pragma: no cover - not seen in 5.0 .. 5.24
+        import transformers
+        from packaging.version import Version
+        return Version(transformers.__version__).release >= (5, 24)
+
+
+#: ``"cache"`` on transformers >= 5.24, ``"past_key_values"`` before.
+CACHE_KWARG = "cache" if _transformers_names_it_cache() else "past_key_values"
+
+
+def cache_kwarg(cache, model=None) -> dict:
+    """The keyword argument that hands ``cache`` to ``model.generate()`` or to the model forward
+    under the installed transformers' name: ``{"cache": cache}`` on transformers >= 5.24 (where
+    ``past_key_values=`` still works but emits a FutureWarning), ``{"past_key_values": cache}``
+    on 5.0 .. 5.23 (which do not know ``cache=``)::
+
+        model.generate(**inputs, **cache_kwarg(cache), max_new_tokens=64)
+
+    ``model`` (optional, for forward calls): if its ``forward`` declares ``past_key_values`` but
+    not ``cache`` (custom / remote-code models not yet renamed), ``past_key_values`` is used."""
+    name = CACHE_KWARG
+    if model is not None and name == "cache":
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            params = {}
+        if "past_key_values" in params and "cache" not in params:
+            name = "past_key_values"
+    return {name: cache}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,8 +931,8 @@ class AdaKVCache(Cache):
         if attention_mask is not None and "position_ids" not in kwargs:
             pos = attention_mask.long().cumsum(-1) - 1
             kwargs["position_ids"] = pos.masked_fill(attention_mask == 0, 0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self,
-                    use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    **cache_kwarg(self, model), use_cache=True, logits_to_keep=1, **kwargs)
         self.check_claimed()
         return out
 

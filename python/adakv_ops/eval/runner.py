@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .. import ops as _ops
-from ..hf import AdaKVCache, QueryRecorder
+from ..hf import AdaKVCache, QueryRecorder, cache_kwarg
 from .tasks import Sample
 
 __all__ = ["PromptBuilder", "run_sample", "run_text", "METHODS_ALL", "SETTINGS"]
@@ -117,7 +117,7 @@ def _kept_fraction(cache: AdaKVCache, n: int) -> float:
 
 
 def _teacher_force(model, cache, feed: list[int], device):
-    out = model(input_ids=_ids(feed, device), past_key_values=cache, use_cache=True)
+    out = model(input_ids=_ids(feed, device), **cache_kwarg(cache), use_cache=True)
     return out.logits[0].float()                                   # [T, V]
 
 
@@ -140,10 +140,10 @@ def run_sample(model, prompt: Prompt, methods, fracs, window: int = 32, alpha: f
     full = DynamicCache(config=model.config)
     rec = QueryRecorder(model, window)
     with rec:
-        model(input_ids=_ids(ctx, device), past_key_values=full, use_cache=True,
+        model(input_ids=_ids(ctx, device), **cache_kwarg(full), use_cache=True,
               logits_to_keep=1)
         ctx_cache, ctx_windows = _shallow_copy(full), dict(rec.windows)
-        out = model(input_ids=_ids(q, device), past_key_values=full, use_cache=True,
+        out = model(input_ids=_ids(q, device), **cache_kwarg(full), use_cache=True,
                     logits_to_keep=1)
         aware_windows = dict(rec.windows)
     first_logits = out.logits[0, -1].float()                       # predicts ans[0]
@@ -193,7 +193,7 @@ def run_text(model, ids: list[int], methods, fracs, prefix: int, cont: int,
     full = DynamicCache(config=model.config)
     rec = QueryRecorder(model, window)
     with rec:
-        model(input_ids=_ids(ctx, device), past_key_values=full, use_cache=True,
+        model(input_ids=_ids(ctx, device), **cache_kwarg(full), use_cache=True,
               logits_to_keep=1)
     windows = dict(rec.windows)
     target = torch.tensor(rest[1:], device=device)
