@@ -59,8 +59,8 @@ FlatCache compact(const Tensor& key, const Tensor& value, const Tensor& kept_idx
       const int64_t ksb = ks ? ks[s / Hk] : 0;
       for_each_compact_row(s, cnt, idx, L, N, ksb, [&](int64_t i, int64_t n) {
         const int64_t dst = start[s] + i;
-        std::memcpy(kf + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
-        std::memcpy(vf + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
+        copy_bytes(kf + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
+        copy_bytes(vf + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
       });
     }
   });
@@ -94,8 +94,8 @@ void append_(const Tensor& k_flat, const Tensor& v_flat, const Tensor& seg_start
   torch::stable::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t dst = start[i] + len[i];
-      std::memcpy(kf + dst * row_bytes, kn + i * s.T * row_bytes, s.T * row_bytes);
-      std::memcpy(vf + dst * row_bytes, vn + i * s.T * row_bytes, s.T * row_bytes);
+      copy_bytes(kf + dst * row_bytes, kn + i * s.T * row_bytes, s.T * row_bytes);
+      copy_bytes(vf + dst * row_bytes, vn + i * s.T * row_bytes, s.T * row_bytes);
       len[i] += static_cast<int32_t>(s.T);
     }
   });

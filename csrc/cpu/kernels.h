@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,6 +18,12 @@
 
 namespace adakv {
 namespace cpu {
+
+// memcpy of n bytes; nothing for n == 0 (a D = 0 tensor has a null data pointer, and memcpy
+// with a null pointer is undefined even for 0 bytes: UBSan flags it).
+inline void copy_bytes(char* dst, const char* src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n));
+}
 
 // Checks kept_count[s] (and its kept_idx entries) and returns the segment length
 // kept_count + min(window, N - ksb). budget < 0: no budget bound (paged_compact_).

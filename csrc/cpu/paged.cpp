@@ -70,8 +70,8 @@ void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& 
       const int64_t ksb = ks ? ks[s / Hk] : 0;
       for_each_compact_row(s, cnt, idx, L, N, ksb, [&](int64_t i, int64_t n) {
         const int64_t dst = row(s, i);
-        std::memcpy(kd + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
-        std::memcpy(vd + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
+        copy_bytes(kd + dst * row_bytes, kp + (s * N + n) * row_bytes, row_bytes);
+        copy_bytes(vd + dst * row_bytes, vp + (s * N + n) * row_bytes, row_bytes);
       });
       out_len[s] = static_cast<int32_t>(len[s]);
     }
@@ -107,8 +107,8 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t t = 0; t < s.T; ++t) {
         const int64_t dst = row(i, len[i] + t);
-        std::memcpy(kd + dst * row_bytes, kn + (i * s.T + t) * row_bytes, row_bytes);
-        std::memcpy(vd + dst * row_bytes, vn + (i * s.T + t) * row_bytes, row_bytes);
+        copy_bytes(kd + dst * row_bytes, kn + (i * s.T + t) * row_bytes, row_bytes);
+        copy_bytes(vd + dst * row_bytes, vn + (i * s.T + t) * row_bytes, row_bytes);
       }
       len[i] += static_cast<int32_t>(s.T);
     }
