@@ -56,6 +56,88 @@ void check_key_start(const std::optional<Tensor>& key_start, const Tensor& ref,
               "], got ", shape_str(*key_start));
 }
 
+
+// A cache as the append / decode validators see it: the tensor the new tokens or queries must
+// match (k_flat or k_pages), its segments and head dim, and the names messages give them.
+struct CacheView {
+  const Tensor& k;
+  const char* k_name;   // "k_flat" / "k_pages"
+  const char* segs_in;  // holds the segments: "the cache" / "page_table"
+  const char* dim_in;   // holds the head dim: "the cache" / "k_pages"
+  int64_t S, D, rows;
+};
+
+// key_new / value_new [B, Hk, T, D] (+ overflow [S]) of an append into `c`.
+DecodeShape validate_new_tokens(const char* op, const CacheView& c, const Tensor& key_new,
+                                const Tensor& value_new, const std::optional<Tensor>& overflow,
+                                const char* overflow_name) {
+  check_kv(key_new, "key_new [B, Hk, T, D]", 4);
+  check_same_device(c.k, key_new, c.k_name, "key_new");
+  check_same_dtype(c.k, key_new, c.k_name, "key_new");
+  validate_key_value(key_new, value_new);
+  DecodeShape s;
+  s.B = key_new.size(0);
+  s.Hk = key_new.size(1);
+  s.Hq = s.Hk;
+  s.T = key_new.size(2);
+  s.D = key_new.size(3);
+  s.rows = c.rows;
+  s.S = c.S;
+  ADAKV_CHECK(s.T >= 1, "adakv: ", op, " needs at least one new token (T >= 1), got T = ", s.T);
+  ADAKV_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
+              s.B * s.Hk, " segments but ", c.segs_in, " has ", s.S);
+  ADAKV_CHECK(c.D == s.D, "adakv: key_new has head dim ", s.D, " but ", c.dim_in, " has ", c.D);
+  if (overflow.has_value()) {
+    check_int32(*overflow, overflow_name, 1);
+    check_same_device(c.k, *overflow, c.k_name, "overflow");
+    ADAKV_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
+                shape_str(*overflow));
+  }
+  return s;
+}
+
+// query [B, Hq, T, D] of a decode over `c` (Hk = segments / B).
+DecodeShape validate_query(const CacheView& c, const Tensor& query) {
+  check_kv(query, "query [B, Hq, T, D]", 4);
+  check_same_device(c.k, query, c.k_name, "query");
+  check_same_dtype(c.k, query, c.k_name, "query");
+  DecodeShape s;
+  s.B = query.size(0);
+  s.Hq = query.size(1);
+  s.T = query.size(2);
+  s.D = query.size(3);
+  s.rows = c.rows;
+  s.S = c.S;
+  ADAKV_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: ", c.segs_in, " has ", s.S,
+              " segments, not a multiple of the query batch ", s.B);
+  s.Hk = s.S / s.B;
+  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
+              ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
+  ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
+  ADAKV_CHECK(c.D == s.D, "adakv: query has head dim ", s.D, " but ", c.dim_in, " has ", c.D);
+  return s;
+}
+
+// kept_idx [B, Hk, N - window] / kept_count [B, Hk] int32 on key's device, window in [0, N].
+void validate_kept(const Tensor& key, const Tensor& kept_idx, const Tensor& kept_count,
+                   int64_t window, const char* kept_idx_name) {
+  const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2);
+  ADAKV_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
+              window);
+  ADAKV_CHECK(window <= std::numeric_limits<int32_t>::max(),
+              "adakv: window must be < 2^31, got ", window);
+  check_int32(kept_idx, kept_idx_name, 3);
+  check_int32(kept_count, "kept_count [B, Hk]", 2);
+  check_same_device(key, kept_idx, "key", "kept_idx");
+  check_same_device(key, kept_count, "key", "kept_count");
+  ADAKV_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
+              "adakv: kept_idx must have shape [B, Hk, N - window] = [", B, ", ", Hk, ", ",
+              N - window, "], got ", shape_str(kept_idx));
+  ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
+              "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
+              shape_str(kept_count));
+}
+
 }  // namespace
 
 Pooling parse_pooling(const std::string& s) {
@@ -161,24 +243,11 @@ void validate_compact(const Tensor& key, const Tensor& value, const Tensor& kept
                       const std::optional<Tensor>& key_start) {
   check_kv(key, "key [B, Hk, N, D]", 4);
   validate_key_value(key, value);
-  const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2);
-  ADAKV_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
-              window);
-  ADAKV_CHECK(window <= std::numeric_limits<int32_t>::max(),
-              "adakv: window must be < 2^31, got ", window);
+  const int64_t B = key.size(0), Hk = key.size(1);
+  validate_kept(key, kept_idx, kept_count, window, "kept_idx [B, Hk, L]");
   validate_reserve(reserve);
-  check_int32(kept_idx, "kept_idx [B, Hk, L]", 3);
-  check_int32(kept_count, "kept_count [B, Hk]", 2);
   check_int32(budgets, "budgets [B, Hk]", 2);
-  check_same_device(key, kept_idx, "key", "kept_idx");
-  check_same_device(key, kept_count, "key", "kept_count");
   check_same_device(key, budgets, "key", "budgets");
-  ADAKV_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
-              "adakv: kept_idx must have shape [B, Hk, N - window] = [", B, ", ", Hk, ", ",
-              N - window, "], got ", shape_str(kept_idx));
-  ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
-              "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
-              shape_str(kept_count));
   ADAKV_CHECK(budgets.size(0) == B && budgets.size(1) == Hk,
               "adakv: budgets must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
               shape_str(budgets));
@@ -212,55 +281,18 @@ DecodeShape validate_append(const Tensor& k_flat, const Tensor& v_flat,
                             const Tensor& key_new, const Tensor& value_new,
                             const std::optional<Tensor>& overflow) {
   validate_flat_cache(k_flat, v_flat, seg_start, seg_len);
-  check_kv(key_new, "key_new [B, Hk, T, D]", 4);
-  check_same_device(k_flat, key_new, "k_flat", "key_new");
-  check_same_dtype(k_flat, key_new, "k_flat", "key_new");
-  validate_key_value(key_new, value_new);
-  DecodeShape s;
-  s.B = key_new.size(0);
-  s.Hk = key_new.size(1);
-  s.Hq = s.Hk;
-  s.T = key_new.size(2);
-  s.D = key_new.size(3);
-  s.rows = k_flat.size(0);
-  s.S = seg_start.size(0);
-  ADAKV_CHECK(s.T >= 1, "adakv: append_ needs at least one new token (T >= 1), got T = ", s.T);
-  ADAKV_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
-              s.B * s.Hk, " segments but the cache has ", s.S);
-  ADAKV_CHECK(k_flat.size(1) == s.D, "adakv: key_new has head dim ", s.D,
-              " but the cache has ", k_flat.size(1));
-  if (overflow.has_value()) {
-    check_int32(*overflow, "overflow [B * Hk]", 1);
-    check_same_device(k_flat, *overflow, "k_flat", "overflow");
-    ADAKV_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
-                shape_str(*overflow));
-  }
-  return s;
+  const CacheView c{k_flat, "k_flat", "the cache", "the cache", seg_start.size(0),
+                    k_flat.size(1), k_flat.size(0)};
+  return validate_new_tokens("append_", c, key_new, value_new, overflow, "overflow [B * Hk]");
 }
 
 DecodeShape validate_decode(const Tensor& query, const Tensor& k_flat,
                             const Tensor& v_flat, const Tensor& seg_start,
                             const Tensor& seg_len) {
   validate_flat_cache(k_flat, v_flat, seg_start, seg_len);
-  check_kv(query, "query [B, Hq, T, D]", 4);
-  check_same_device(k_flat, query, "k_flat", "query");
-  check_same_dtype(k_flat, query, "k_flat", "query");
-  DecodeShape s;
-  s.B = query.size(0);
-  s.Hq = query.size(1);
-  s.T = query.size(2);
-  s.D = query.size(3);
-  s.rows = k_flat.size(0);
-  s.S = seg_start.size(0);
-  ADAKV_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: the cache has ", s.S,
-              " segments, not a multiple of the query batch ", s.B);
-  s.Hk = s.S / s.B;
-  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
-              ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
-  ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
-  ADAKV_CHECK(k_flat.size(1) == s.D, "adakv: query has head dim ", s.D, " but the cache has ",
-              k_flat.size(1));
-  return s;
+  const CacheView c{k_flat, "k_flat", "the cache", "the cache", seg_start.size(0),
+                    k_flat.size(1), k_flat.size(0)};
+  return validate_query(c, query);
 }
 
 // ---- paged storage
@@ -305,25 +337,12 @@ PagedShape validate_paged_compact(const Tensor& k_pages, const Tensor& v_pages,
   validate_key_value(key, value);
   check_same_device(k_pages, key, "k_pages", "key");
   check_same_dtype(k_pages, key, "k_pages", "key");
-  const int64_t B = key.size(0), Hk = key.size(1), N = key.size(2);
+  const int64_t B = key.size(0), Hk = key.size(1);
   ADAKV_CHECK(key.size(3) == p.D, "adakv: key has head dim ", key.size(3),
               " but k_pages has ", p.D);
   ADAKV_CHECK(B * Hk == p.S, "adakv: key has B * Hk = ", B, " * ", Hk, " = ", B * Hk,
               " segments but page_table has ", p.S, " rows");
-  ADAKV_CHECK(window >= 0 && window <= N, "adakv: window must be in [0, N = ", N, "], got ",
-              window);
-  ADAKV_CHECK(window <= std::numeric_limits<int32_t>::max(),
-              "adakv: window must be < 2^31, got ", window);
-  check_int32(kept_idx, "kept_idx [B, Hk, N - window]", 3);
-  check_int32(kept_count, "kept_count [B, Hk]", 2);
-  check_same_device(key, kept_idx, "key", "kept_idx");
-  check_same_device(key, kept_count, "key", "kept_count");
-  ADAKV_CHECK(kept_idx.size(0) == B && kept_idx.size(1) == Hk && kept_idx.size(2) == N - window,
-              "adakv: kept_idx must have shape [B, Hk, N - window] = [", B, ", ", Hk, ", ",
-              N - window, "], got ", shape_str(kept_idx));
-  ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
-              "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
-              shape_str(kept_count));
+  validate_kept(key, kept_idx, kept_count, window, "kept_idx [B, Hk, N - window]");
   check_key_start(key_start, key, "key", B);
   return p;
 }
@@ -333,54 +352,18 @@ DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
                                   const Tensor& key_new, const Tensor& value_new,
                                   const std::optional<Tensor>& overflow, PagedShape& pool) {
   pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
-  check_kv(key_new, "key_new [B, Hk, T, D]", 4);
-  check_same_device(k_pages, key_new, "k_pages", "key_new");
-  check_same_dtype(k_pages, key_new, "k_pages", "key_new");
-  validate_key_value(key_new, value_new);
-  DecodeShape s;
-  s.B = key_new.size(0);
-  s.Hk = key_new.size(1);
-  s.Hq = s.Hk;
-  s.T = key_new.size(2);
-  s.D = key_new.size(3);
-  s.rows = pool.num_pages * pool.P;
-  s.S = pool.S;
-  ADAKV_CHECK(s.T >= 1, "adakv: paged_append_ needs at least one new token (T >= 1), got T = ",
-              s.T);
-  ADAKV_CHECK(s.B * s.Hk == s.S, "adakv: key_new has B * Hk = ", s.B, " * ", s.Hk, " = ",
-              s.B * s.Hk, " segments but page_table has ", s.S);
-  ADAKV_CHECK(pool.D == s.D, "adakv: key_new has head dim ", s.D, " but k_pages has ", pool.D);
-  if (overflow.has_value()) {
-    check_int32(*overflow, "overflow [S]", 1);
-    check_same_device(k_pages, *overflow, "k_pages", "overflow");
-    ADAKV_CHECK(overflow->size(0) == s.S, "adakv: overflow must have shape [", s.S, "], got ",
-                shape_str(*overflow));
-  }
-  return s;
+  const CacheView c{k_pages, "k_pages", "page_table", "k_pages", pool.S, pool.D,
+                    pool.num_pages * pool.P};
+  return validate_new_tokens("paged_append_", c, key_new, value_new, overflow, "overflow [S]");
 }
 
 DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,
                                   const Tensor& v_pages, const Tensor& page_table,
                                   const Tensor& seg_len, PagedShape& pool) {
   pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
-  check_kv(query, "query [B, Hq, T, D]", 4);
-  check_same_device(k_pages, query, "k_pages", "query");
-  check_same_dtype(k_pages, query, "k_pages", "query");
-  DecodeShape s;
-  s.B = query.size(0);
-  s.Hq = query.size(1);
-  s.T = query.size(2);
-  s.D = query.size(3);
-  s.rows = pool.num_pages * pool.P;
-  s.S = pool.S;
-  ADAKV_CHECK(s.B >= 1 && s.S % s.B == 0, "adakv: page_table has ", s.S,
-              " segments, not a multiple of the query batch ", s.B);
-  s.Hk = s.S / s.B;
-  ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
-              ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
-  ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
-  ADAKV_CHECK(pool.D == s.D, "adakv: query has head dim ", s.D, " but k_pages has ", pool.D);
-  return s;
+  const CacheView c{k_pages, "k_pages", "page_table", "k_pages", pool.S, pool.D,
+                    pool.num_pages * pool.P};
+  return validate_query(c, query);
 }
 
 void check_paged_rows(const char* op, const int32_t* page_table, const PagedShape& p, int64_t s,
