@@ -112,6 +112,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from . import ops as _ops
 from .budgets import pyramid_budgets
+from .store import streaming_scores
 
 __all__ = ["AdaKVCache", "AdaKVLayer", "CACHE_KWARG", "CacheSnapshot", "METHODS", "QueryRecorder",
            "cache_kwarg", "restore_attention", "original_attn_implementation"]
@@ -244,15 +245,6 @@ def _key_start_from_mask(mask, B: int, N: int) -> Optional[Tensor]:
     if ks.shape[0] != B:
         ks = ks.expand(B)
     return ks.contiguous()
-
-
-def _streaming_scores(L: int, ks: Tensor, n_sink: int) -> Tensor:
-    """StreamingLLM as a score pattern over ``[..., L]``: the first ``n_sink`` valid tokens
-    (sinks) above everything, then recency; ``ks [...]`` = first valid column."""
-    n = torch.arange(L, device=ks.device, dtype=torch.float32)
-    rank = n - ks.to(torch.float32).unsqueeze(-1)
-    s = torch.where(rank < n_sink, 2.0 * L + n_sink - rank, n)
-    return torch.where(rank < 0, torch.full_like(s, float("-inf")), s)
 
 
 def _mark_static(*tensors: Tensor) -> None:
@@ -620,7 +612,7 @@ class AdaKVLayer(CacheLayerMixin):
             C = s.budget
             self._check_rows(B * H, C, W, R)
             ks0 = ks if ks is not None else torch.zeros(B, device=key.device, dtype=torch.int32)
-            scores = _streaming_scores(N - W, ks0, s.n_sink).unsqueeze(1).expand(B, H, N - W)
+            scores = streaming_scores(N - W, ks0, s.n_sink).unsqueeze(1).expand(B, H, N - W)
             budgets = torch.full((B, H), C, device=key.device, dtype=torch.int32)
             kept_idx, kept_count = _ops.select(scores.contiguous(), budgets, key_start=ks)
             flat = _ops.compact(key, value, kept_idx, kept_count, budgets, W, reserve=R,
@@ -676,7 +668,7 @@ class AdaKVLayer(CacheLayerMixin):
         vp = (self.v_flat.index_select(0, src).view(S, Nmax, D) * keep).view(B, H, Nmax, D)
         ks_seg = pad.to(torch.int32)                                   # per-segment padding
         if s.method == "streaming":
-            scores = _streaming_scores(L, ks_seg.view(B, H), s.n_sink).contiguous()
+            scores = streaming_scores(L, ks_seg.view(B, H), s.n_sink).contiguous()
         else:
             Hq = self.qbuf.shape[1]
             q = self.qbuf.reshape(B * H, Hq // H, W, D)

@@ -135,14 +135,24 @@ def append_(k_flat: Tensor, v_flat: Tensor, seg_start: Tensor, seg_len: Tensor,
     unchanged and ``overflow[s]`` is set to 1. With the environment variable ``ADAKV_DEBUG=1``
     the CUDA overflow flags are checked after every call (a host sync).
     """
-    if overflow is None and k_flat.is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
+    _append_with_flags(torch.ops.adakv.append_,
+                       (k_flat, v_flat, seg_start, seg_len, key_new, value_new), seg_len,
+                       overflow, k_flat.is_cuda, "append_ overflowed the capacity of segments")
+
+
+def _append_with_flags(op, args, seg_len: Tensor, overflow: Optional[Tensor], is_cuda: bool,
+                       what: str) -> None:
+    """``op(*args, overflow)``; with ``ADAKV_DEBUG=1`` on CUDA and no ``overflow`` given, the
+    op gets a flag tensor that is checked after the call (a host sync): a flagged segment
+    raises ``adakv: <what> [segments]``. Shared by ``append_`` and ``paged_append_``."""
+    if overflow is None and is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
         flags = torch.zeros_like(seg_len)
-        torch.ops.adakv.append_(k_flat, v_flat, seg_start, seg_len, key_new, value_new, flags)
+        op(*args, flags)
         bad = torch.nonzero(flags).flatten().tolist()
         if bad:
-            raise RuntimeError(f"adakv: append_ overflowed the capacity of segments {bad}")
+            raise RuntimeError(f"adakv: {what} {bad}")
         return
-    torch.ops.adakv.append_(k_flat, v_flat, seg_start, seg_len, key_new, value_new, overflow)
+    op(*args, overflow)
 
 
 def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: Tensor,
@@ -202,17 +212,10 @@ def paged_append_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len:
     written; on CUDA that segment is left unchanged and ``overflow[s]`` (``[S]`` int32) is set
     to 1. With ``ADAKV_DEBUG=1`` the CUDA overflow flags are checked after every call (a sync).
     """
-    if overflow is None and k_pages.is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
-        flags = torch.zeros_like(seg_len)
-        torch.ops.adakv.paged_append_(k_pages, v_pages, page_table, seg_len, key_new,
-                                      value_new, flags)
-        bad = torch.nonzero(flags).flatten().tolist()
-        if bad:
-            raise RuntimeError(f"adakv: paged_append_ overflowed the page tables of segments "
-                               f"{bad}")
-        return
-    torch.ops.adakv.paged_append_(k_pages, v_pages, page_table, seg_len, key_new, value_new,
-                                  overflow)
+    _append_with_flags(torch.ops.adakv.paged_append_,
+                       (k_pages, v_pages, page_table, seg_len, key_new, value_new), seg_len,
+                       overflow, k_pages.is_cuda, "paged_append_ overflowed the page tables of "
+                       "segments")
 
 
 def paged_decode_attention(query: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,

@@ -64,25 +64,10 @@ class OutOfPages(RuntimeError):
                          f"{free} free (free a sequence or build the store with more pages)")
 
 
-# -- thin indirections to the op wrappers (one place to adapt; ADAKV_DEBUG=1 checks CUDA append
-# overflow flags in adakv_ops.ops.paged_append_)
-
-def _paged_compact(k_pages, v_pages, table, seg_len, key, value, kept_idx, kept_count, window):
-    _ops.paged_compact_(k_pages, v_pages, table, seg_len, key, value, kept_idx, kept_count,
-                        window)
-
-
-def _paged_append(k_pages, v_pages, table, seg_len, key_new, value_new):
-    _ops.paged_append_(k_pages, v_pages, table, seg_len, key_new, value_new)
-
-
-def _paged_attention(query, k_pages, v_pages, table, seg_len, scale):
-    return _ops.paged_decode_attention(query, k_pages, v_pages, table, seg_len, scale)
-
-
-def _streaming_scores(L: int, ks: Tensor, n_sink: int) -> Tensor:
-    """StreamingLLM as a score pattern over ``[..., L]`` (same as ``adakv_ops.hf``): the first
-    ``n_sink`` valid tokens above everything, then recency; ``ks`` = first valid column."""
+def streaming_scores(L: int, ks: Tensor, n_sink: int) -> Tensor:
+    """StreamingLLM as a score pattern over ``[..., L]`` (the one used by ``adakv_ops.hf`` too):
+    the first ``n_sink`` valid tokens above everything, then recency; ``ks`` = first valid
+    column."""
     n = torch.arange(L, device=ks.device, dtype=torch.float32)
     rank = n - ks.to(torch.float32).unsqueeze(-1)
     s = torch.where(rank < n_sink, 2.0 * L + n_sink - rank, n)
@@ -334,7 +319,7 @@ class PagedKVStore:
         T = k_new.shape[2]
         self.reserve(seq_ids, T, layers=[layer])
         table, sl, is_view = self._batch(layer, seq_ids)
-        _paged_append(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
+        _ops.paged_append_(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
                       v_new.contiguous())
         if not is_view:      # gathered copy: write the new lengths back
             self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
@@ -355,7 +340,7 @@ class PagedKVStore:
         q = query.contiguous()
         if pad_to is not None and pad_to > B:
             q = torch.cat([q, q.new_zeros((pad_to - B,) + tuple(q.shape[1:]))])
-        out = _paged_attention(q, self.k_pages, self.v_pages, table, sl, scale)
+        out = _ops.paged_decode_attention(q, self.k_pages, self.v_pages, table, sl, scale)
         return out[:B]
 
     # -- chunked prefill -----------------------------------------------------------------------
@@ -464,7 +449,7 @@ class PagedKVStore:
         elif method == "streaming":
             C, Wc = (layer_budget if layer_budget is not None else budget), W
             ks0 = torch.zeros(1, device=dev, dtype=torch.int32)
-            scores = _streaming_scores(N - W, ks0, n_sink).unsqueeze(1).expand(1, Hk, N - W)
+            scores = streaming_scores(N - W, ks0, n_sink).unsqueeze(1).expand(1, Hk, N - W)
             budgets = torch.full((1, Hk), C, device=dev, dtype=torch.int32)
             kept_idx, kept_count = _ops.select(scores.contiguous(), budgets)
         else:
@@ -497,7 +482,7 @@ class PagedKVStore:
             self._pages[layer][s] = [self._free.pop() for _ in range(n)]
         self._push_rows(layer, segs)
         r0 = segs[0]
-        _paged_compact(self.k_pages, self.v_pages, self.page_table[layer][r0:r0 + Hk],
+        _ops.paged_compact_(self.k_pages, self.v_pages, self.page_table[layer][r0:r0 + Hk],
                        self.seg_len[layer][r0:r0 + Hk], key, value, kept_idx.contiguous(),
                        kept_count.contiguous(), Wc)
         for s, n in zip(segs, new_lens):
