@@ -170,6 +170,27 @@ def _nodata_qkv(dev, Bb, Hh):
 
 
 # (name, fn(t), regex the message must match, behaviour)
+
+def _new_token_cases(prefix, fn):
+    """The key_new / value_new / overflow cases of an append: append_ and paged_append_ share
+    one validator (checks.cpp validate_new_tokens), so they share these cases."""
+    return [
+        (f"{prefix}_T0", lambda t: fn(t, key_new=t["kn"][:, :, :0].contiguous(), value_new=t["vn"][:, :, :0].contiguous()),
+         r"adakv: .*T >= 1", RAISE),
+        (f"{prefix}_segments", lambda t: fn(t, key_new=t["kn"].repeat(1, 2, 1, 1), value_new=t["vn"].repeat(1, 2, 1, 1)),
+         r"adakv: .*segments", RAISE),
+        (f"{prefix}_head_dim", lambda t: fn(t, key_new=t["kn"][..., :-1].contiguous(), value_new=t["vn"][..., :-1].contiguous()),
+         r"adakv: .*head dim", RAISE),
+        (f"{prefix}_dtype", lambda t: fn(t, key_new=t["kn"].half(), value_new=t["vn"].half()),
+         r"adakv: .*key_new.*dtype", RAISE),
+        (f"{prefix}_value_shape", lambda t: fn(t, value_new=t["vn"].repeat(1, 1, 2, 1)),
+         r"adakv: .*value", RAISE),
+        (f"{prefix}_overflow_shape", lambda t: fn(t, overflow=torch.zeros(B * Hk + 1, dtype=torch.int32, device=t["dev"])),
+         r"adakv: .*overflow", RAISE),
+        (f"{prefix}_overflow_dtype", lambda t: fn(t, overflow=torch.zeros(B * Hk, dtype=torch.int64, device=t["dev"])),
+         r"adakv: .*overflow.*int32", RAISE),
+    ]
+
 CASES = [
     # ---- score
     ("score_q_rank", lambda t: ops.score(t["q"][0], t["k"]), r"adakv: .*q_window", RAISE),
@@ -299,18 +320,7 @@ CASES = [
     ("append_seg_len_gt_capacity", lambda t: _append(t, seg_len=with_(t["sl"], 0, C + W + R + 1)),
      r"adakv: .*capacity", CLAMP),
     ("append_seg_len_int32_max", lambda t: _append(t, seg_len=with_(t["sl"], 2, I32)), r"adakv: .*capacity", CLAMP),
-    ("append_T0", lambda t: _append(t, key_new=t["kn"][:, :, :0].contiguous(), value_new=t["vn"][:, :, :0].contiguous()),
-     r"adakv: .*T >= 1", RAISE),
-    ("append_segments", lambda t: _append(t, key_new=t["kn"].repeat(1, 2, 1, 1), value_new=t["vn"].repeat(1, 2, 1, 1)),
-     r"adakv: .*segments", RAISE),
-    ("append_head_dim", lambda t: _append(t, key_new=t["kn"][..., :-1].contiguous(), value_new=t["vn"][..., :-1].contiguous()),
-     r"adakv: .*head dim", RAISE),
-    ("append_dtype", lambda t: _append(t, key_new=t["kn"].half(), value_new=t["vn"].half()), r"adakv: .*key_new.*dtype", RAISE),
-    ("append_value_shape", lambda t: _append(t, value_new=t["vn"].repeat(1, 1, 2, 1)), r"adakv: .*value", RAISE),
-    ("append_overflow_shape", lambda t: _append(t, overflow=torch.zeros(B * Hk + 1, dtype=torch.int32, device=t["dev"])),
-     r"adakv: .*overflow", RAISE),
-    ("append_overflow_dtype", lambda t: _append(t, overflow=torch.zeros(B * Hk, dtype=torch.int64, device=t["dev"])),
-     r"adakv: .*overflow.*int32", RAISE),
+    *_new_token_cases("append", _append),
     ("append_seg_start_int64", lambda t: _append(t, seg_start=t["ss"].long()), r"adakv: .*seg_start.*int32", RAISE),
     ("append_seg_len_count", lambda t: _append(t, seg_len=t["sl"][:-1].clone()), r"adakv: .*seg_len", RAISE),
     ("append_k_flat_rank", lambda t: _append(t, k_flat=t["kf"].unsqueeze(0).clone()), r"adakv: .*k_flat", RAISE),
@@ -393,18 +403,7 @@ CASES += [
      r"adakv: paged_append_: page_table\[1, ", CLAMP),
     ("pappend_page_neg", lambda t: _pappend(t, page_table=with_(t["pt"], (3, int(t["psl"][3]) // PP), -1)),
      r"adakv: paged_append_: page_table\[3, ", CLAMP),
-    ("pappend_T0", lambda t: _pappend(t, key_new=t["kn"][:, :, :0].contiguous(), value_new=t["vn"][:, :, :0].contiguous()),
-     r"adakv: .*T >= 1", RAISE),
-    ("pappend_segments", lambda t: _pappend(t, key_new=t["kn"].repeat(1, 2, 1, 1), value_new=t["vn"].repeat(1, 2, 1, 1)),
-     r"adakv: .*segments", RAISE),
-    ("pappend_head_dim", lambda t: _pappend(t, key_new=t["kn"][..., :-1].contiguous(), value_new=t["vn"][..., :-1].contiguous()),
-     r"adakv: .*head dim", RAISE),
-    ("pappend_dtype", lambda t: _pappend(t, key_new=t["kn"].half(), value_new=t["vn"].half()), r"adakv: .*key_new.*dtype", RAISE),
-    ("pappend_value_shape", lambda t: _pappend(t, value_new=t["vn"].repeat(1, 1, 2, 1)), r"adakv: .*value", RAISE),
-    ("pappend_overflow_shape", lambda t: _pappend(t, overflow=torch.zeros(B * Hk + 1, dtype=torch.int32, device=t["dev"])),
-     r"adakv: .*overflow", RAISE),
-    ("pappend_overflow_dtype", lambda t: _pappend(t, overflow=torch.zeros(B * Hk, dtype=torch.int64, device=t["dev"])),
-     r"adakv: .*overflow.*int32", RAISE),
+    *_new_token_cases("pappend", _pappend),
     ("pappend_pool_shape", lambda t: _pappend(t, v_pages=t["vp"][:-1].clone()), r"adakv: .*v_pages", RAISE),
     ("pappend_device", lambda t: _pappend(t, key_new=t["kn"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
 ]
