@@ -79,7 +79,7 @@ except Exception:  # noqa: BLE001  (not installed: use the source tree, the exte
 import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from adakv_ops.hf import AdaKVCache, AdaKVLayer, cache_kwarg, restore_attention  # noqa: E402
+from adakv_ops.hf import AdaKVCache, FlatLayer, cache_kwarg, restore_attention  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,42 +125,39 @@ def build_model(args, device, dtype):
 # reference Ada-KV (official style), as AdaKVCache layers with other kernels
 
 
-class ReferenceAdaKVLayer(AdaKVLayer):
+class ReferenceAdaKVLayer(FlatLayer):
     """The official Ada-KV GQA path: eviction by sort + mask (host sync), per decode step a fresh
     packed flat cache with one more token per head (whole-cache copy), SDPA over the cache
     padded to its longest head (re-padded every step)."""
 
-    def _evict_prefill(self, query, key, value, mask, scale):
+    def _store_prompt(self, q_window, key, value, key_start, C, scale):
         s = self.settings
-        B, Hk, N, D = key.shape
-        W = min(s.window, N)
-        C = self._layer_budget(N, W)
-        self.n_heads, self._batch = Hk, B
-        self.budget, self.window, self._scale = C, W, scale
-        flat = bl.reference_evict(query[:, :, N - W:], key, value, C, alpha=s.alpha, window=W,
-                                  kernel_size=s.kernel_size)
+        flat = bl.reference_evict(q_window, key, value, C, alpha=s.alpha,
+                                  window=q_window.shape[2], kernel_size=s.kernel_size)
         self.k_flat, self.v_flat, self.seg_start, self.seg_len = flat
         self.keys, self.values = self.k_flat, self.v_flat
         self.free = 1 << 30            # the reference copies the cache on every append
 
-    def append(self, key_states, value_states):
+    def _append(self, key_states, value_states):
         flat = bl.reference_decode_append(self.k_flat, self.v_flat, self.seg_start, self.seg_len,
                                           key_states.contiguous(), value_states.contiguous())
         self.k_flat, self.v_flat, self.seg_start, self.seg_len = flat
         self.keys, self.values = self.k_flat, self.v_flat
 
-    def attend(self, query, scale=None):
+    def _decode_attention(self, query, scale=None):
         k_pad, v_pad, m = bl.pad_flat_cache(self.k_flat, self.v_flat, self.seg_start,
                                             self.seg_len, query.shape[0])
         return bl.padded_sdpa(query, k_pad, v_pad, m, scale)
 
 
 def reference_cache(model, args):
-    cache = AdaKVCache(model, method=args.method, budget=args.budget, window=args.window)
+    cache = AdaKVCache(model, method=args.method, budget=args.budget, window=args.window,
+                       storage="flat")
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, AdaKVLayer):
+        if isinstance(layer, FlatLayer):
             cache.layers[i] = ReferenceAdaKVLayer(layer.settings, layer.layer_idx,
-                                                  layer.full_rank, layer._mailbox)
+                                                  layer.full_rank, layer._mailbox,
+                                                  layer._control)
     return cache
 
 

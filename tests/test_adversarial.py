@@ -917,18 +917,45 @@ def test_hf_size_arguments_rejected_up_front(hf, kw, name):
         hf.AdaKVCache(model, **kw)
 
 
+def test_hf_paged_sizes_checked_at_growth(hf):
+    model = hf.make_model("llama")
+    ids, mask = hf.make_batch(2, 20)
+    # paged storage hands out pages as tokens come: a huge reserve only bounds the initial pool
+    cache = hf.AdaKVCache(model, method="snapkv", budget=8, window=4, reserve=2**30)
+    cache.compress(ids, mask)
+    assert cache.pool.store.num_pages < 100
+    # a segment never passes 2^31 - 1 rows, and nothing is allocated for the attempt
+    for n in (2**31, 2**63 + 5):
+        with pytest.raises(ValueError, match=r"adakv: reserving T=.*2\^31 - 1"):
+            cache.ensure_capacity(n)
+    with pytest.raises(ValueError, match=r"adakv: reserving T=.*2\^31 - 1"):
+        cache.prepare_decode(2**40)
+    assert cache.pool.store.num_pages < 100
+    with pytest.raises(ValueError, match=r"num_tokens"):
+        cache.ensure_capacity(-1)
+    for bad in (0, -1, 2.0, True, 2**31):
+        with pytest.raises(ValueError, match=r"adakv: (page_size|num_pages) must be an int"):
+            hf.AdaKVCache(model, page_size=bad)
+        with pytest.raises(ValueError, match=r"adakv: (page_size|num_pages) must be an int"):
+            hf.AdaKVCache(model, num_pages=bad)
+    with pytest.raises(ValueError, match=r"adakv: storage must be one of"):
+        hf.AdaKVCache(model, storage="dense")
+
+
 def test_hf_derived_sizes_checked_at_prefill_and_growth(hf):
     model = hf.make_model("llama")
     ids, mask = hf.make_batch(2, 20)
     # legal per segment, but B * H * (budget + window + reserve) > 2^31 - 1 rows
-    cache = hf.AdaKVCache(model, method="snapkv", budget=8, window=4, reserve=2**30)
+    cache = hf.AdaKVCache(model, method="snapkv", budget=8, window=4, reserve=2**30,
+                          storage="flat")
     with pytest.raises(ValueError, match=r"adakv: .*reserve.*2\^31 - 1"):
         cache.compress(ids, mask)
-    cache = hf.AdaKVCache(model, method="full", budget=8, window=4, reserve=2**30)
+    cache = hf.AdaKVCache(model, method="full", budget=8, window=4, reserve=2**30,
+                          storage="flat")
     with pytest.raises(ValueError, match=r"adakv: .*reserve"):
         cache.compress(ids, mask)
     # growing never computes a wrapped capacity
-    cache = hf.AdaKVCache(model, budget=8, window=4, reserve=1)
+    cache = hf.AdaKVCache(model, budget=8, window=4, reserve=1, storage="flat")
     cache.compress(ids, mask)
     with pytest.raises(RuntimeError, match=r"adakv: .*growing"):
         cache.ensure_capacity(2**31)

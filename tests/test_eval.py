@@ -40,33 +40,36 @@ def tiny(request):
     return model, tok, info
 
 
-def _prefill_adakv(model, ids, method, budget, window):
-    cache = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16)
+def _prefill_adakv(model, ids, method, budget, window, **kw):
+    cache = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16, **kw)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     return cache, out
 
 
+@pytest.mark.parametrize("storage", ["paged", "flat"])
 @pytest.mark.parametrize("method", ["ada_snapkv", "snapkv", "pyramid", "streaming", "full"])
-def test_evict_from_matches_prefill_eviction(tiny, method):
-    """Evicting a DynamicCache afterwards == evicting inside the prefill forward: same flat
-    caches, and the same logits for the tokens that follow."""
+def test_evict_from_matches_prefill_eviction(tiny, method, storage):
+    """Evicting a DynamicCache afterwards == evicting inside the prefill forward: the same rows
+    in every segment, and the same logits for the tokens that follow."""
     model, _, _ = tiny
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (1, 97))
     nxt = torch.randint(0, 256, (1, 5))
     window, budget = 8, 13
-    ref, _ = _prefill_adakv(model, ids, method, budget, window)
+    ref, _ = _prefill_adakv(model, ids, method, budget, window, storage=storage)
     full = DynamicCache(config=model.config)
     with QueryRecorder(model, window) as rec:
         model(input_ids=ids, past_key_values=full, use_cache=True)
-    got = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16)
+    got = AdaKVCache(model, method=method, budget=budget, window=window, reserve=16,
+                     storage=storage)
     got.evict_from(full, rec.windows)
     assert got.get_seq_length() == ref.get_seq_length() == ids.shape[1]
     assert len(got.adakv_layers) >= 1
     for a, b in zip(ref.adakv_layers, got.adakv_layers):
-        assert torch.equal(a.seg_start, b.seg_start) and torch.equal(a.seg_len, b.seg_len)
-        torch.testing.assert_close(a.k_flat, b.k_flat, rtol=0, atol=0)
-        torch.testing.assert_close(a.v_flat, b.v_flat, rtol=0, atol=0)
+        assert a.segment_lengths() == b.segment_lengths()
+        for s in range(len(a.segment_lengths())):
+            for x, y in zip(a.segment_kv(s), b.segment_kv(s)):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
         assert a.budget == b.budget
     l_ref = model(input_ids=nxt, past_key_values=ref, use_cache=True).logits
     l_got = model(input_ids=nxt, past_key_values=got, use_cache=True).logits

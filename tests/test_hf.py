@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not bu
 
 if HAVE_OPS:
     import adakv_ops
-    from adakv_ops.hf import AdaKVCache, AdaKVLayer, restore_attention
+    from adakv_ops.hf import STORAGES, AdaKVCache, AdaKVLayer, restore_attention
+else:
+    STORAGES = ("paged", "flat")
 
 from transformers import DynamicCache  # noqa: E402
 from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
@@ -85,14 +87,15 @@ def positions(mask):
 # 1. no eviction => exactly the model's own full-cache output
 
 
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("method", ["ada_snapkv", "full"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_generate_matches_full_cache(family, B, method):
+def test_generate_matches_full_cache(family, B, method, storage):
     model = make_model(family)
     ids, mask = make_batch(B, 30)
     ref = generate(model, ids, mask, DynamicCache(config=model.config), n=12)
-    cache = AdaKVCache(model, method=method, budget=64, window=8)
+    cache = AdaKVCache(model, method=method, budget=64, window=8, storage=storage)
     out = generate(model, ids, mask, cache, n=12)
     assert torch.equal(out, ref)
     # positions continue from the real (padded) prompt length
@@ -110,15 +113,16 @@ def test_generate_matches_full_cache(family, B, method):
     dict(method="ada_snapkv", per_query_head=True), dict(method="full", per_query_head=True),
     dict(method="ada_snapkv", reserve=0),   # grows 1, 2, 4, ... rows per segment
 ], ids=["snapkv", "streaming", "ada_per_qhead", "full_per_qhead", "growth"])
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_methods_without_eviction_match_full_cache(family, kw):
+def test_methods_without_eviction_match_full_cache(family, kw, storage):
     model = make_model(family)
     ids, mask = make_batch(3, 26)
     ref = generate(model, ids, mask, n=16)
-    cache = AdaKVCache(model, budget=40, window=6, **kw)
+    cache = AdaKVCache(model, budget=40, window=6, storage=storage, **kw)
     out = generate(model, ids, mask, cache, n=16)
     assert torch.equal(out, ref)
-    if kw.get("reserve") == 0:
+    if kw.get("reserve") == 0 and storage == "flat":
         # amortised doubling: 15 appended tokens need 1+1+2+4+8 rows of reserve -> 5 repacks
         assert all(l.n_grow == 5 for l in cache.adakv_layers)
 
@@ -206,7 +210,7 @@ def test_eviction_matches_ops(family, kw):
     B, N, C, W, R = 3, 48, 10, 6, 5
     ids, mask = make_batch(B, N)
     captured = _capture_qkv(model, ids, mask)
-    cache = AdaKVCache(model, budget=C, window=W, reserve=R, **kw)
+    cache = AdaKVCache(model, budget=C, window=W, reserve=R, storage="flat", **kw)
     cache.compress(ids, mask)
     ks = (mask.cumsum(-1) == 0).sum(-1).to(torch.int32)
     s = cache.settings
@@ -268,11 +272,35 @@ def test_eviction_matches_ops(family, kw):
     assert all(l._pending is None for l in cache.adakv_layers)
 
 
-def test_eviction_reduces_memory_and_still_generates():
+@pytest.mark.parametrize("family,kw", EVICT_CASES,
+                         ids=[f"{f}-{'-'.join(str(x) for x in kw.values())}"
+                              for f, kw in EVICT_CASES])
+def test_paged_storage_holds_the_flat_rows(family, kw):
+    """Paged and flat storage keep the same rows of every segment, bit for bit (one policy),
+    and the paged store holds only those rows rounded up to pages."""
+    model = make_model(family)
+    ids, mask = make_batch(3, 48)
+    flat = AdaKVCache(model, budget=10, window=6, reserve=5, storage="flat", **kw)
+    paged = AdaKVCache(model, budget=10, window=6, reserve=5, storage="paged", page_size=4,
+                       **kw)
+    flat.compress(ids, mask)
+    paged.compress(ids, mask)
+    assert paged.layer_budgets == flat.layer_budgets
+    for lf, lp in zip(flat.adakv_layers, paged.adakv_layers):
+        assert lp.segment_lengths() == lf.segment_lengths()
+        for s in range(len(lf.segment_lengths())):
+            for a, b in zip(lf.segment_kv(s), lp.segment_kv(s)):
+                assert torch.equal(a, b)
+        pages = sum(-(-n // 4) for n in lp.segment_lengths())
+        assert lp.nbytes() == pages * paged.pool.store.bytes_per_page
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_eviction_reduces_memory_and_still_generates(storage):
     model = make_model("llama")
     ids, mask = make_batch(3, 64)
-    full = AdaKVCache(model, method="full", window=8, reserve=16)
-    ada = AdaKVCache(model, budget=8, window=8, reserve=16)
+    full = AdaKVCache(model, method="full", window=8, reserve=16, storage=storage, page_size=8)
+    ada = AdaKVCache(model, budget=8, window=8, reserve=16, storage=storage, page_size=8)
     out_full = generate(model, ids, mask, full, n=6)
     out_ada = generate(model, ids, mask, ada, n=6)
     assert out_ada.shape == out_full.shape
@@ -310,8 +338,9 @@ def test_dynamic_cache_unchanged(family):
 # 4. question-agnostic: compress once, answer several questions
 
 
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_compressed_context_reuse(family):
+def test_compressed_context_reuse(family, storage):
     model = make_model(family)
     ctx, cmask = make_batch(2, 40, seed=3, pads=(0, 7))
     g = torch.Generator().manual_seed(5)
@@ -323,28 +352,37 @@ def test_compressed_context_reuse(family):
         out = generate(model, ids, mask, cache, n=n)
         return out[:, ids.shape[1]:]
 
-    cache = AdaKVCache(model, budget=12, window=4, reserve=4)
+    cache = AdaKVCache(model, budget=12, window=4, reserve=4, storage=storage)
     cache.compress(ctx, cmask)
-    state = [(l.k_flat.clone(), l.seg_start.clone(), l.seg_len.clone()) for l in cache.adakv_layers]
+
+    def state(c):
+        return [(l.segment_lengths(), [tuple(t.clone() for t in l.segment_kv(s))
+                                       for s in range(len(l.segment_lengths()))])
+                for l in c.adakv_layers]
+
+    before = state(cache)
+    pages = cache.pool.store.pages_used if storage == "paged" else None
     answers = []
     for q in [questions[0], questions[1], questions[0], questions[1]]:
         with cache.reuse():
             answers.append(ask(cache, q))
         assert cache.get_seq_length() == 40
-        for l, (k, ss, sl) in zip(cache.adakv_layers, state):
-            assert torch.equal(l.seg_len, sl) and torch.equal(l.seg_start, ss)
-            for s in range(ss.numel()):  # the compressed context is unchanged
-                a, n = int(ss[s]), int(sl[s])
-                assert torch.equal(l.k_flat[a:a + n], k[a:a + n])
+        after = state(cache)          # the compressed context is unchanged
+        for (la, kva), (lb, kvb) in zip(before, after):
+            assert la == lb
+            assert all(torch.equal(x, y) for a, b in zip(kva, kvb) for x, y in zip(a, b))
+        if storage == "paged":        # the answer's pages went back to the free list
+            assert cache.pool.store.pages_used == pages
     assert torch.equal(answers[0], answers[2])
     assert torch.equal(answers[1], answers[3])
-    assert any(l.n_grow > 0 for l in cache.adakv_layers)  # the answers grew the cache
+    if storage == "flat":
+        assert any(l.n_grow > 0 for l in cache.adakv_layers)  # the answers grew the cache
     # same answer as a fresh compression answering directly
-    fresh = AdaKVCache(model, budget=12, window=4, reserve=4)
+    fresh = AdaKVCache(model, budget=12, window=4, reserve=4, storage=storage)
     fresh.compress(ctx, cmask)
     assert torch.equal(ask(fresh, questions[1]), answers[1])
     # with a budget that keeps everything, the answer is the full-cache answer
-    big = AdaKVCache(model, budget=64, window=4)
+    big = AdaKVCache(model, budget=64, window=4, storage=storage)
     big.compress(ctx, cmask)
     snap = big.snapshot()
     for q in questions:
@@ -363,38 +401,45 @@ class _Recorder(transformers.LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self.bytes.append(self.cache.kv_bytes())
-        self.max_len.append(max(int(l.seg_len.max()) for l in self.cache.adakv_layers))
+        self.max_len.append(max(max(l.segment_lengths()) for l in self.cache.adakv_layers))
         return scores
 
 
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("method", ["ada_snapkv", "snapkv", "ada_pyramid", "streaming"])
-def test_reeviction_bounded(method):
+def test_reeviction_bounded(method, storage):
     model = make_model("llama")
     ids, mask = make_batch(2, 40, pads=(0, 6))
     C, W, M = 8, 4, 8
-    cache = AdaKVCache(model, method=method, budget=C, window=W, max_growth=M)
+    cache = AdaKVCache(model, method=method, budget=C, window=W, max_growth=M, storage=storage)
     rec = _Recorder(cache)
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                        max_new_tokens=60, min_new_tokens=60, do_sample=False,
                        logits_processor=transformers.LogitsProcessorList([rec]))
-    assert len(set(rec.bytes)) == 1                      # storage never grows
     # a head keeps at most all the Hk * C_l winners of its layer (Ada), plus window and growth
     bound = 2 * max(cache.layer_budgets.values()) + W + M
     assert max(rec.max_len) <= bound
     assert all(l.n_reevict >= 6 and l.n_grow == 0 for l in cache.adakv_layers)
     assert cache.get_seq_length() == 40 + 59
-    for l in cache.adakv_layers:
-        assert l.k_flat.shape[0] == 2 * 2 * (l.budget + W + M)
+    if storage == "flat":
+        assert len(set(rec.bytes)) == 1                  # storage never grows
+        for l in cache.adakv_layers:
+            assert l.k_flat.shape[0] == 2 * 2 * (l.budget + W + M)
+    else:                                                # pages held stay bounded too
+        st = cache.pool.store
+        segs = 2 * 2 * len(cache.adakv_layers)
+        assert max(rec.bytes) <= segs * -(-bound // st.page_size) * st.bytes_per_page
 
 
-def test_reeviction_lossless_when_budget_covers_everything():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_reeviction_lossless_when_budget_covers_everything(storage):
     # Re-evicting with a budget larger than every segment keeps every token: the repacked
     # cache must give exactly the full-cache output.
     model = make_model("qwen2")
     ids, mask = make_batch(3, 20)
     ref = generate(model, ids, mask, n=40)
-    cache = AdaKVCache(model, budget=100, window=4, max_growth=8)
+    cache = AdaKVCache(model, budget=100, window=4, max_growth=8, storage=storage)
     assert torch.equal(generate(model, ids, mask, cache, n=40), ref)
     assert all(l.n_reevict >= 4 for l in cache.adakv_layers)
 
@@ -403,18 +448,20 @@ def test_reeviction_lossless_when_budget_covers_everything():
 # 6. torch.compile: the decode step, and the model's decode forward, without graph breaks
 
 
-def _compressed(family="llama", B=2, N=40, **kw):
-    model = make_model(family)
+def _compressed(family="llama", B=2, N=40, model=None, **kw):
+    model = make_model(family) if model is None else model
     ids, mask = make_batch(B, N, pads=(0, 5))
     cache = AdaKVCache(model, budget=12, window=4, reserve=16, **kw)
     out = cache.compress(ids, mask)
     return model, cache, mask, out.logits[:, -1:].argmax(-1)
 
 
-def test_decode_step_compiles_fullgraph():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_decode_step_compiles_fullgraph(storage):
     import torch._dynamo.testing
 
-    _, cache, _, _ = _compressed()
+    _, cache, _, _ = _compressed(storage=storage)
+    cache.ensure_capacity(1)          # paged: the page for the appended row is handed out
     layer = cache.adakv_layers[1]
     B, Hq, Hk, D = 2, 4, 2, 16
 
@@ -425,10 +472,11 @@ def test_decode_step_compiles_fullgraph():
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     g = torch.Generator().manual_seed(0)
+    snap = cache.snapshot()           # (the ops alone do no host accounting: restore each time)
     for _ in range(3):
         q = torch.randn(B, Hq, 1, D, generator=g)
         k, v = torch.randn(2, B, Hk, 1, D, generator=g).unbind(0)
-        snap = cache.snapshot()
+        cache.restore(snap)
         want = step(layer, q, k, v)
         cache.restore(snap)
         got = compiled(layer, q, k, v)
@@ -436,15 +484,15 @@ def test_decode_step_compiles_fullgraph():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("max_growth", [None, 8])
-def test_model_decode_forward_compiles_fullgraph(max_growth):
+def test_model_decode_forward_compiles_fullgraph(max_growth, storage):
     import torch._dynamo.testing
 
-    model, cache, mask, tok = _compressed(max_growth=max_growth)
+    model, cache, mask, tok = _compressed(max_growth=max_growth, storage=storage)
     if max_growth is None:
         cache.ensure_capacity(12)
     pos0 = positions(mask)[:, -1:] + 1
-    snap = cache.snapshot()
 
     def run(fwd, steps=10):
         t, toks = tok, []
@@ -459,7 +507,10 @@ def test_model_decode_forward_compiles_fullgraph(max_growth):
 
     want = run(model.forward)
     n_reevict = [l.n_reevict for l in cache.adakv_layers]
-    cache.restore(snap)
+    # a fresh compression of the same prompt (a paged snapshot cannot outlive a re-eviction)
+    _, cache, _, _ = _compressed(max_growth=max_growth, storage=storage, model=model)
+    if max_growth is None:
+        cache.ensure_capacity(12)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model.forward, backend=counter, fullgraph=True)
     got = run(compiled)
@@ -554,7 +605,8 @@ def test_generate_cache_name_matches_past_key_values(family):
                 warnings.simplefilter("ignore", FutureWarning)
                 outs[name] = model.generate(**kw, **{name: cache})
             assert cache.get_seq_length() == 30 + 10 - 1
-            assert all(int(l.seg_len.sum()) < l.seg_len.numel() * 30 for l in cache.adakv_layers)
+            assert all(sum(l.segment_lengths()) < len(l.segment_lengths()) * 30
+                       for l in cache.adakv_layers)
         big = AdaKVCache(model, budget=64, window=4)               # keeps everything
         assert torch.equal(model.generate(**kw, **cache_kwarg(big)), ref)
     for name in names[1:]:

@@ -243,7 +243,8 @@ def model_demo(args) -> int:
     a_ada, t_ada, n_ada = answer(ada)
     b_ada = ada.kv_bytes()
     appended = ada.get_seq_length() - N
-    kept = torch.cat([layer.seg_len for layer in ada.adakv_layers]) - appended - window
+    kept = torch.tensor([n for layer in ada.adakv_layers for n in layer.segment_lengths()])
+    kept = kept - appended - window
 
     ok = lambda a: "yes" if expected in a else "no"  # noqa: E731
     print()

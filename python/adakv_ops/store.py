@@ -33,17 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops as _ops
-from .budgets import pyramid_budgets
+from .policy import METHODS, EvictionPolicy, Kept, streaming_scores  # noqa: F401 (re-exported)
 
 __all__ = ["PagedKVStore", "OutOfPages", "StoreSnapshot", "METHODS", "have_paged_ops"]
 
-METHODS = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
-_ADAPTIVE = {"ada_snapkv": True, "ada_pyramid": True, "snapkv": False, "pyramid": False}
 _INT32_MAX = 2**31 - 1
 
 
@@ -62,16 +61,6 @@ class OutOfPages(RuntimeError):
         self.needed, self.free = needed, free
         super().__init__(f"adakv: out of pages: {what} needs {needed} more page(s), "
                          f"{free} free (free a sequence or build the store with more pages)")
-
-
-def streaming_scores(L: int, ks: Tensor, n_sink: int) -> Tensor:
-    """StreamingLLM as a score pattern over ``[..., L]`` (the one used by ``adakv_ops.hf`` too):
-    the first ``n_sink`` valid tokens above everything, then recency; ``ks`` = first valid
-    column."""
-    n = torch.arange(L, device=ks.device, dtype=torch.float32)
-    rank = n - ks.to(torch.float32).unsqueeze(-1)
-    s = torch.where(rank < n_sink, 2.0 * L + n_sink - rank, n)
-    return torch.where(rank < 0, torch.full_like(s, float("-inf")), s)
 
 
 @dataclass
@@ -147,7 +136,10 @@ class PagedKVStore:
                                       for _ in range(num_layers)]
         # host mirrors: page list and length of every segment of every layer
         self._pages: List[List[List[int]]] = [[[] for _ in range(S)] for _ in range(num_layers)]
-        self._len: List[List[int]] = [[0] * S for _ in range(num_layers)]
+        # lengths and capacities (pages * P) as arrays: a decode step's accounting of a batch
+        # is one vectorised operation per layer, not a Python loop over its segments
+        self._len: List[np.ndarray] = [np.zeros(S, dtype=np.int64) for _ in range(num_layers)]
+        self._cap: List[np.ndarray] = [np.zeros(S, dtype=np.int64) for _ in range(num_layers)]
         self._seqs: Dict[int, _Seq] = {}
         self._generation = 0
 
@@ -184,6 +176,11 @@ class PagedKVStore:
         return sum(len(self._pages[l][s]) for l in range(self.num_layers)
                    for s in self._segs(seq_id))
 
+    def pages_in_layer(self, layer: int, seq_ids: Optional[Sequence[int]] = None) -> int:
+        """Pages held in ``layer`` by ``seq_ids`` (default: every live sequence)."""
+        seq_ids = self.sequences if seq_ids is None else self._check_seqs(seq_ids)
+        return sum(len(self._pages[layer][s]) for q in seq_ids for s in self._segs(q))
+
     def bytes_held(self, seq_id: int) -> int:
         """K/V bytes held by the sequence (its pages, all layers)."""
         return self.pages_held(seq_id) * self.bytes_per_page
@@ -191,7 +188,7 @@ class PagedKVStore:
     def lengths(self, layer: int, seq_id: int) -> List[int]:
         """Host copy of the sequence's per-head lengths in ``layer`` (no device read)."""
         self._check_seq(seq_id)
-        return [self._len[layer][s] for s in self._segs(seq_id)]
+        return [int(self._len[layer][s]) for s in self._segs(seq_id)]
 
     def is_compressed(self, layer: int, seq_id: int) -> bool:
         self._check_seq(seq_id)
@@ -231,7 +228,7 @@ class PagedKVStore:
         for l in range(self.num_layers):
             for s in segs:
                 self._release(self._pages[l][s])
-                self._pages[l][s] = []
+                self._set_pages(l, s, [])
                 self._len[l][s] = 0
             r0, r1 = segs[0], segs[-1] + 1
             self.page_table[l][r0:r1].zero_()
@@ -254,14 +251,17 @@ class PagedKVStore:
         P = self.page_size
         plan = []   # (layer, seg, pages wanted)
         width = self._width
+        idx = self._seg_array(seq_ids)
+        longest = max(int(self._len[l][idx].max()) for l in layers) if len(layers) else 0
+        if T > _INT32_MAX - longest:
+            raise ValueError(f"adakv: reserving T={T} more tokens would make a segment "
+                             f"{longest} + {T} rows long; at most 2^31 - 1 are supported")
         for l in layers:
-            for q in seq_ids:
-                for s in self._segs(q):
-                    want = -(-(self._len[l][s] + T) // P)
-                    have = len(self._pages[l][s])
-                    if want > have:
-                        plan.append((l, s, want - have))
-                        width = max(width, want)
+            short = idx[self._len[l][idx] + T > self._cap[l][idx]]   # segments needing pages
+            for s in short.tolist():
+                want = -(-(int(self._len[l][s]) + T) // P)
+                plan.append((l, s, want - len(self._pages[l][s])))
+                width = max(width, want)
         needed = sum(p[2] for p in plan)
         if needed > len(self._free):
             raise OutOfPages(needed, len(self._free),
@@ -274,8 +274,7 @@ class PagedKVStore:
             self._grow(width=min(max(width, 2 * self._width), self.num_pages))
         touched: Dict[int, List[int]] = {}
         for l, s, n in plan:
-            pages = self._pages[l][s]
-            pages.extend(self._free.pop() for _ in range(n))
+            self._set_pages(l, s, self._pages[l][s] + [self._free.pop() for _ in range(n)])
             touched.setdefault(l, []).append(s)
         for l, segs in touched.items():
             self._push_rows(l, segs)
@@ -318,14 +317,31 @@ class PagedKVStore:
         self._check_kv(k_new, v_new, len(seq_ids), "k_new")
         T = k_new.shape[2]
         self.reserve(seq_ids, T, layers=[layer])
-        table, sl, is_view = self._batch(layer, seq_ids)
+        self.append_reserved(layer, seq_ids, k_new, v_new)
+        self.advance(layer, seq_ids, T)
+
+    def append_reserved(self, layer: int, seq_ids: Sequence[int], k_new: Tensor,
+                        v_new: Tensor) -> None:
+        """The device half of :meth:`append`: ``paged_append_`` only, no host bookkeeping and no
+        page hand-out (the caller ran ``reserve`` and runs or ran ``advance``). For a
+        contiguous ascending run of slots it is pure tensor work on views of the store's
+        tables (traceable by ``torch.compile``, capturable in a CUDA graph)."""
+        table, sl, is_view = self._batch(layer, list(seq_ids))
         _ops.paged_append_(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
-                      v_new.contiguous())
+                           v_new.contiguous())
         if not is_view:      # gathered copy: write the new lengths back
             self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
-        for q in seq_ids:
-            for s in self._segs(q):
-                self._len[layer][s] += T
+
+    def advance(self, layer: int, seq_ids: Sequence[int], T: int) -> None:
+        """The host half of :meth:`append`: the host lengths of the sequences' segments in
+        ``layer`` grow by ``T`` (their pages must be there: ``reserve``)."""
+        idx = self._seg_array(seq_ids)
+        n = self._len[layer][idx] + T
+        if (n > self._cap[layer][idx]).any():
+            raise RuntimeError(f"adakv: advance by {T} tokens past the pages reserved for "
+                               f"sequence(s) {list(seq_ids)} in layer {layer} (call reserve "
+                               f"first)")
+        self._len[layer][idx] = n
 
     def attend(self, layer: int, seq_ids: Sequence[int], query: Tensor,
                scale: Optional[float] = None, pad_to: Optional[int] = None) -> Tensor:
@@ -354,23 +370,23 @@ class PagedKVStore:
                                f"(finish_prefill); use append() for decode tokens")
         self.append(layer, [seq_id], k_chunk, v_chunk)
 
-    def prompt_kv(self, layer: int, seq_id: int) -> Tuple[Tensor, Tensor]:
-        """The sequence's whole prompt so far in ``layer`` as contiguous ``[1, Hk, N, D]`` K and
-        V (gathered from its pages: a copy of ``2 * Hk * N * D`` elements)."""
-        self._check_seq(seq_id)
-        segs = list(self._segs(seq_id))
-        lens = {self._len[layer][s] for s in segs}
-        if len(lens) != 1 or self._seqs[seq_id].compressed[layer]:
-            raise RuntimeError(f"adakv: layer {layer} of sequence {seq_id} holds no raw prompt "
-                               f"(already evicted)")
+    def prompt_kv(self, layer: int, seq_ids) -> Tuple[Tensor, Tensor]:
+        """The whole prompt so far of one sequence (an int) or of several (a list, all with the
+        same prompt length) in ``layer``, as contiguous ``[B, Hk, N, D]`` K and V (gathered
+        from the pages: a copy of ``2 * B * Hk * N * D`` elements)."""
+        seq_ids = self._check_seqs(seq_ids)
+        segs = [s for q in seq_ids for s in self._segs(q)]
+        lens = {int(self._len[layer][s]) for s in segs}
+        if len(lens) != 1 or any(self._seqs[q].compressed[layer] for q in seq_ids):
+            raise RuntimeError(f"adakv: layer {layer} of sequence(s) {seq_ids} holds no raw "
+                               f"prompt of one length (already evicted, or lengths differ)")
         N = lens.pop()
-        Hk, D, P = self.num_kv_heads, self.head_dim, self.page_size
+        B, Hk, D, P = len(seq_ids), self.num_kv_heads, self.head_dim, self.page_size
         npg = -(-N // P)
-        r0 = segs[0]
-        idx = self.page_table[layer][r0:r0 + Hk, :npg].reshape(-1).to(torch.int64)
-        k = self.k_pages.index_select(0, idx).view(Hk, npg * P, D)[:, :N]
-        v = self.v_pages.index_select(0, idx).view(Hk, npg * P, D)[:, :N]
-        return k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous()
+        idx = self._batch(layer, seq_ids)[0][:, :npg].reshape(-1).to(torch.int64)
+        k = self.k_pages.index_select(0, idx).view(B, Hk, npg * P, D)[:, :, :N]
+        v = self.v_pages.index_select(0, idx).view(B, Hk, npg * P, D)[:, :, :N]
+        return k.contiguous(), v.contiguous()
 
     def prefill_attention(self, layer: int, seq_id: int, q_chunk: Tensor,
                           scale: Optional[float] = None, impl: str = "sdpa") -> Tensor:
@@ -410,24 +426,24 @@ class PagedKVStore:
 
         ``q_window [1, Hq, W, D]``: the last ``W = min(window, N)`` prompt queries (after RoPE;
         not needed for ``full`` / ``streaming``, which then take ``W = min(window, N)``).
-        ``method`` and the settings are those of ``AdaKVCache``: ``full`` keeps all ``N``;
+        ``method`` and the settings are those of ``AdaKVCache`` (one
+        :class:`adakv_ops.policy.EvictionPolicy` decides for both): ``full`` keeps all ``N``;
         ``streaming`` the first ``n_sink`` prefix tokens + most recent (``budget`` prefix
         tokens) + window; ``snapkv`` / ``ada_snapkv`` / ``pyramid`` / ``ada_pyramid`` run
         ``score -> allocate -> select`` (pyramid: ``budget`` spread over the store's layers by
         ``pyramid_budgets``; ``layer_budget`` overrides ``C_l``). The kept rows are then written
-        with ``paged_compact_`` into fresh pages; the transient prompt pages are freed first
-        (the prompt was gathered into a contiguous copy), so this never needs more pages than
-        the prompt held. One device->host read (``kept_count``). Returns ``{"budget": C_l,
-        "window": W, "lengths": [per head]}``."""
+        with ``paged_compact_`` (:meth:`write_kept`) into fresh pages; the transient prompt
+        pages are freed first (the prompt was gathered into a contiguous copy), so this never
+        needs more pages than the prompt held. One device->host read (``kept_count``).
+        Returns ``{"budget": C_l, "window": W, "lengths": [per head]}``."""
         self._check_seq(seq_id)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         key, value = self.prompt_kv(layer, seq_id)
-        _, Hk, N, D = key.shape
+        N = key.shape[2]
         if N == 0:
             raise RuntimeError(f"adakv: finish_prefill of sequence {seq_id} layer {layer} "
                                f"before any prompt chunk")
-        dev = key.device
         if q_window is not None:
             q_window = q_window.contiguous()
             W = q_window.shape[2]
@@ -442,55 +458,91 @@ class PagedKVStore:
             raise ValueError(f"method {method!r} needs q_window")
         if method != "full" and budget is None and layer_budget is None:
             raise ValueError(f"method {method!r} needs budget=")
-        empty = torch.empty((1, Hk, 0), device=dev, dtype=torch.int32)
-        if method == "full":
-            C, Wc = N, N
-            kept_idx, kept_count = empty, torch.zeros((1, Hk), device=dev, dtype=torch.int32)
-        elif method == "streaming":
-            C, Wc = (layer_budget if layer_budget is not None else budget), W
-            ks0 = torch.zeros(1, device=dev, dtype=torch.int32)
-            scores = streaming_scores(N - W, ks0, n_sink).unsqueeze(1).expand(1, Hk, N - W)
-            budgets = torch.full((1, Hk), C, device=dev, dtype=torch.int32)
-            kept_idx, kept_count = _ops.select(scores.contiguous(), budgets)
+        policy = EvictionPolicy(
+            method=method, budget=budget if budget is not None else 0, window=W, alpha=alpha,
+            pooling=pooling, kernel_size=kernel_size, gqa_reduce=gqa_reduce,
+            aggregate=aggregate, rounding=rounding, n_sink=n_sink, pyramid_beta=pyramid_beta,
+            pyramid_exact_mean=pyramid_exact_mean)
+        C = (layer_budget if layer_budget is not None and method != "full"
+             else policy.layer_budget(layer, self.num_layers, N, W))
+        kept = policy.keep(q_window if policy.needs_queries else None, key, C, scale=scale)
+        lens = self.write_kept(layer, [seq_id], key, value, kept)
+        return {"budget": kept.C, "window": W, "lengths": lens}
+
+    def write_kept(self, layer: int, seq_ids: Sequence[int], key: Tensor, value: Tensor,
+                   kept: Kept, key_start: Optional[Tensor] = None,
+                   host_key_start: Optional[Sequence[int]] = None) -> List[int]:
+        """Make the sequences' segments of ``layer`` hold exactly the eviction result ``kept``
+        of ``key``, ``value [B, Hk, N, D]`` (row ``b`` = ``seq_ids[b]``; ``key_start [B]``
+        left padding): any rows they held are dropped (their pages freed first: the source is
+        ``key`` / ``value``, never the pages), pages are handed out for
+        ``kept_count + min(window, N - key_start)`` rows per head and ``paged_compact_`` writes
+        them. One device->host read (``kept_count``, and ``key_start`` unless
+        ``host_key_start`` gives it). Raises :class:`OutOfPages` (store unchanged) when the
+        free list plus the freed pages are too short. Returns the new lengths, per segment."""
+        seq_ids = self._check_seqs(seq_ids)
+        B, Hk, N, _ = key.shape
+        if B != len(seq_ids) or Hk != self.num_kv_heads:
+            raise ValueError(f"key must be [B={len(seq_ids)}, Hk={self.num_kv_heads}, N, D], "
+                             f"got {tuple(key.shape)}")
+        counts = kept.kept_count.reshape(-1)
+        if key_start is not None and host_key_start is None:
+            both = torch.cat([counts.to(torch.int64), key_start.reshape(-1).to(torch.int64)])
+            host = both.tolist()                          # the one device->host read
+            counts_h, ks_h = host[:B * Hk], host[B * Hk:]
         else:
-            if layer_budget is not None:
-                C = layer_budget
-            elif method in ("pyramid", "ada_pyramid"):
-                C = pyramid_budgets(budget, self.num_layers, N, W, beta=pyramid_beta,
-                                    exact_mean=pyramid_exact_mean)[layer]
-            else:
-                C = budget
-            Wc = W
-            scores = _ops.score(q_window, key, kernel_size=kernel_size, pooling=pooling,
-                                aggregate=aggregate, gqa_reduce=gqa_reduce, scale=scale)
-            budgets = _ops.allocate(scores, C, floor_alpha=alpha, adaptive=_ADAPTIVE[method],
-                                    rounding=rounding)
-            kept_idx, kept_count = _ops.select(scores, budgets)
-        counts = kept_count.view(-1).tolist()            # the one device->host read
-        new_lens = [c + min(Wc, N) for c in counts]
-        segs = list(self._segs(seq_id))
+            counts_h = counts.tolist()                    # the one device->host read
+            ks_h = list(host_key_start) if host_key_start is not None else [0] * B
+        segs = [s for q in seq_ids for s in self._segs(q)]
+        new_lens = [c + min(kept.window, N - ks_h[i // Hk]) for i, c in enumerate(counts_h)]
         P = self.page_size
         want = [-(-n // P) for n in new_lens]
-        if max(want) > self._width:      # cannot happen (kept <= prompt), kept for safety
-            raise RuntimeError("adakv: kept rows exceed the page-table width")
-        # free the transient prompt pages (the prompt is in key/value now), then hand out the
-        # kept rows' pages: never more than were just freed
+        freed = sum(len(self._pages[layer][s]) for s in segs)
+        if sum(want) > len(self._free) + freed:
+            raise OutOfPages(sum(want) - freed, len(self._free),
+                             f"the kept rows of sequence(s) {seq_ids} in layer {layer}")
+        if max(want) > self._width:
+            if self._fixed_width:
+                raise RuntimeError(
+                    f"adakv: a segment would need {max(want)} pages, more than "
+                    f"max_pages_per_segment={self._width} ({max(want) * P} tokens)")
+            self._grow(width=min(max(max(want), 2 * self._width), self.num_pages))
         for s in segs:
             self._release(self._pages[layer][s])
-            self._pages[layer][s] = []
+            self._set_pages(layer, s, [])
         for s, n in zip(segs, want):
-            self._pages[layer][s] = [self._free.pop() for _ in range(n)]
+            self._set_pages(layer, s, [self._free.pop() for _ in range(n)])
         self._push_rows(layer, segs)
-        r0 = segs[0]
-        _ops.paged_compact_(self.k_pages, self.v_pages, self.page_table[layer][r0:r0 + Hk],
-                       self.seg_len[layer][r0:r0 + Hk], key, value, kept_idx.contiguous(),
-                       kept_count.contiguous(), Wc)
+        table, sl, is_view = self._batch(layer, seq_ids)
+        _ops.paged_compact_(self.k_pages, self.v_pages, table, sl, key.contiguous(),
+                            value.contiguous(), kept.kept_idx.contiguous(),
+                            kept.kept_count.contiguous(), kept.window, key_start)
+        if not is_view:
+            self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
         for s, n in zip(segs, new_lens):
             self._len[layer][s] = n
-        st = self._seqs[seq_id]
-        st.compressed[layer] = True
-        st.epoch[layer] += 1
-        return {"budget": C, "window": W, "lengths": new_lens}
+        for q in seq_ids:
+            st = self._seqs[q]
+            st.compressed[layer] = True
+            st.epoch[layer] += 1
+        return new_lens
+
+    def grow_pool(self, num_pages: int) -> None:
+        """Enlarge the pool to ``num_pages`` pages (one device copy of the pool; ``k_pages`` /
+        ``v_pages`` get new addresses, tables and page indices stay valid)."""
+        if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
+                or num_pages <= self.num_pages:
+            raise ValueError(f"num_pages must be an int > {self.num_pages}, got {num_pages!r}")
+        if num_pages > _INT32_MAX:
+            raise ValueError(f"num_pages must be <= 2^31 - 1, got {num_pages}")
+        shape = (num_pages, self.page_size, self.head_dim)
+        for name in ("k_pages", "v_pages"):
+            old = getattr(self, name)
+            new = old.new_zeros(shape)
+            new[:self.num_pages] = old
+            setattr(self, name, new)
+        self._free[:0] = range(num_pages - 1, self.num_pages - 1, -1)   # handed out last
+        self.num_pages = num_pages
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -501,7 +553,7 @@ class PagedKVStore:
         segs = list(self._segs(seq_id))
         return StoreSnapshot(
             seq_id, st.generation, tuple(st.epoch),
-            tuple(tuple(self._len[l][s] for s in segs) for l in range(self.num_layers)),
+            tuple(tuple(int(self._len[l][s]) for s in segs) for l in range(self.num_layers)),
             tuple(tuple(len(self._pages[l][s]) for s in segs) for l in range(self.num_layers)),
             tuple(st.compressed))
 
@@ -524,7 +576,7 @@ class PagedKVStore:
                 if len(pages) < npg or self._len[l][s] < n:
                     raise RuntimeError("adakv: inconsistent snapshot (segment shrank)")
                 self._release(pages[npg:])
-                del pages[npg:]
+                self._set_pages(l, s, pages[:npg])
                 self._len[l][s] = n
             self._push_rows(l, segs)
             r0 = segs[0]
@@ -537,6 +589,16 @@ class PagedKVStore:
     def _segs(self, seq_id: int) -> range:
         Hk = self.num_kv_heads
         return range(seq_id * Hk, (seq_id + 1) * Hk)
+
+    def _set_pages(self, layer: int, s: int, pages: List[int]) -> None:
+        self._pages[layer][s] = pages
+        self._cap[layer][s] = len(pages) * self.page_size
+
+    def _seg_array(self, seq_ids: Sequence[int]) -> np.ndarray:
+        """The segment indices of ``seq_ids`` (in order) as an int64 array."""
+        Hk = self.num_kv_heads
+        q = np.asarray(seq_ids, dtype=np.int64)
+        return (q[:, None] * Hk + np.arange(Hk, dtype=np.int64)[None, :]).reshape(-1)
 
     def _seg_index(self, seq_ids: Sequence[int]) -> Tensor:
         idx = [s for q in seq_ids for s in self._segs(q)]
@@ -600,7 +662,8 @@ class PagedKVStore:
             sl[:S_old] = self.seg_len[l]
             self.page_table[l], self.seg_len[l] = t, sl
             self._pages[l].extend([] for _ in range(S - S_old))
-            self._len[l].extend([0] * (S - S_old))
+            self._len[l] = np.concatenate([self._len[l], np.zeros(S - S_old, dtype=np.int64)])
+            self._cap[l] = np.concatenate([self._cap[l], np.zeros(S - S_old, dtype=np.int64)])
         self._width, self._slots = width, slots
 
     def __repr__(self):

@@ -97,8 +97,7 @@ def _window_outputs(cache: AdaKVCache, windows: dict) -> list[torch.Tensor]:
     outs = []
     for layer in cache.adakv_layers:
         q = windows[layer.layer_idx][:, :, -layer.window:].contiguous()
-        outs.append(_ops.decode_attention(q, layer.k_flat, layer.v_flat, layer.seg_start,
-                                          layer.seg_len, scale=layer._scale).float())
+        outs.append(layer.attend(q, scale=layer._scale).float())
     return outs
 
 
@@ -112,7 +111,10 @@ def _eviction_loss(ref: list[torch.Tensor], got: list[torch.Tensor]):
 
 
 def _kept_fraction(cache: AdaKVCache, n: int) -> float:
-    fr = [layer.seg_len.sum().item() / (layer.seg_len.numel() * n) for layer in cache.adakv_layers]
+    fr = []
+    for layer in cache.adakv_layers:
+        lens = layer.segment_lengths()
+        fr.append(sum(lens) / (len(lens) * n))
     return sum(fr) / max(len(fr), 1)
 
 

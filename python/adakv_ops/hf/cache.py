@@ -1,0 +1,454 @@
+"""The Hugging Face ``Cache``: :class:`AdaKVCache` (settings, layers, prefill, snapshots).
+
+The attention hook lives in :mod:`.registration`, the per-layer protocol in :mod:`.layer`, the
+two storages in :mod:`.flat` and :mod:`.paged`, what is kept in :mod:`adakv_ops.policy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+from ..policy import METHODS, EvictionPolicy
+from .flat import FlatLayer
+from .layer import INT32_MAX, EvictedLayer, LayerSettings, PrefillControl
+from .paged import PagedLayer, PagedPool
+from .registration import attention_modules, cache_kwarg, install
+
+__all__ = ["AdaKVCache", "CacheSnapshot", "STORAGES", "generate_chunked"]
+
+STORAGES = ("paged", "flat")
+
+
+@dataclass
+class CacheSnapshot:
+    """State recorded by :meth:`AdaKVCache.snapshot` (opaque; pass it to ``restore``)."""
+
+    layers: list
+    store: Optional[list]
+    owner: Any
+
+
+class AdaKVCache(Cache):
+    """A ``transformers`` Cache that evicts each full-attention layer with ``adakv_ops``.
+
+    Args:
+        model: the (text) causal LM, e.g. ``LlamaForCausalLM``, ``MistralForCausalLM``,
+            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM``; its attention
+            implementation must be ``"sdpa"`` or ``"eager"`` (what prefill and every non-AdaKV
+            cache keep using).
+        method: ``"ada_snapkv"`` (default), ``"snapkv"``, ``"ada_pyramid"``, ``"pyramid"``,
+            ``"streaming"`` (first ``n_sink`` tokens + most recent) or ``"full"`` (no eviction,
+            flat layout).
+        budget: ``C``, the average number of kept prefix tokens per head (window not counted);
+            pyramid methods spread it over the full-attention layers
+            (``adakv_ops.pyramid_budgets``).
+        window: ``W``, observation window (the last ``W`` prompt tokens, always kept).
+        alpha: Ada-KV safeguard fraction; default 0.2 (0.5 with ``per_query_head``).
+        pooling, kernel_size, gqa_reduce, rounding: passed to ``adakv_ops.evict``.
+        per_query_head: one segment per query head (K/V expanded to ``Hq`` heads before
+            eviction, ``G = 1``; the official non-GQA mode, ``G`` times the memory).
+        reserve: rows of decode reserve per segment after eviction (doubled on demand).
+        max_growth: enable decode-time re-eviction: segments get ``max_growth`` rows of
+            reserve and are evicted again (same ops) whenever one would pass
+            ``budget + window + max_growth`` tokens. Must be ``>= window``.
+        n_sink: attention sinks kept by ``"streaming"``.
+        pyramid_beta, pyramid_exact_mean: pyramid schedule (see ``pyramid_budgets``).
+        storage: ``"paged"`` (default): every evicted layer in one per-head paged store
+            (:mod:`adakv_ops.store`), pages handed out on the host, a chunked prefill keeps the
+            prompt in pages until its last chunk; ``"flat"``: the head-flattened contiguous
+            layout (one tensor per layer, repacked to grow). Same kept sets, same outputs.
+        page_size: ``P`` rows per page (paged storage; 64 by measurement, see docs/store.md).
+        num_pages: pool size in pages (paged storage). ``None``: sized at the first prompt and
+            doubled when it runs out (new pool address; fix it for CUDA graphs or call
+            :meth:`ensure_capacity` before capturing).
+        max_batch: sequence slots of the paged store (``None``: the first prompt's batch, grown
+            by doubling when :meth:`prefill` adds rows). Fixing it keeps every table at one
+            address while rows are added.
+    """
+
+    def __init__(self, model, method: str = "ada_snapkv", budget: int = 256, window: int = 32,
+                 alpha: Optional[float] = None, *, pooling: str = "max", kernel_size: int = 7,
+                 gqa_reduce: str = "mean", rounding: str = "exact", per_query_head: bool = False,
+                 reserve: int = 64, max_growth: Optional[int] = None, n_sink: int = 4,
+                 pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
+                 storage: str = "paged", page_size: int = 64, num_pages: Optional[int] = None,
+                 max_batch: Optional[int] = None):
+        if method not in METHODS:
+            raise ValueError(f"adakv: method must be one of {METHODS}, got {method!r}")
+        # Every size-like argument, up front (SPEC section 9): an int in a range that keeps
+        # every derived row count within int32; the message names the argument and its range.
+        for name, val, lo in (("budget", budget, 0), ("window", window, 1), ("reserve", reserve, 0),
+                              ("n_sink", n_sink, 0), ("kernel_size", kernel_size, 1),
+                              ("pyramid_beta", pyramid_beta, 1)):
+            if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= INT32_MAX:
+                raise ValueError(f"adakv: {name} must be an int in [{lo}, 2^31 - 1], "
+                                 f"got {val!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"adakv: storage must be one of {STORAGES}, got {storage!r}")
+        for name, val in (("page_size", page_size), ("num_pages", num_pages),
+                          ("max_batch", max_batch)):
+            if val is None and name != "page_size":
+                continue
+            if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= INT32_MAX:
+                raise ValueError(f"adakv: {name} must be an int in [1, 2^31 - 1], got {val!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"adakv: kernel_size must be odd, got {kernel_size}")
+        if alpha is None:
+            alpha = 0.5 if per_query_head else 0.2
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"adakv: alpha must be in [0, 1], got {alpha!r}")
+        if max_growth is not None:
+            if method == "full":
+                raise ValueError("adakv: max_growth (re-eviction) needs an evicting method")
+            if (not isinstance(max_growth, int) or isinstance(max_growth, bool)
+                    or not window <= max_growth <= INT32_MAX):
+                raise ValueError(f"adakv: max_growth must be an int in [window ({window}), "
+                                 f"2^31 - 1], got {max_growth!r}")
+        # One segment's capacity (budget + window + reserve) is an int32 row count; a pyramid
+        # layer may get up to 2 * budget.
+        grow = max_growth if max_growth is not None else reserve
+        grow_name = "max_growth" if max_growth is not None else "reserve"
+        top = 2 * budget if method in ("pyramid", "ada_pyramid") else budget
+        if method != "full" and top + window + grow > INT32_MAX:
+            raise ValueError(
+                f"adakv: budget + window + {grow_name} = {top} + {window} + {grow} = "
+                f"{top + window + grow} rows per segment"
+                f"{' (pyramid layers get up to 2 * budget)' if top != budget else ''}; "
+                f"at most 2^31 - 1 are supported (lower budget, window or {grow_name})")
+
+        config = model.config.get_text_config(decoder=True)
+        n_layers = config.num_hidden_layers
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is None:
+            if getattr(config, "sliding_window", None) is not None:
+                layer_types = ["sliding_attention"] * n_layers
+            elif getattr(config, "attention_chunk_size", None) is not None:
+                layer_types = ["chunked_attention"] * n_layers
+            else:
+                layer_types = ["full_attention"] * n_layers
+        layer_types = list(layer_types)[:n_layers]
+        for t in layer_types:
+            if t not in ("full_attention", "sliding_attention", "chunked_attention"):
+                raise NotImplementedError(f"adakv: layer type {t!r} is not supported")
+        n_full = sum(t == "full_attention" for t in layer_types)
+
+        orig, mailbox = install(model)
+        self.settings = LayerSettings(
+            policy=EvictionPolicy(
+                method=method, budget=budget, window=window, alpha=float(alpha),
+                pooling=pooling, kernel_size=kernel_size, gqa_reduce=gqa_reduce,
+                rounding=rounding, n_sink=n_sink, pyramid_beta=pyramid_beta,
+                pyramid_exact_mean=pyramid_exact_mean),
+            per_query_head=bool(per_query_head), reserve=reserve, max_growth=max_growth,
+            n_full_layers=max(n_full, 1), storage=storage, page_size=page_size,
+            num_pages=num_pages, max_batch=max_batch)
+        self._control = PrefillControl()
+        self.pool = None
+        if storage == "paged":
+            Hq = config.num_attention_heads
+            Hk = getattr(config, "num_key_value_heads", None) or Hq
+            D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+            self.pool = PagedPool(self.settings, max(n_full, 1), Hq if per_query_head else Hk, D)
+        layers = []
+        rank = 0
+        for i, t in enumerate(layer_types):
+            if t == "full_attention":
+                if storage == "paged":
+                    layers.append(PagedLayer(self.settings, i, rank, mailbox, self._control,
+                                             self.pool))
+                else:
+                    layers.append(FlatLayer(self.settings, i, rank, mailbox, self._control))
+                rank += 1
+            else:
+                w = (config.sliding_window if t == "sliding_attention"
+                     else config.attention_chunk_size)
+                layers.append(DynamicSlidingWindowLayer(sliding_window=w))
+        super().__init__(layers=layers)
+        self.original_implementation = orig
+        self._model_ref = weakref.ref(model)
+
+    # -- convenience attributes ---------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def budget(self) -> int:
+        return self.settings.budget
+
+    @property
+    def window(self) -> int:
+        return self.settings.window
+
+    @property
+    def adakv_layers(self) -> list[EvictedLayer]:
+        """The evicted (full-attention) layers, in model order."""
+        return [l for l in self.layers if isinstance(l, EvictedLayer)]
+
+    @property
+    def layer_budgets(self) -> dict[int, Optional[int]]:
+        """``{layer_idx: C_l}`` of the evicted layers (``None`` before prefill)."""
+        return {l.layer_idx: l.budget for l in self.adakv_layers}
+
+    def kv_bytes(self) -> int:
+        """Bytes held by K/V storage, all layers (flat caches incl. reserve + sliding caches)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, EvictedLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # Matches EvictedLayer.get_mask_sizes: the mask of an evicted layer covers the new tokens
+        # (offset 0); during a chunked prefill the queries follow the prompt held so far.
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], EvictedLayer):
+            return self.layers[layer_idx].held
+        return super().get_query_offset(layer_idx)
+
+    # -- decode helpers for compiled / CUDA-graph loops ---------------------------------------
+
+    def check_claimed(self) -> None:
+        """Raise ``RuntimeError`` if a layer's prefill was posted but never evicted (see
+        :meth:`EvictedLayer._check_claimed`); every later use of the cache checks this too."""
+        for layer in self.adakv_layers:
+            layer._check_claimed()
+
+    def prepare_decode(self, num_tokens: int = 1) -> None:
+        """Account ``num_tokens`` new tokens per evicted layer *before* the forward (eager):
+        grows or re-evicts where needed. Required before every compiled forward; optional
+        (and harmless) before an eager one."""
+        for layer in self.adakv_layers:
+            layer._prepare(num_tokens)
+
+    def ensure_capacity(self, num_tokens: int) -> None:
+        """Grow every evicted layer now so ``num_tokens`` more tokens fit without growing
+        (fixed tensor addresses for a CUDA-graph decode loop; re-eviction mode is already
+        fixed-size)."""
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise ValueError(f"adakv: num_tokens must be an int >= 0, got {num_tokens!r}")
+        self.check_claimed()
+        for layer in self.adakv_layers:
+            layer.ensure(num_tokens)
+
+    # -- question-agnostic reuse --------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                chunk_size: Optional[int] = None, **kwargs):
+        """Prefill (and evict) a prompt without generating; returns the model output of the last
+        chunk (logits of the last position only). Positions follow generate's convention (left
+        padding).
+
+        ``chunk_size``: run the prompt through the model ``chunk_size`` tokens at a time
+        (``None``: in one forward). Each evicted layer keeps the prompt's full K/V (in pages
+        with paged storage) until the last chunk, attends each chunk over the prompt so far with
+        the original attention and the model's mask, and evicts after the last chunk with the
+        last ``window`` queries: the kept sets are those of a one-shot prefill, and activation
+        memory is bounded by the chunk.
+
+        On a cache that already holds sequences (paged storage, a model without sliding
+        layers, no ``max_growth``), the rows are *added* to its batch as new sequences, each
+        with its own length and no padding kept (prompts prefilled one at a time into one
+        store): batch row ``b`` of the cache is the ``b``-th prompt row ever prefilled. The
+        logical length (``get_seq_length``) becomes the longest prompt; decode forwards must
+        then pass each row's ``position_ids`` (or an attention mask left-padded to that
+        length)."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("adakv: the model of this cache was garbage-collected")
+        adding = self.get_seq_length() != 0
+        if adding:
+            if self.pool is None or self.pool.store is None:
+                raise RuntimeError("adakv: prefill() needs an empty cache (adding rows to a "
+                                   "filled one needs storage='paged')")
+            if len(self.adakv_layers) != len(self.layers):
+                raise NotImplementedError("adakv: adding rows to a filled cache is not "
+                                          "supported with sliding-window layers")
+            if self.settings.max_growth is not None:
+                raise NotImplementedError("adakv: adding rows to a filled cache is not "
+                                          "supported with max_growth")
+        N = input_ids.shape[1]
+        if chunk_size is None:
+            chunk_size = N
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"adakv: chunk_size must be None or an int >= 1, got "
+                             f"{chunk_size!r}")
+        pos = kwargs.pop("position_ids", None)
+        if pos is None and attention_mask is not None:
+            pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        out = None
+        seen = [l.seen for l in self.adakv_layers]
+        if adding:
+            self.check_claimed()
+            self.pool.rows = self.pool.add(input_ids.shape[0])
+            self._control.adding = True
+            for l in self.adakv_layers:
+                l.seen = 0
+        try:
+            for a in range(0, N, chunk_size):
+                b = min(a + chunk_size, N)
+                self._control.final = b == N
+                out = model(input_ids=input_ids[:, a:b],
+                            attention_mask=None if attention_mask is None
+                            else attention_mask[:, :b],
+                            position_ids=None if pos is None else pos[..., a:b],
+                            **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
+                            **kwargs)
+        finally:
+            self._control.final = True
+            self._control.chunk_queries.clear()
+            if adding:
+                self._control.adding = False
+                self.pool.rows = None
+                for l, n in zip(self.adakv_layers, seen):
+                    l.seen = max(n, l.seen)
+        self.check_claimed()
+        return out
+
+    def compress(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        """:meth:`prefill` of an empty cache (the question-agnostic use: compress a context
+        once, ask many questions)."""
+        if self.get_seq_length() != 0:
+            raise RuntimeError("adakv: compress() needs an empty cache")
+        return self.prefill(input_ids, attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def evict_from(self, full_cache: Cache, query_windows: dict, attention_mask=None) -> None:
+        """Fill this (empty) cache by evicting a full cache that was filled elsewhere, e.g. a
+        ``DynamicCache`` after a plain forward: each full-attention layer runs the same eviction
+        as at prefill, with ``query_windows[i]`` (``[B, Hq, W', D]`` post-RoPE queries of the
+        last prompt tokens, see :class:`QueryRecorder`; the last ``min(window, N)`` are used).
+        Sliding layers are shared by reference (their update never writes in place).
+        ``attention_mask [B, N]`` (1 = token) marks left padding. ``full_cache`` is not modified,
+        so one prefill can be evicted with many methods/budgets."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("adakv: the model of this cache was garbage-collected")
+        if self.get_seq_length() != 0:
+            raise RuntimeError("adakv: evict_from() needs an empty cache")
+        if len(full_cache.layers) != len(self.layers):
+            raise ValueError(f"adakv: full cache has {len(full_cache.layers)} layers, this cache "
+                             f"{len(self.layers)}")
+        scales = {m.layer_idx: getattr(m, "scaling", None) for m in attention_modules(model)}
+        for i, (layer, src) in enumerate(zip(self.layers, full_cache.layers)):
+            if not isinstance(layer, EvictedLayer):
+                if getattr(src, "is_initialized", False):
+                    layer.lazy_initialization(src.keys, src.values)
+                    layer.keys, layer.values = src.keys, src.values
+                    if hasattr(src, "cumulative_length"):
+                        layer.cumulative_length = src.cumulative_length
+                continue
+            key, value = src.keys, src.values
+            if key is None or key.dim() != 4:
+                raise ValueError(f"adakv: layer {i} of the full cache holds no [B, H, N, D] keys")
+            if i not in query_windows:
+                raise ValueError(f"adakv: no query window for layer {i}")
+            B, _, N, _ = key.shape
+            q = query_windows[i]
+            W = min(self.settings.window, N)
+            if q.dim() != 4 or q.shape[0] != B or q.shape[2] < W:
+                raise ValueError(f"adakv: query window of layer {i} has shape {tuple(q.shape)}; "
+                                 f"need [{B}, Hq, >= {W}, D]")
+            ks = None
+            if attention_mask is not None:
+                if attention_mask.shape != (B, N):
+                    raise ValueError(f"adakv: attention_mask must be [{B}, {N}], got "
+                                     f"{tuple(attention_mask.shape)}")
+                ks = (attention_mask != 0).to(torch.float32).argmax(-1).to(torch.int32)
+                ks = ks.to(key.device).contiguous()
+            layer.lazy_initialization(key, value)
+            layer.seen = N
+            layer._evict_prompt(q[:, :, q.shape[2] - W:], key.contiguous(), value.contiguous(),
+                                ks, scales.get(i))
+
+    def snapshot(self) -> CacheSnapshot:
+        """Record the current state (cheap: segment lengths are cloned, tensors referenced)."""
+        states = []
+        for layer in self.layers:
+            if isinstance(layer, EvictedLayer):
+                states.append(layer._snapshot())
+            else:
+                states.append((layer.keys, layer.values, getattr(layer, "cumulative_length", None),
+                               layer.is_initialized))
+        store = None
+        if self.pool is not None and self.pool.store is not None:
+            store = [self.pool.store.snapshot(q) for q in self.pool.seqs]
+        return CacheSnapshot(layers=states, store=store, owner=weakref.ref(self))
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Put the cache back to ``snap`` (e.g. drop an answer appended after compression)."""
+        if snap.owner() is not self:
+            raise ValueError("adakv: snapshot of another cache")
+        if snap.store is not None:
+            for q, st in zip(self.pool.seqs, snap.store):
+                self.pool.store.restore(q, st)
+        for layer, st in zip(self.layers, snap.layers):
+            if isinstance(layer, EvictedLayer):
+                layer._restore(st)
+            else:
+                layer.keys, layer.values, cum, layer.is_initialized = st
+                if cum is not None:
+                    layer.cumulative_length = cum
+
+    @contextlib.contextmanager
+    def reuse(self):
+        """``with cache.reuse(): ...`` snapshot on entry, restore on exit."""
+        snap = self.snapshot()
+        try:
+            yield self
+        finally:
+            self.restore(snap)
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()
+        if self.pool is not None:
+            self.pool.reset()
+        self._control.final = True
+        self._control.chunk_queries.clear()
+
+    def __repr__(self):
+        s = self.settings
+        return (f"AdaKVCache(method={s.method!r}, budget={s.budget}, window={s.window}, "
+                f"alpha={s.alpha}, storage={s.storage!r}, layers={len(self.layers)}, "
+                f"evicted={len(self.adakv_layers)})")
+
+
+@torch.no_grad()
+def generate_chunked(model, cache: AdaKVCache, input_ids: Tensor,
+                     attention_mask: Optional[Tensor] = None, *, prefill_chunk_size: int,
+                     max_new_tokens: int, **generate_kwargs) -> Tensor:
+    """Greedy ``model.generate`` whose prompt is prefilled in chunks of ``prefill_chunk_size``
+    tokens (:meth:`AdaKVCache.prefill`: one-shot kept sets, activations bounded by the
+    chunk). Returns what ``model.generate(input_ids, attention_mask, cache=..., do_sample=False,
+    max_new_tokens=...)`` returns with a one-shot prefill: the prompt followed by the new tokens.
+
+    Why not ``generate(prefill_chunk_size=...)``: transformers' chunk loop gives the cache no
+    sign of which forward ends the prompt, and Ada-KV must score the prompt once it is whole.
+    With it, :class:`AdaKVCache` evicts after the first chunk and appends the later ones as
+    continuations (like a question after ``compress``): it works, but keeps other rows."""
+    if generate_kwargs.get("do_sample") or generate_kwargs.get("num_beams", 1) != 1:
+        raise NotImplementedError("adakv: generate_chunked is greedy (do_sample=False, "
+                                  "num_beams=1)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"adakv: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    out = cache.prefill(input_ids, attention_mask, chunk_size=prefill_chunk_size)
+    first = out.logits[:, -1:].argmax(-1).to(input_ids.dtype)
+    ids = torch.cat([input_ids, first], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((ids.shape[0], 1))],
+                                   dim=1)
+    if max_new_tokens == 1:
+        return ids
+    return model.generate(input_ids=ids, attention_mask=attention_mask, **cache_kwarg(cache),
+                          do_sample=False, max_new_tokens=max_new_tokens - 1, **generate_kwargs)

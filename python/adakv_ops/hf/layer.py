@@ -1,0 +1,398 @@
+"""The part of an evicted (full-attention) cache layer that does not depend on its storage.
+
+:class:`EvictedLayer` is a ``transformers`` ``CacheLayerMixin``. It owns the protocol with the
+attention function (``update`` posts the layer in the model's mailbox, the attention function
+claims it with an identity check on ``key``), the prompt flow (one-shot or chunked), the host
+accounting of decode tokens (``prepare_decode`` for compiled forwards) and the settings. The
+storage subclasses (:class:`adakv_ops.hf.flat.FlatLayer`,
+:class:`adakv_ops.hf.paged.PagedLayer`) only write and read rows:
+
+* ``_store_prompt(q_window, key, value, key_start, scale)``: evict a whole prompt
+  ``[B, H, N, D]`` (the one :class:`adakv_ops.policy.EvictionPolicy` decides what is kept);
+* ``_hold_chunk(key, value)`` -> the prompt so far as ``[B, H, N, D]`` (chunked prefill: the
+  layer keeps the prompt's full K/V until the last chunk);
+* ``_make_room(T)``, ``_append(key, value)``, ``_decode_attention(query, scale)``;
+* ``_snapshot`` / ``_restore``, ``nbytes``, ``evicted``.
+
+Prompt flow. A forward into a layer that holds no evicted cache is part of the prompt.
+``PrefillControl.final`` (set by :meth:`AdaKVCache.prefill`; ``True`` otherwise, e.g. in
+``generate``) says whether it is the prompt's last chunk. A one-shot prompt (final, nothing
+held) is attended by the original attention with the model's mask and evicted straight from
+the forward's K/V; chunks are held, attended by the original attention over the prompt so far
+(``get_mask_sizes`` reports its length), and the last one is evicted from the held prompt with
+the last ``window`` queries of all chunks: the kept sets are the one-shot ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import CacheLayerMixin
+
+from .. import ops as _ops
+from ..policy import EvictionPolicy, Kept
+from .registration import is_compiling, key_start_from_mask, mark_static
+
+__all__ = ["EvictedLayer", "LayerSettings", "PrefillControl"]
+
+INT32_MAX = 2**31 - 1  # every row index / segment start / page index is int32
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What every evicted layer of one cache shares (frozen after construction)."""
+
+    policy: EvictionPolicy
+    per_query_head: bool
+    reserve: int
+    max_growth: Optional[int]
+    n_full_layers: int
+    storage: str
+    page_size: int
+    num_pages: Optional[int]
+    max_batch: Optional[int] = None
+
+    def __getattr__(self, name):  # method, budget, window, alpha, ... read through
+        if name != "policy" and "policy" in self.__dict__:
+            return getattr(self.__dict__["policy"], name)
+        raise AttributeError(name)
+
+
+@dataclass
+class PrefillControl:
+    """Set by :meth:`AdaKVCache.prefill` around each chunk's forward."""
+
+    final: bool = True
+    adding: bool = False      # the forward prefills new batch rows into an evicted cache
+    chunk_queries: dict = field(default_factory=dict)  # layer_idx -> last window queries
+
+
+class EvictedLayer(CacheLayerMixin):
+    """One full-attention layer, evicted with the cache's policy (storage in the subclass).
+
+    Host state: ``seen`` (logical length: prompt incl. padding + appended tokens), ``budget``
+    (this layer's ``C_l``), ``window`` (``W`` used at prefill), ``n_heads`` (segments per
+    row), ``held`` (prompt tokens held by a chunked prefill, 0 otherwise).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, settings: LayerSettings, layer_idx: int, full_rank: int, mailbox: dict,
+                 control: PrefillControl):
+        super().__init__()
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.full_rank = full_rank
+        self._mailbox = mailbox
+        self._control = control
+        self._clear()
+
+    def _clear(self) -> None:
+        self.seen = 0
+        self.held = 0
+        self.budget: Optional[int] = None
+        self.window: Optional[int] = None
+        self.n_heads: Optional[int] = None
+        self._batch: Optional[int] = None
+        self._scale: Optional[float] = None
+        self._pending = None      # (key, value, chunked) of the prompt forward in flight
+        self._prepaid = 0
+        self.n_grow = 0
+        self.n_reevict = 0
+        self.keys = self.values = None
+        self.qbuf: Optional[Tensor] = None
+        self._clear_storage()
+
+    # -- CacheLayerMixin ----------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Prompt (chunks): the prompt held so far plus the new tokens, like DynamicLayer. After
+        # eviction a window over the new tokens only: constant while decoding and unused by
+        # the AdaKV path.
+        return self.held + query_length, 0
+
+    def reset(self) -> None:
+        if self._mailbox.get(self.layer_idx) is self:
+            del self._mailbox[self.layer_idx]  # an unclaimed prefill entry goes too
+        self._control.chunk_queries.pop(self.layer_idx, None)
+        self._clear()
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("AdaKVCache does not support crop; use snapshot()/restore()")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("AdaKVCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("AdaKVCache does not support batch expansion")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("AdaKVCache does not support batch selection")
+
+    def offload(self):
+        raise NotImplementedError("AdaKVCache does not support offloading")
+
+    # -- the mailbox protocol -----------------------------------------------------------------
+
+    def _check_claimed(self) -> None:
+        """Raise if the K/V posted by ``update`` were never attended by the AdaKV attention
+        function (e.g. after :func:`restore_attention`, or with a model whose attention
+        implementation was switched away from ``adakv_*``). Going on would treat the next
+        tokens as the prompt and silently drop the real one."""
+        posted = self._mailbox.get(self.layer_idx) is self
+        if self._pending is None and not posted:
+            return
+        if posted:
+            del self._mailbox[self.layer_idx]
+        if self._pending is None:  # a decode step's entry: its attention ran elsewhere
+            raise RuntimeError(
+                f"adakv: layer {self.layer_idx}: the tokens appended by the last update() were "
+                f"never attended by the adakv attention function (was restore_attention() "
+                f"called, or the model's attention implementation changed?); its output was "
+                f"not computed from this cache. Switch back to the adakv_* implementation (a "
+                f"new AdaKVCache(model, ...) does) or reset the cache")
+        raise RuntimeError(
+            f"adakv: layer {self.layer_idx}: the prefill K/V posted by update() was never "
+            f"claimed by the adakv attention function, so the prompt was not evicted (was "
+            f"restore_attention() called, or the model's attention implementation changed "
+            f"after AdaKVCache was built?). The cache is unusable: call cache.reset() and "
+            f"prefill again with the adakv_* attention implementation")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_claimed()
+        if not self.evicted or self._control.adding:
+            n = key_states.shape[-2]
+            if self._control.final and self.held == 0:
+                key, value = key_states, value_states          # one-shot prompt
+                self._pending = (key, value, False)
+            else:
+                key, value = self._hold_chunk(key_states, value_states)
+                self.held += n
+                self._pending = (key, value, True)
+            self.seen += n
+            self._mailbox[self.layer_idx] = self
+            return key, value
+        self._account(key_states.shape[-2])
+        self._append(key_states, value_states)
+        self._mailbox[self.layer_idx] = self
+        return self.keys, self.values
+
+    def _owns(self, key) -> bool:
+        if self._pending is not None:
+            return key is self._pending[0]
+        return key is self.keys
+
+    def _attend(self, module, query, key, value, attention_mask, original, kwargs):
+        """The attention of the forward ``update`` just served (called by the attention
+        function once it has claimed this layer)."""
+        scale = kwargs.get("scaling")
+        if self._pending is not None:
+            k, v, chunked = self._pending
+            self._pending = None
+            out = original(module, query, key, value, attention_mask, **kwargs)
+            B, _, N, _ = k.shape
+            W = min(self.settings.window, N)
+            if chunked:
+                qs = self._control.chunk_queries
+                prev = qs.get(self.layer_idx)
+                q = query if prev is None else torch.cat([prev, query], dim=2)
+                qs[self.layer_idx] = q[:, :, max(q.shape[2] - self.settings.window, 0):]
+                if not self._control.final:
+                    return out
+                q_window = qs.pop(self.layer_idx)[:, :, -W:]
+            else:
+                q_window = query[:, :, N - W:]
+            self._evict_prompt(q_window, k, v, key_start_from_mask(attention_mask, B, N), scale)
+            return out
+        if getattr(module, "attn_logit_softcapping", None) is not None:
+            raise NotImplementedError("adakv: attention logit softcapping is not supported")
+        q = query.contiguous()
+        out = self._decode_attention(q, scale)
+        self._after_decode(q)
+        return out.transpose(1, 2), None
+
+    def _evict_prompt(self, q_window: Tensor, key: Tensor, value: Tensor,
+                      key_start: Optional[Tensor], scale) -> None:
+        """Evict the whole prompt ``key``/``value [B, Hk, N, D]`` of this layer with the window
+        queries ``q_window [B, Hq, W, D]`` (the last ``W = min(window, N)`` prompt tokens)."""
+        s = self.settings
+        B, Hk, N, D = key.shape
+        Hq, W = q_window.shape[1], q_window.shape[2]
+        H = Hq if s.per_query_head else Hk
+        self.n_heads = H
+        self._batch = B + (self._batch or 0) if self._control.adding else B
+        key, value = self._expand(key), self._expand(value)
+        C = s.policy.layer_budget(self.full_rank, s.n_full_layers, N, W)
+        q_window = q_window.contiguous()
+        self._store_prompt(q_window, key, value, key_start, C, scale)
+        self.budget, self.window, self._scale = C, W, scale
+        self.held = 0
+        self._after_prompt(q_window)
+
+    def _expand(self, x: Tensor) -> Tensor:
+        if self.settings.per_query_head and x.shape[1] != self.n_heads:
+            x = x.repeat_interleave(self.n_heads // x.shape[1], dim=1)
+        return x.contiguous()
+
+    # -- host accounting of decode tokens -----------------------------------------------------
+
+    def _account(self, T: int) -> None:
+        if self._prepaid:
+            if self._prepaid != T:
+                raise RuntimeError(f"adakv: prepare_decode({self._prepaid}) was called but the "
+                                   f"forward appends {T} tokens")
+            self._prepaid = 0
+            return
+        if is_compiling():
+            raise RuntimeError("adakv: call cache.prepare_decode(T) before each compiled forward "
+                               "(growth and re-eviction run outside compiled code)")
+        self._make_room(T)
+        self.seen += T
+
+    def _prepare(self, T: int) -> None:
+        self._check_claimed()
+        if not self.evicted:
+            return
+        if self._prepaid:
+            raise RuntimeError("adakv: prepare_decode called twice without a forward in between")
+        self._make_room(T)
+        self.seen += T
+        self._prepaid = T
+
+    # -- storage hooks (subclasses) -----------------------------------------------------------
+
+    @property
+    def evicted(self) -> bool:
+        raise NotImplementedError
+
+    def _clear_storage(self) -> None:
+        raise NotImplementedError
+
+    def _hold_chunk(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _store_prompt(self, q_window, key, value, key_start, C, scale) -> None:
+        raise NotImplementedError
+
+    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored segments right-aligned into ``[B, H, Nmax, D]`` K and V (segment ``s``
+        has ``lens[s]`` rows and ``pad[s] = Nmax - lens[s]`` zero rows in front)."""
+        raise NotImplementedError
+
+    def _store_reevicted(self, key, value, kept, key_start) -> None:
+        """Replace the stored segments by ``kept`` of the right-aligned ``key``/``value``."""
+        raise NotImplementedError
+
+    # -- decode-time re-eviction (max_growth) -------------------------------------------------
+
+    def _after_prompt(self, q_window: Tensor) -> None:
+        s = self.settings
+        self.qbuf = None
+        if s.max_growth is not None:
+            B, Hq, W, D = q_window.shape
+            qbuf = q_window.new_zeros((B, Hq, s.window, D))
+            qbuf[:, :, s.window - W:] = q_window
+            self.qbuf = qbuf
+            mark_static(qbuf)
+
+    def _after_decode(self, q: Tensor) -> None:
+        if self.qbuf is None:
+            return
+        T, Wb = q.shape[2], self.qbuf.shape[2]
+        if T >= Wb:
+            self.qbuf.copy_(q[:, :, T - Wb:])
+        else:
+            self.qbuf.copy_(torch.cat([self.qbuf[:, :, T:], q], dim=2))
+
+    def _reevict(self, seg_len: Tensor) -> bool:
+        """Evict again from the stored segments with the same policy: the segments are
+        right-aligned into ``[B, H, N', D]`` (per-segment left padding), each scored on its
+        own with the last ``window`` queries (the ring ``qbuf``), then budgets / select at this
+        layer's budget, and the kept rows replace the segments. One host read (the shortest
+        and longest segment) per re-eviction, never per step. Returns False (nothing done)
+        when a segment is shorter than the window."""
+        s = self.settings
+        policy = s.policy
+        B, H = self._batch, self.n_heads
+        S = B * H
+        lens = seg_len.to(torch.int64)
+        Nmin, Nmax = torch.stack([lens.min(), lens.max()]).tolist()
+        W, C = s.window, self.budget
+        if Nmin < W:
+            return False  # a segment shorter than the window (tiny prompt, big append)
+        L = Nmax - W
+        pad = Nmax - lens                                              # [S]
+        kp, vp = self._gather_segments(Nmax, lens, pad)
+        ks_seg = pad.to(torch.int32)                                   # per-segment padding
+        D = kp.shape[-1]
+        if policy.needs_queries:
+            Hq = self.qbuf.shape[1]
+            q = self.qbuf.reshape(S, Hq // H, W, D)
+        else:
+            q = None
+        scores = policy.scores(q, kp.reshape(S, 1, Nmax, D), key_start=ks_seg,
+                               scale=self._scale).reshape(B, H, L)
+        ks_row = ks_seg.view(B, H).amin(dim=1).contiguous()
+        budgets = policy.budgets(scores.contiguous(), C, key_start=ks_row)
+        # A head never keeps more prefix tokens than it has (its padding columns are -inf).
+        finite = (L - ks_seg.view(B, H)).clamp(min=0)
+        budgets = torch.minimum(budgets, finite).contiguous()
+        kept_idx, kept_count = _ops.select(scores.contiguous(), budgets, key_start=ks_row)
+        self._store_reevicted(kp, vp, Kept(kept_idx, kept_count, budgets, W, C), ks_row)
+        self.n_reevict += 1
+        return True
+
+    def _make_room(self, T: int) -> None:
+        raise NotImplementedError
+
+    def _append(self, key: Tensor, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def _decode_attention(self, query: Tensor, scale) -> Tensor:
+        raise NotImplementedError
+
+    def ensure(self, num_tokens: int) -> None:
+        """Make room now for ``num_tokens`` more tokens (fixed addresses afterwards)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def segment_lengths(self) -> list[int]:
+        """Lengths of the layer's segments, batch-major (``b * H + h``)."""
+        raise NotImplementedError
+
+    def segment_kv(self, s: int) -> tuple[Tensor, Tensor]:
+        """The valid rows ``[len, D]`` of segment ``s`` (``b * H + h``), for inspection."""
+        raise NotImplementedError
+
+    # -- the decode step's two ops (public: custom loops, tests) ------------------------------
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Append ``[B, Hk, T, D]`` new tokens in place (the device op only: the host
+        accounting is ``cache.prepare_decode(T)``'s)."""
+        self._append(key_states, value_states)
+
+    def attend(self, query: Tensor, scale: Optional[float] = None) -> Tensor:
+        """Decode attention of ``query [B, Hq, T, D]`` over the layer (its ``T`` newest rows
+        are the query tokens, causal among themselves) -> ``[B, Hq, T, D]``."""
+        return self._decode_attention(query.contiguous(), scale)

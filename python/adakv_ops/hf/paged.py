@@ -1,0 +1,257 @@
+"""Paged per-head storage of the evicted layers: ``storage="paged"`` (the default).
+
+All evicted layers of one cache share one :class:`adakv_ops.store.PagedKVStore`
+(:class:`PagedPool`): one page pool, one page table and one length per segment (sequence x
+head) and layer, pages handed out on the host. Batch row ``b`` is the store's sequence ``b``.
+A layer's prompt is evicted with ``PagedKVStore.write_kept``; a chunked prefill holds the raw
+prompt in pages until its last chunk (SPEC 3.1); decode appends with ``paged_append_`` and
+attends with ``paged_decode_attention``. Pages for a decode step are handed out by the host
+(``prepare_decode`` / the eager ``update``), so the compiled step is pure tensor work on fixed
+tensors (after ``ensure_capacity``).
+
+Pool size: ``num_pages`` pages of ``page_size`` rows; ``None`` sizes it at the first prompt
+and doubles it when a request would run out (one device copy; the pool gets a new address,
+so pass ``num_pages`` or call ``ensure_capacity`` before capturing CUDA graphs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops as _ops
+from ..store import OutOfPages, PagedKVStore
+from .layer import INT32_MAX, EvictedLayer
+from .registration import mark_static
+
+__all__ = ["PagedLayer", "PagedPool"]
+
+
+class PagedPool:
+    """The one store of a cache's evicted layers, created at the first prompt."""
+
+    def __init__(self, settings, n_layers: int, heads: int, head_dim: int):
+        self.settings = settings
+        self.n_layers, self.heads, self.head_dim = n_layers, heads, head_dim
+        self.store: Optional[PagedKVStore] = None
+        self.seqs: list[int] = []
+        self.rows: Optional[list[int]] = None
+
+    def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
+        """The store (built for ``B`` sequences on first use). A forward's batch must be the
+        cache's, or the rows being added (:meth:`AdaKVCache.prefill` on a non-empty cache)."""
+        if self.store is None:
+            s = self.settings
+            P = s.page_size
+            pages = s.num_pages
+            if pages is None:  # auto: every segment of every layer at the given size, + 1/8
+                per_seg = -(-max(rows_per_segment, 1) // P)
+                pages = B * self.heads * self.n_layers * per_seg
+                pages = min(pages + pages // 8 + 1, INT32_MAX)
+            slots = max(s.max_batch or B, B)
+            self.store = PagedKVStore(self.n_layers, self.heads, self.head_dim, page_size=P,
+                                      num_pages=pages, dtype=dtype, device=device,
+                                      max_sequences=slots)
+            self.seqs = [self.store.add_sequence() for _ in range(B)]
+            self.rows = None
+            self.mark()
+        elif B != len(self.active()):
+            raise ValueError(f"adakv: the cache holds a batch of {len(self.seqs)} sequences; a "
+                             f"forward with batch {B} cannot use it (reset() first)")
+        return self.store
+
+    def active(self) -> list[int]:
+        """The sequences of the forward in flight: the rows being added, or the batch."""
+        return self.seqs if self.rows is None else self.rows
+
+    def add(self, n: int) -> list[int]:
+        """Take ``n`` more sequences (batch rows ``len(seqs) ..``) for a prefill of new rows."""
+        st = self.store
+        if st.max_sequences - len(self.seqs) < n:
+            raise RuntimeError(f"adakv: the cache holds {len(self.seqs)} of max_batch="
+                               f"{st.max_sequences} sequences; {n} more do not fit")
+        new = [st.add_sequence() for _ in range(n)]
+        self.seqs.extend(new)
+        self.mark()
+        return new
+
+    def call(self, fn: Callable):
+        """Run a store request; with an auto-sized pool, grow it (doubling) when it runs out."""
+        while True:
+            try:
+                return fn()
+            except OutOfPages as e:
+                if self.settings.num_pages is not None:
+                    raise
+                st = self.store
+                want = max(2 * st.num_pages, st.num_pages + e.needed - e.free)
+                if st.num_pages + e.needed - e.free > INT32_MAX:
+                    raise
+                st.grow_pool(min(want, INT32_MAX))
+            finally:
+                self.mark()
+
+    def mark(self) -> None:
+        """Fixed addresses for torch.compile: the pool and every table (after any change)."""
+        st = self.store
+        if st is not None:
+            mark_static(st.k_pages, st.v_pages, *st.page_table, *st.seg_len)
+
+    def reset(self) -> None:
+        self.store = None
+        self.seqs = []
+        self.rows = None
+
+
+class PagedLayer(EvictedLayer):
+    """An evicted layer stored as the ``full_rank``-th layer of the cache's paged store.
+    Host counter ``free`` (re-eviction mode only): tokens left before the segments pass
+    ``C_l + window + max_growth`` rows."""
+
+    def __init__(self, settings, layer_idx, full_rank, mailbox, control, pool: PagedPool):
+        self.pool = pool
+        super().__init__(settings, layer_idx, full_rank, mailbox, control)
+
+    def _clear_storage(self) -> None:
+        self._evicted = False
+        self.free = 0
+
+    @property
+    def evicted(self) -> bool:
+        return self._evicted
+
+    @property
+    def store(self) -> PagedKVStore:
+        return self.pool.store
+
+    def _views(self) -> tuple[Tensor, Tensor]:
+        """``(page_table [B * H, width], seg_len [B * H])`` of this layer's batch: the store's
+        own tensors, or their leading rows (views) when it has more slots than the batch."""
+        r = self.full_rank
+        S = len(self.pool.seqs) * self.pool.heads
+        table, seg_len = self.store.page_table[r], self.store.seg_len[r]
+        if seg_len.shape[0] == S:
+            return table, seg_len
+        return table[:S], seg_len[:S]
+
+    # -- prompt -------------------------------------------------------------------------------
+
+    def _hold_chunk(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.settings.per_query_head:
+            raise NotImplementedError("adakv: chunked prefill with per_query_head=True needs "
+                                      "storage='flat'")
+        B, _, n, _ = key.shape
+        st = self.pool.open(B, self.held + n, key.dtype, key.device)
+        seqs = self.pool.active()
+        self.pool.call(lambda: st.reserve(seqs, n, layers=[self.full_rank]))
+        st.append_reserved(self.full_rank, seqs, key, value)
+        st.advance(self.full_rank, seqs, n)
+        return st.prompt_kv(self.full_rank, seqs)
+
+    def _store_prompt(self, q_window, key, value, key_start, C, scale) -> None:
+        s = self.settings
+        B, H, N, _ = key.shape
+        # pages are handed out as tokens come: the reserve only sizes an automatic pool
+        R = s.max_growth if s.max_growth is not None else min(s.reserve, s.page_size)
+        prefix = N if s.method == "full" else min(C, N)
+        st = self.pool.open(B, prefix + q_window.shape[2] + R, key.dtype, key.device)
+        kept = s.policy.keep(q_window if s.policy.needs_queries else None, key, C,
+                             key_start=key_start, scale=scale)
+        rows = self.pool.active()
+        self.pool.call(lambda: st.write_kept(self.full_rank, rows, key, value, kept, key_start))
+        self._evicted = True
+        self.free = s.max_growth or 0
+        self.keys, self.values = st.k_pages, st.v_pages
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def _make_room(self, T: int) -> None:
+        s = self.settings
+        if s.max_growth is not None:
+            if self.free < T and self._reevict(self._views()[1]):
+                self.free = s.max_growth
+            self.free -= T
+        st, seqs = self.store, self.pool.seqs
+        self.pool.call(lambda: st.reserve(seqs, T, layers=[self.full_rank]))
+        st.advance(self.full_rank, seqs, T)
+
+    def ensure(self, num_tokens: int) -> None:
+        if self.evicted:
+            st, seqs = self.store, self.pool.seqs
+            self.pool.call(lambda: st.reserve(seqs, num_tokens, layers=[self.full_rank]))
+
+    def _append(self, key: Tensor, value: Tensor) -> None:
+        st = self.store
+        table, seg_len = self._views()
+        _ops.paged_append_(st.k_pages, st.v_pages, table, seg_len, self._expand(key),
+                           self._expand(value))
+        self.keys, self.values = st.k_pages, st.v_pages
+
+    def _decode_attention(self, query: Tensor, scale) -> Tensor:
+        st = self.store
+        table, seg_len = self._views()
+        return _ops.paged_decode_attention(query, st.k_pages, st.v_pages, table, seg_len,
+                                           scale=scale)
+
+    # -- re-eviction --------------------------------------------------------------------------
+
+    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+        st = self.store
+        P, D = st.page_size, st.head_dim
+        table = self._views()[0].to(torch.int64)
+        S = lens.numel()
+        cols = torch.arange(Nmax, device=lens.device, dtype=torch.int64)
+        i = cols.unsqueeze(0) - pad.unsqueeze(1)                       # row in the segment
+        valid = i >= 0
+        i = i.clamp(min=0)
+        src = table.gather(1, torch.div(i, P, rounding_mode="floor")) * P + i % P
+        src = torch.where(valid, src, torch.zeros_like(src)).view(-1)
+        keep = valid.view(S, Nmax, 1)
+        B, H = self._batch, self.n_heads
+        kp = (st.k_pages.view(-1, D).index_select(0, src).view(S, Nmax, D) * keep)
+        vp = (st.v_pages.view(-1, D).index_select(0, src).view(S, Nmax, D) * keep)
+        return kp.view(B, H, Nmax, D), vp.view(B, H, Nmax, D)
+
+    def _store_reevicted(self, key, value, kept, key_start) -> None:
+        st = self.store
+        self.pool.call(lambda: st.write_kept(self.full_rank, self.pool.seqs, key.contiguous(),
+                                             value.contiguous(), kept, key_start))
+        self.keys, self.values = st.k_pages, st.v_pages
+
+    # -- inspection / snapshot ----------------------------------------------------------------
+
+    def nbytes(self) -> int:
+        """K/V bytes of the pages this layer holds."""
+        st = self.store
+        if st is None:
+            return 0
+        return st.pages_in_layer(self.full_rank) * st.bytes_per_page
+
+    def segment_lengths(self) -> list[int]:
+        """Host lengths of this layer's segments, batch-major (no device read)."""
+        st = self.store
+        if st is None:
+            return []
+        return [n for q in self.pool.seqs for n in st.lengths(self.full_rank, q)]
+
+    def segment_kv(self, s: int) -> tuple[Tensor, Tensor]:
+        H = self.pool.heads
+        return self.store.segment_kv(self.full_rank, self.pool.seqs[s // H], s % H)
+
+    def _snapshot(self):
+        self._check_claimed()
+        if not self._evicted:
+            raise RuntimeError("adakv: snapshot() before the prompt was processed")
+        return (None if self.qbuf is None else (self.qbuf, self.qbuf.clone()),
+                self.seen, self.free, self.budget)
+
+    def _restore(self, st) -> None:
+        qb, seen, free, budget = st
+        if qb is not None:
+            qb[0].copy_(qb[1])
+            self.qbuf = qb[0]
+        self.seen, self.free, self.budget = seen, free, budget
+        self._pending, self._prepaid = None, 0
+        self.keys, self.values = self.store.k_pages, self.store.v_pages
