@@ -148,3 +148,26 @@ def test_prompts_prefilled_one_at_a_time_into_one_store(family, method):
     c.prefill(ids[:1])
     with pytest.raises(NotImplementedError, match="sliding-window"):
         c.prefill(ids[1:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cuda_paged_cache_matches_flat_and_chunked_matches_one_shot(family):
+    """On the CUDA kernels: paged == flat generate outputs; chunked == one-shot rows (fp32)."""
+    model = make_model(family).cuda()
+    ids, mask = make_batch(3, 70, pads=(0, 9, 2))
+    ids, mask = ids.cuda(), mask.cuda()
+    outs = {}
+    for storage in STORAGES:
+        with torch.no_grad():
+            outs[storage] = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                min_new_tokens=12,
+                **{CACHE_KWARG: AdaKVCache(model, budget=12, window=6, storage=storage)})
+    assert torch.equal(outs["paged"], outs["flat"])
+    for method in ("ada_snapkv", "streaming", "full"):
+        one = AdaKVCache(model, method=method, budget=12, window=6, page_size=16)
+        one.prefill(ids, mask)
+        ch = AdaKVCache(model, method=method, budget=12, window=6, page_size=16)
+        ch.prefill(ids, mask, chunk_size=17)
+        _assert_same_rows(ch, one)

@@ -38,6 +38,7 @@ class PagedPool:
         self.store: Optional[PagedKVStore] = None
         self.seqs: list[int] = []
         self.rows: Optional[list[int]] = None
+        self._marked = None
 
     def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
         """The store (built for ``B`` sequences on first use). A forward's batch must be the
@@ -94,13 +95,19 @@ class PagedPool:
                 self.mark()
 
     def mark(self) -> None:
-        """Fixed addresses for torch.compile: the pool and every table (after any change)."""
+        """Fixed addresses for torch.compile: the pool and every table (again only after they
+        were reallocated: pool growth, wider tables, more slots)."""
         st = self.store
-        if st is not None:
+        if st is None:
+            return
+        now = (st.k_pages, st.v_pages, st.page_table[0], st.seg_len[0])
+        if self._marked is None or any(a is not b for a, b in zip(now, self._marked)):
             mark_static(st.k_pages, st.v_pages, *st.page_table, *st.seg_len)
+            self._marked = now
 
     def reset(self) -> None:
         self.store = None
+        self._marked = None
         self.seqs = []
         self.rows = None
 
