@@ -7,8 +7,8 @@ CPU smoke test:               python benchmarks/bench_prefill.py --cpu --lengths
 
 Model: the Llama-3.1-8B shape of ``bench_generate.py`` (random bf16 weights), batch 1, random
 prompt ids, ``ada_snapkv`` budget ``--budget`` (1024) window 32, paged storage (P = 64) with the
-pool sized up front (the raw prompt of every layer + the kept rows), so pool growth never
-enters the peak.
+pool sized up front (the kept rows, plus for chunked runs the raw prompt of every layer), so
+pool growth never enters the peak.
 
 Per prompt length ``N`` (``--lengths``, default 32768,131072): one-shot prefill, then each chunk
 size of ``--chunks`` (default 16384; 8192 too at 32K). Each setup runs ``--repeats`` times (the
@@ -68,10 +68,11 @@ def peak(dev):
     return torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
 
 
-def pool_pages(cfg, N, budget, window, P):
-    """Raw prompt pages of every layer + kept rows (Ada: up to a few x C per head) + slack."""
+def pool_pages(cfg, N, budget, window, P, chunked):
+    """Kept rows (Ada: up to a few x C per head) + slack, and for a chunked prefill the raw
+    prompt pages of every layer (held until the last chunk)."""
     Hk, L = cfg.num_key_value_heads, cfg.num_hidden_layers
-    raw = L * Hk * -(-N // P)
+    raw = L * Hk * -(-N // P) if chunked else 0
     kept = L * Hk * (-(-(budget + window) // P) + 2) * 3
     return raw + kept + 64
 
@@ -110,6 +111,8 @@ def probe_dynamic(full_a, full_b, cfg, dev, dtype, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--fp32", action="store_true", help="float32 model (kept-set agreement "
+                    "without bf16 rounding)")
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--chunks", default="8192,16384")
     ap.add_argument("--budget", type=int, default=1024)
@@ -120,22 +123,21 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.cpu else "cuda")
-    dtype = torch.float32 if args.cpu else torch.bfloat16
+    dtype = torch.float32 if args.cpu or args.fp32 else torch.bfloat16
     model = bg.build_model(args, dev, dtype)
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     header = {"kind": "header", "device": torch.cuda.get_device_name() if dev.type == "cuda"
               else "cpu", "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "weights_gib": weights / 2**30, "budget": args.budget, "window": args.window,
-              "page_size": args.page_size}
+              "page_size": args.page_size, "dtype": str(dtype)}
     print(json.dumps(header))
     records = [header]
     g = torch.Generator().manual_seed(args.seed)
     for N in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (1, N), generator=g).to(dev)
-        pages = pool_pages(cfg, N, args.budget, args.window, args.page_size)
         kw = dict(method="ada_snapkv", budget=args.budget, window=args.window,
-                  page_size=args.page_size, num_pages=pages)
+                  page_size=args.page_size)
         raw_bytes = (cfg.num_hidden_layers * cfg.num_key_value_heads * -(-N // args.page_size)
                      * args.page_size * cfg.head_dim * 2 * torch.empty((), dtype=dtype)
                      .element_size())
@@ -147,7 +149,9 @@ def main(argv=None):
             for r in range(args.repeats):
                 cache = None
                 base = reset_peak(dev)
-                cache = AdaKVCache(model, **kw)
+                pages = pool_pages(cfg, N, args.budget, args.window, args.page_size,
+                                   chunk is not None)
+                cache = AdaKVCache(model, num_pages=pages, **kw)
                 sync(dev)
                 t0 = time.perf_counter()
                 cache.prefill(ids, chunk_size=chunk)

@@ -171,3 +171,29 @@ def test_cuda_paged_cache_matches_flat_and_chunked_matches_one_shot(family):
         ch = AdaKVCache(model, method=method, budget=12, window=6, page_size=16)
         ch.prefill(ids, mask, chunk_size=17)
         _assert_same_rows(ch, one)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_unpadded_chunks_attend_without_a_mask(family, method, monkeypatch):
+    """Unpadded prompts on an all-full-attention sdpa model: the chunks attend with
+    causal_lower_right (the model builds no per-chunk mask); same rows and logits."""
+    import adakv_ops.hf.layer as layer_mod
+
+    calls = []
+    real = layer_mod._chunk_attention
+    monkeypatch.setattr(layer_mod, "_chunk_attention",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    model = make_model(family)
+    ids = torch.randint(2, 128, (2, 41), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[:, -1:]
+    one = AdaKVCache(model, method=method, budget=9, window=5)
+    one.prefill(ids)
+    assert not calls
+    cache = AdaKVCache(model, method=method, budget=9, window=5)
+    out = cache.prefill(ids, torch.ones_like(ids), chunk_size=10).logits
+    assert len(calls) == 5 * len(cache.adakv_layers)           # 5 chunks per layer
+    _assert_same_rows(cache, one)
+    if method == "full":
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from ..policy import METHODS, EvictionPolicy
 from .flat import FlatLayer
 from .layer import INT32_MAX, EvictedLayer, LayerSettings, PrefillControl
 from .paged import PagedLayer, PagedPool
-from .registration import attention_modules, cache_kwarg, install
+from .registration import attention_modules, cache_kwarg, install, skip_prompt_masks
 
 __all__ = ["AdaKVCache", "CacheSnapshot", "STORAGES", "generate_chunked"]
 
@@ -286,6 +286,16 @@ class AdaKVCache(Cache):
         pos = kwargs.pop("position_ids", None)
         if pos is None and attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        # Chunks of unpadded prompts on an sdpa model whose every layer is evicted (no sliding
+        # layers, no logit soft-capping) attend with causal_lower_right and the model builds no
+        # [B, 1, n, N] mask per chunk (one host read of the mask, at prefill).
+        lower_right = (
+            chunk_size < N and self.original_implementation == "sdpa"
+            and len(self.adakv_layers) == len(self.layers)
+            and all(getattr(m, "attn_logit_softcapping", None) is None
+                    and getattr(m, "sliding_window", None) is None
+                    for m in attention_modules(model))
+            and (attention_mask is None or bool(attention_mask.all())))
         out = None
         seen = [l.seen for l in self.adakv_layers]
         if adding:
@@ -294,18 +304,21 @@ class AdaKVCache(Cache):
             self._control.adding = True
             for l in self.adakv_layers:
                 l.seen = 0
+        self._control.lower_right = lower_right
         try:
             for a in range(0, N, chunk_size):
                 b = min(a + chunk_size, N)
                 self._control.final = b == N
-                out = model(input_ids=input_ids[:, a:b],
-                            attention_mask=None if attention_mask is None
-                            else attention_mask[:, :b],
-                            position_ids=None if pos is None else pos[..., a:b],
-                            **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
-                            **kwargs)
+                with skip_prompt_masks() if lower_right else contextlib.nullcontext():
+                    out = model(input_ids=input_ids[:, a:b],
+                                attention_mask=None if attention_mask is None
+                                else attention_mask[:, :b],
+                                position_ids=None if pos is None else pos[..., a:b],
+                                **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
+                                **kwargs)
         finally:
             self._control.final = True
+            self._control.lower_right = False
             self._control.chunk_queries.clear()
             if adding:
                 self._control.adding = False

@@ -66,8 +66,25 @@ class PrefillControl:
     """Set by :meth:`AdaKVCache.prefill` around each chunk's forward."""
 
     final: bool = True
+    lower_right: bool = False  # chunks attend with causal_lower_right (no mask was built)
     adding: bool = False      # the forward prefills new batch rows into an evicted cache
     chunk_queries: dict = field(default_factory=dict)  # layer_idx -> last window queries
+
+
+def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale) -> tuple[Tensor, None]:
+    """A chunk's causal attention over the prompt so far without a materialised mask: query
+    ``t`` of ``n`` sits at position ``N - n + t`` (``causal_lower_right``, which SDPA runs on
+    its flash / memory-efficient kernels). Returns ``([B, n, Hq, D], None)`` like the
+    transformers attention functions."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    n, N = query.shape[2], key.shape[2]
+    G = query.shape[1] // key.shape[1]
+    if G > 1:
+        key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(n, N), scale=scale)
+    return out.transpose(1, 2).contiguous(), None
 
 
 class EvictedLayer(CacheLayerMixin):
@@ -208,7 +225,10 @@ class EvictedLayer(CacheLayerMixin):
         if self._pending is not None:
             k, v, chunked = self._pending
             self._pending = None
-            out = original(module, query, key, value, attention_mask, **kwargs)
+            if chunked and self._control.lower_right:
+                out = _chunk_attention(query, key, value, scale)
+            else:
+                out = original(module, query, key, value, attention_mask, **kwargs)
             B, _, N, _ = k.shape
             W = min(self.settings.window, N)
             if chunked:

@@ -14,6 +14,7 @@ No model class is patched; a plain cache on the same model runs the original att
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import sys
 from typing import Optional
@@ -111,12 +112,39 @@ def _make_attention_fn(orig: str):
 _REGISTERED: set = set()
 
 
+_SKIP_MASKS = contextvars.ContextVar("adakv_skip_masks", default=False)
+
+
+@contextlib.contextmanager
+def skip_prompt_masks():
+    """Within this context the ``adakv_*`` mask function builds no mask (returns ``None``).
+    Used by a chunked prefill of unpadded prompts on models whose every layer is evicted: the
+    chunk attention applies its causal offset itself (``causal_lower_right``), so the model
+    need not materialise a ``[B, 1, n, N]`` mask per chunk."""
+    token = _SKIP_MASKS.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_MASKS.reset(token)
+
+
+def _make_mask_fn(original):
+    def adakv_mask(*args, **kwargs):
+        if _SKIP_MASKS.get():
+            return None
+        return original(*args, **kwargs)
+
+    adakv_mask.__name__ = f"adakv_{getattr(original, '__name__', 'mask')}"
+    return adakv_mask
+
+
 def _register(orig: str) -> str:
     name = _PREFIX + orig
     if name not in _REGISTERED:
         AttentionInterface.register(name, _make_attention_fn(orig))
-        # The original mask function, unchanged: sdpa_mask / eager_mask.
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
+        # The original mask function (sdpa_mask / eager_mask), unchanged outside
+        # skip_prompt_masks().
+        AttentionMaskInterface.register(name, _make_mask_fn(ALL_MASK_ATTENTION_FUNCTIONS[orig]))
         _REGISTERED.add(name)
     return name
 
