@@ -14,7 +14,6 @@ No model class is patched; a plain cache on the same model runs the original att
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import sys
 from typing import Optional
@@ -112,7 +111,12 @@ def _make_attention_fn(orig: str):
 _REGISTERED: set = set()
 
 
-_SKIP_MASKS = contextvars.ContextVar("adakv_skip_masks", default=False)
+class _MaskSwitch:
+    """Whether the adakv mask function builds masks. A plain attribute, not a ContextVar:
+    torch.compile traces (and guards on) it in every supported torch; prefill is not
+    reentrant across threads on one model anyway."""
+
+    skip = False
 
 
 @contextlib.contextmanager
@@ -121,16 +125,17 @@ def skip_prompt_masks():
     Used by a chunked prefill of unpadded prompts on models whose every layer is evicted: the
     chunk attention applies its causal offset itself (``causal_lower_right``), so the model
     need not materialise a ``[B, 1, n, N]`` mask per chunk."""
-    token = _SKIP_MASKS.set(True)
+    before = _MaskSwitch.skip
+    _MaskSwitch.skip = True
     try:
         yield
     finally:
-        _SKIP_MASKS.reset(token)
+        _MaskSwitch.skip = before
 
 
 def _make_mask_fn(original):
     def adakv_mask(*args, **kwargs):
-        if _SKIP_MASKS.get():
+        if _MaskSwitch.skip:
             return None
         return original(*args, **kwargs)
 
