@@ -4,7 +4,9 @@
 // is row page_table[s, i / P] * P + i % P of the pool seen as [num_pages * P, D]). The address
 // computation of a key tile is the only difference: a tile (kTileKeys consecutive keys, starting
 // at a multiple of kTileKeys) never straddles a page because the host requires
-// P % kTileKeys == 0, so its rows are contiguous in both layouts.
+// P % kTileKeys == 0, so its rows are contiguous in both layouts (other P: one table entry per
+// row). The table entry of a warp's next tile is loaded one tile ahead of its use, so the
+// dependent read does not stall the issue of the tile's copies.
 //
 // One CTA = (segment s, split, query-row block mb), blockIdx.x = (s * num_splits + split) *
 // num_mblocks + mb, so the CTAs that share a K/V chunk run next to each other. The CTA's query
@@ -339,12 +341,34 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       return start + key;
     }
   };
-  auto issue = [&](int j) {
+  // Contiguous, or pages holding whole tiles (P % kTileKeys == 0): one table entry per tile.
+  const bool whole_tiles = !kPaged || p.page_size % kTileKeys == 0;
+  // The raw table entry of tile j's page (paged, whole tiles; j < my_tiles, so the entry is
+  // inside row s of the table). The main loops load it one tile ahead of its use: the
+  // dependent table read is in flight while a tile computes instead of stalling the issue of
+  // the tile's copies.
+  auto tile_page_id = [&](int j) -> int32_t {
+    if constexpr (kPaged) {
+      const int key0 = tile_key0(j);
+      const int pg = p.page_shift >= 0 ? key0 >> p.page_shift : key0 / p.page_size;
+      return p.page_table[static_cast<int64_t>(s) * p.page_width + pg];
+    } else {
+      return 0;
+    }
+  };
+  auto issue = [&](int j, int32_t page_id) {
     const int key0 = tile_key0(j);
     const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
-    if (!kPaged || p.page_size % kTileKeys == 0) {
-      // contiguous, or pages holding whole tiles (key0 % kTileKeys == 0): one lookup per tile
-      const int64_t row0 = key_row(key0);
+    if (whole_tiles) {
+      int64_t row0;
+      if constexpr (kPaged) {
+        const int slot = p.page_shift >= 0 ? key0 & (p.page_size - 1) : key0 % p.page_size;
+        // bounds: the page id is clamped into the pool
+        const int64_t page = min(max(static_cast<int64_t>(page_id), int64_t{0}), p.num_pages - 1);
+        row0 = page * p.page_size + slot;
+      } else {
+        row0 = start + key0;
+      }
       load_tile<Tr>(sk, sk + kVOffset, kp, vp, [=](int r) { return row0 + r; }, end - key0,
                     lane);
     } else {
@@ -363,7 +387,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // Prologue: put kStages - 1 tiles in flight (empty groups keep the group count uniform).
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < my_tiles) issue(st);
+    if (st < my_tiles) issue(st, whole_tiles ? tile_page_id(st) : 0);
     cp_async_commit();
   }
 
@@ -404,8 +428,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.f, l_hi = 0.f;
 
+    int32_t next_id = kStages - 1 < my_tiles && whole_tiles ? tile_page_id(kStages - 1) : 0;
     for (int j = 0; j < my_tiles; ++j) {
-      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1);
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, next_id);
+      if (kPaged && whole_tiles && j + kStages < my_tiles) next_id = tile_page_id(j + kStages);
       cp_async_commit();
       cp_async_wait<kStages - 1>();  // this lane's copies of tile j have landed
       __syncwarp();                  // ... and every lane's are visible
@@ -515,8 +541,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       lim[r] = row_limit(r);
     }
     const T* ring_t = reinterpret_cast<const T*>(ring + warp * kStages * Tr::kStageBytes);
+    int32_t next_id = kStages - 1 < my_tiles && whole_tiles ? tile_page_id(kStages - 1) : 0;
     for (int j = 0; j < my_tiles; ++j) {
-      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1);
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, next_id);
+      if (kPaged && whole_tiles && j + kStages < my_tiles) next_id = tile_page_id(j + kStages);
       cp_async_commit();
       cp_async_wait<kStages - 1>();
       __syncwarp();

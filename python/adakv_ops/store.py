@@ -1,6 +1,6 @@
 """Paged per-head KV store (SPEC 3.1, issue 12): pages, tables, lengths, growth, snapshots.
 
-No ``transformers`` dependency: a model integration (``adakv_ops.hf``, next step) or a serving
+No ``transformers`` dependency: a model integration (``adakv_ops.hf``, storage="paged") or a serving
 engine drives it. Full description: ``docs/store.md``.
 
 Layout

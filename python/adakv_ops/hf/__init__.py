@@ -23,14 +23,15 @@ No model class is patched. The constructor does three things to the *model insta
    the model to it with ``model.set_attn_implementation("adakv_<orig>")``;
 2. gives every attention module a ``_adakv_mailbox`` dict (one per model, shared by all its
    layers and by every AdaKVCache built on that model);
-3. builds one cache layer per decoder layer: :class:`AdaKVLayer` for full-attention layers,
+3. builds one cache layer per decoder layer: :class:`EvictedLayer` (``PagedLayer`` or
+   ``FlatLayer``) for full-attention layers,
    ``transformers``' own ``DynamicSlidingWindowLayer`` for sliding-window layers (Gemma 3),
    which keep their bounded cache and are never evicted.
 
 How the attention function reaches the cache (the only link between the two): in
 transformers 5 an attention layer calls ``cache.update(k, v, layer_idx)`` (its cache argument,
 ``past_key_values`` before 5.24) and then
-``attention_interface(module, query, key, value, mask, ...)``. ``AdaKVLayer.update`` puts
+``attention_interface(module, query, key, value, mask, ...)``. ``EvictedLayer.update`` puts
 itself into the model's mailbox under its layer index; the attention function pops
 ``module._adakv_mailbox[module.layer_idx]`` and uses the AdaKV path only if an entry is there
 *and* ``key`` is the very tensor that update returned (identity check, so a stale entry can
@@ -39,43 +40,45 @@ cache, a sliding layer) it calls the original implementation unchanged, with the
 original mask function built: a plain cache on the same model behaves exactly as before.
 :func:`restore_attention` switches the model back to its original implementation.
 
-Per full-attention layer:
+Per full-attention layer (:class:`EvictedLayer`; storage ``"paged"`` by default, one
+:class:`adakv_ops.store.PagedKVStore` for all layers, or ``"flat"``, the head-flattened
+contiguous layout; what is kept is decided by one :class:`adakv_ops.policy.EvictionPolicy`):
 
-* Prefill (the layer is empty): ``update`` returns the full K/V; the attention function runs
-  the original attention (sdpa/eager, with the model's causal + padding mask), then
-  ``adakv_ops.evict(query[:, :, -W:], key, value, C_l, ...)`` (or ``select`` + ``compact`` for
-  ``streaming``, ``compact`` alone for ``full``) builds the head-flattened cache and the full
-  K/V are dropped (nothing full-length survives the layer's forward). ``key_start`` (left
-  padding, ``[B]`` int32) is read from the 4-D mask the model passed (last query row: first
-  attended column), without a host sync; no mask means no padding.
-* Decode / continuation (``T >= 1`` new tokens): ``update`` appends in place with
-  ``adakv_ops.append_`` and returns the flat ``(k_flat, v_flat)``; the attention function runs
-  ``adakv_ops.decode_attention`` (the ``T`` new queries attend causally among themselves) and
-  returns ``[B, T, Hq, D]`` like sdpa. The mask is not read (padding was dropped at eviction).
-* ``get_seq_length()`` is the logical length (prompt + appended tokens, padding included, the
-  length of generate's attention mask), so positions continue from the real prompt length.
-  ``get_mask_sizes`` reports a window over the ``T`` new tokens only, at offset 0 (and
-  ``get_query_offset`` 0): the mask the model builds for an evicted layer is tiny, has a
-  constant shape while decoding (no recompilation), and is ignored by the AdaKV path.
-* Growth: every append knows ``T`` on the host; the layer keeps a host count ``free`` of the
-  smallest remaining reserve of its segments (exactly ``reserve`` after eviction, minus the
-  tokens appended since). Before an append would overflow, the cache is repacked with twice
-  the reserve in one vectorised copy (``searchsorted`` + ``index_copy_``, no loop over heads,
-  no device read). The decode hot path never reads device data.
-* Re-eviction (``max_growth=M``): segments get ``M`` rows of reserve instead; when an append
-  would pass ``budget + window + M`` the layer is evicted again from its flat cache with the
-  same ops (per-segment scoring of the segments right-aligned into a padded
-  ``[B, H, N', D]`` tensor with the last ``window`` queries, which the layer keeps in a ring
-  buffer; then ``allocate`` / ``select`` / ``compact``), so long generations stay at
-  ``B * H * (C_l + window + M)`` rows per layer. This costs one host read (the longest
-  segment) per re-eviction, never per step.
+* One-shot prefill (the layer holds nothing; e.g. ``generate``'s first forward): ``update``
+  returns the forward's K/V; the attention function runs the original attention (sdpa/eager,
+  the model's causal + padding mask), then the policy selects (score -> budgets -> select) with
+  the last ``W`` queries and the storage writes the kept rows (``paged_compact_`` into pages /
+  ``compact``); nothing full-length survives the layer's forward. ``key_start`` (left padding)
+  is read from the 4-D mask the model passed (last query row: first attended column); padding
+  is never stored.
+* Chunked prefill (:meth:`AdaKVCache.prefill` with ``chunk_size``; any chunk sizes): the layer
+  holds the prompt's full K/V (in pages) until the last chunk; each chunk attends over the
+  prompt so far (the original attention with the model's mask, or, for unpadded prompts on
+  all-full-attention sdpa models, SDPA with ``causal_lower_right`` and no materialised mask);
+  after the last chunk the prompt is evicted with the last ``W`` queries of all chunks: the
+  kept sets are the one-shot ones (tested for every method, family and storage).
+  :func:`generate_chunked` is greedy ``generate`` with such a prefill. ``prefill`` on a filled
+  paged cache adds its rows as new sequences (prompts prefilled one at a time into one store).
+* Decode / continuation (``T >= 1`` new tokens): ``update`` appends in place
+  (``paged_append_`` / ``append_``); the attention function runs ``paged_decode_attention`` /
+  ``decode_attention`` (the ``T`` new queries causal among themselves) and returns
+  ``[B, T, Hq, D]`` like sdpa. The mask is not read.
+* ``get_seq_length()`` is the logical length (prompt including padding + appended tokens; the
+  longest prompt when rows were added one at a time). ``get_mask_sizes`` / ``get_query_offset``
+  report the held prompt during a chunked prefill and a window over the ``T`` new tokens at
+  offset 0 after eviction (a tiny mask of constant shape while decoding, ignored).
+* Growth never reads the device: paged storage hands out pages on the host (the store keeps
+  every segment's length and pages); flat storage repacks with twice the reserve before an
+  append would overflow (one vectorised copy).
+* Re-eviction (``max_growth=M``): when an append would pass ``C_l + window + M`` rows, the
+  stored segments are gathered right-aligned into ``[B, H, N', D]``, scored each on its own with
+  the last ``window`` queries (a ring buffer) and evicted again with the same policy; one host
+  read per re-eviction, never per step.
 
-``torch.compile`` / CUDA graphs: the append + attention of a decode step is one graph (no
-break, ``fullgraph=True``). ``update`` keeps its host bookkeeping (growth, re-eviction,
-lengths) outside compiled code: before calling a compiled forward, call
-``cache.prepare_decode(T)`` (eager; it grows or re-evicts if needed and accounts the ``T``
-tokens); ``cache.ensure_capacity(n)`` pre-grows for ``n`` tokens so tensor addresses stay fixed
-for a CUDA-graph loop. ``generate()`` runs eagerly and needs neither.
+``torch.compile`` / CUDA graphs: the append + attention of a decode step is one graph
+(``fullgraph=True``). Host bookkeeping stays outside: call ``cache.prepare_decode(T)`` (eager)
+before each compiled forward, and ``cache.ensure_capacity(n)`` once (pages / rows for ``n``
+tokens ahead) so no tensor moves inside a CUDA-graph loop. ``generate()`` needs neither.
 
 Question-agnostic use (compress a context once, ask several questions)::
 
@@ -85,12 +88,12 @@ Question-agnostic use (compress a context once, ask several questions)::
                              cache=cache, max_new_tokens=32)
     # the compressed context is back exactly as it was; ask the next question
 
-Continuations are appended in place, so restoring resets the segment lengths and the logical
-length (and puts back the tensors if the answer made the cache grow or re-evict; sliding
-layers are restored from references, as their update never writes in place). Limits: the
-question part of a batch must not contain padding (left-pad the *context*, and give every row
-a question of the same token length); beam search, ``crop`` and chunked prefill are not
-supported (the whole prompt must be in the first forward to be scored).
+Restoring resets lengths (and, paged, returns the answer's pages to the free list; flat puts
+back the tensors if the answer grew or re-evicted them; a paged snapshot cannot be restored
+after a re-eviction). Limits: the question part of a batch must not contain padding; beam
+search, ``crop`` and offloading are not supported; ``generate(prefill_chunk_size=...)`` gives
+the cache no sign of the prompt's end, so only the first chunk is scored (use
+:func:`generate_chunked`).
 
 Exact semantics of the ops: ``docs/semantics.md``; user guide: ``docs/hf.md``.
 """
