@@ -328,6 +328,39 @@ class AdaKVCache(Cache):
         self.check_claimed()
         return out
 
+    @property
+    def batch_size(self) -> int:
+        """Rows of the cache's batch (0 before the first prompt)."""
+        if self.pool is not None:
+            return len(self.pool.seqs)
+        layer = self.adakv_layers[0] if self.adakv_layers else None
+        return (layer._batch or 0) if layer is not None else 0
+
+    def remove_rows(self, rows) -> None:
+        """Batch rows ``rows`` leave the cache (paged storage; a model without sliding
+        layers): their pages go back to the free list at once, the other rows keep their rows
+        and pages untouched and keep their order (row ``i`` of the next forwards is the
+        ``i``-th remaining one). With the last row gone the cache is empty again (its store is
+        kept for the next prompt). Continuous batching: rows join with :meth:`prefill` and
+        leave here, between decode steps."""
+        if self.pool is None:
+            raise NotImplementedError("adakv: remove_rows needs storage='paged'")
+        if len(self.adakv_layers) != len(self.layers):
+            raise NotImplementedError("adakv: remove_rows is not supported with sliding-window "
+                                      "layers")
+        B = self.batch_size
+        rows = [rows] if isinstance(rows, int) else list(rows)
+        for r in rows:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < B:
+                raise ValueError(f"adakv: rows must be batch rows in [0, {B}), got {r!r}")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"adakv: repeated row in {rows}")
+        self.check_claimed()
+        keep = [i for i in range(B) if i not in set(rows)]
+        for layer in self.adakv_layers:
+            layer._keep_rows(keep)
+        self.pool.remove(rows)
+
     def compress(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
         """:meth:`prefill` of an empty cache (the question-agnostic use: compress a context
         once, ask many questions)."""

@@ -39,6 +39,8 @@ class PagedPool:
         self.seqs: list[int] = []
         self.rows: Optional[list[int]] = None
         self._marked = None
+        self._run: Optional[tuple[int, int]] = None     # slot_run(), set on every change
+        self._index: Optional[Tensor] = None
 
     def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
         """The store (built for ``B`` sequences on first use). A forward's batch must be the
@@ -51,17 +53,55 @@ class PagedPool:
                 per_seg = -(-max(rows_per_segment, 1) // P)
                 pages = B * self.heads * self.n_layers * per_seg
                 pages = min(pages + pages // 8 + 1, INT32_MAX)
-            slots = max(s.max_batch or B, B)
+            # max_batch fixes the slots (tables never move); None: the store doubles them
+            slots = None if s.max_batch is None else max(s.max_batch, B)
             self.store = PagedKVStore(self.n_layers, self.heads, self.head_dim, page_size=P,
                                       num_pages=pages, dtype=dtype, device=device,
                                       max_sequences=slots)
             self.seqs = [self.store.add_sequence() for _ in range(B)]
             self.rows = None
+            self._membership_changed()
             self.mark()
+        elif not self.seqs:            # every row left: the store is reused for a new batch
+            if self.settings.max_batch is not None and B > self.store.max_sequences:
+                raise RuntimeError(f"adakv: a batch of {B} does not fit max_batch="
+                                   f"{self.store.max_sequences}")
+            self.seqs = [self.store.add_sequence() for _ in range(B)]
+            self._membership_changed()
         elif B != len(self.active()):
             raise ValueError(f"adakv: the cache holds a batch of {len(self.seqs)} sequences; a "
                              f"forward with batch {B} cannot use it (reset() first)")
         return self.store
+
+    def slot_run(self) -> Optional[tuple[int, int]]:
+        """``(first, end)`` segment rows of the batch when its sequences are consecutive slots
+        in batch order (the tables can be viewed), else ``None`` (gathered)."""
+        return self._run
+
+    def segment_index(self) -> Tensor:
+        """The batch's segment rows of the store's tables, ``[B * H]`` int64 on the device (one
+        tensor per batch membership: a fixed address between joins and leaves)."""
+        if self._index is None:
+            H = self.heads
+            idx = [q * H + h for q in self.seqs for h in range(H)]
+            self._index = torch.tensor(idx, dtype=torch.int64).to(self.store.device)
+            mark_static(self._index)
+        return self._index
+
+    def _membership_changed(self) -> None:
+        # computed here, eagerly: compiled forwards only read it (no guard flips after a call)
+        q = self.seqs
+        ok = bool(q) and q == list(range(q[0], q[0] + len(q)))
+        self._run = (q[0] * self.heads, (q[-1] + 1) * self.heads) if ok else None
+        self._index = None
+
+    def remove(self, rows: list[int]) -> None:
+        """Batch rows ``rows`` leave: their sequences' pages go back to the free list."""
+        for i in rows:
+            self.store.free_sequence(self.seqs[i])
+        drop = set(rows)
+        self.seqs = [q for i, q in enumerate(self.seqs) if i not in drop]
+        self._membership_changed()
 
     def active(self) -> list[int]:
         """The sequences of the forward in flight: the rows being added, or the batch."""
@@ -70,11 +110,12 @@ class PagedPool:
     def add(self, n: int) -> list[int]:
         """Take ``n`` more sequences (batch rows ``len(seqs) ..``) for a prefill of new rows."""
         st = self.store
-        if st.max_sequences - len(self.seqs) < n:
+        if self.settings.max_batch is not None and st.max_sequences - len(self.seqs) < n:
             raise RuntimeError(f"adakv: the cache holds {len(self.seqs)} of max_batch="
                                f"{st.max_sequences} sequences; {n} more do not fit")
         new = [st.add_sequence() for _ in range(n)]
         self.seqs.extend(new)
+        self._membership_changed()
         self.mark()
         return new
 
@@ -110,6 +151,7 @@ class PagedPool:
         self._marked = None
         self.seqs = []
         self.rows = None
+        self._membership_changed()
 
 
 class PagedLayer(EvictedLayer):
@@ -133,15 +175,21 @@ class PagedLayer(EvictedLayer):
     def store(self) -> PagedKVStore:
         return self.pool.store
 
-    def _views(self) -> tuple[Tensor, Tensor]:
-        """``(page_table [B * H, width], seg_len [B * H])`` of this layer's batch: the store's
-        own tensors, or their leading rows (views) when it has more slots than the batch."""
+    def _views(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(page_table [B * H, width], seg_len [B * H], index)`` of this layer's batch. Rows
+        that are a run of consecutive slots: views of the store's own tensors (``index``
+        None). Otherwise (rows left the batch): gathered copies, and ``index`` the segment
+        index to scatter lengths back with."""
         r = self.full_rank
-        S = len(self.pool.seqs) * self.pool.heads
         table, seg_len = self.store.page_table[r], self.store.seg_len[r]
-        if seg_len.shape[0] == S:
-            return table, seg_len
-        return table[:S], seg_len[:S]
+        run = self.pool.slot_run()
+        if run is None:
+            idx = self.pool.segment_index()
+            return table.index_select(0, idx), seg_len.index_select(0, idx), idx
+        a, b = run
+        if a == 0 and b == seg_len.shape[0]:
+            return table, seg_len, None
+        return table[a:b], seg_len[a:b], None
 
     # -- prompt -------------------------------------------------------------------------------
 
@@ -191,14 +239,16 @@ class PagedLayer(EvictedLayer):
 
     def _append(self, key: Tensor, value: Tensor) -> None:
         st = self.store
-        table, seg_len = self._views()
+        table, seg_len, idx = self._views()
         _ops.paged_append_(st.k_pages, st.v_pages, table, seg_len, self._expand(key),
                            self._expand(value))
+        if idx is not None:   # gathered copy: the new lengths go back to the store
+            st.seg_len[self.full_rank].index_copy_(0, idx, seg_len)
         self.keys, self.values = st.k_pages, st.v_pages
 
     def _decode_attention(self, query: Tensor, scale) -> Tensor:
         st = self.store
-        table, seg_len = self._views()
+        table, seg_len, _ = self._views()
         return _ops.paged_decode_attention(query, st.k_pages, st.v_pages, table, seg_len,
                                            scale=scale)
 
@@ -235,6 +285,16 @@ class PagedLayer(EvictedLayer):
         if st is None:
             return 0
         return st.pages_in_layer(self.full_rank) * st.bytes_per_page
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Only batch rows ``keep`` stay (the pool frees the others' pages)."""
+        if self.qbuf is not None:
+            self.qbuf = self.qbuf[torch.tensor(keep, dtype=torch.long,
+                                               device=self.qbuf.device)].contiguous()
+            mark_static(self.qbuf)
+        self._batch = len(keep)
+        if not keep:
+            self._clear()
 
     def segment_lengths(self) -> list[int]:
         """Host lengths of this layer's segments, batch-major (no device read)."""

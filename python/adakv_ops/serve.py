@@ -1,0 +1,266 @@
+"""A continuous-batching engine over the paged :class:`adakv_ops.hf.AdaKVCache` (issue 13).
+
+```python
+from adakv_ops.serve import Engine
+
+engine = Engine(model, num_pages=200_000, max_batch=128, budget=1024, window=32,
+                chunk_size=16384)
+rid = engine.add_request(prompt_ids, max_new_tokens=256, eos_token_id=tok.eos_token_id)
+while engine.has_work():
+    for rid, token in engine.step().items():   # one new token per running request
+        ...
+engine.result(rid)                             # the generated ids
+```
+
+Each :meth:`Engine.step`:
+
+1. decodes one token for every running request (one forward over the cache's batch, each row
+   at its own position; greedy);
+2. retires the requests that finished (``eos_token_id`` or ``max_new_tokens``; also
+   :meth:`cancel`): ``AdaKVCache.remove_rows`` gives their pages back at once, nobody else's
+   rows move;
+3. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
+   of ``chunk_size``), evicted into pages, and joins the batch with its first token.
+
+Admission control (host-side page arithmetic, before any device work): a request is admitted
+only when the pool can hold, next to the worst case of every running request, its own worst
+case (kept rows of every layer + ``max_new_tokens``, rounded up to pages) and, while it is
+prefilled, its raw prompt (chunked prefill holds the whole prompt in every layer until the last
+chunk). So a running request never runs out of pages mid-decode. A request that could never
+fit (even alone) is refused by :meth:`add_request` with :class:`AdmissionError` naming what is
+short; one that does not fit now waits in the queue.
+
+Semantics: every request gets exactly the greedy tokens it gets alone (tested); positions are
+per request (its prompt length + tokens so far). Eager forwards; sampling other than greedy and
+the CUDA-graph bucket runner are not part of this first version.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .hf import AdaKVCache, cache_kwarg
+
+__all__ = ["AdmissionError", "Engine", "Request"]
+
+
+class AdmissionError(ValueError):
+    """A request that can never be served by this engine (too big for the whole pool, or
+    bad arguments)."""
+
+
+@dataclass
+class Request:
+    """One request: its prompt, limits, generated tokens and state
+    (``"queued"``, ``"running"``, ``"finished"``, ``"cancelled"``)."""
+
+    rid: int
+    prompt: List[int]
+    max_new_tokens: int
+    eos_token_id: Optional[int]
+    tokens: List[int] = field(default_factory=list)
+    state: str = "queued"
+    pages_bound: int = 0        # worst-case pages once evicted, incl. its max_new_tokens
+    raw_pages: int = 0          # pages its chunked prefill holds until the last chunk
+
+    @property
+    def done(self) -> bool:
+        return (len(self.tokens) >= self.max_new_tokens
+                or (self.eos_token_id is not None and bool(self.tokens)
+                    and self.tokens[-1] == self.eos_token_id))
+
+
+class Engine:
+    """Continuous batching of greedy requests over one paged :class:`AdaKVCache`.
+
+    Args:
+        model: a transformers causal LM without sliding-window layers (Llama, Mistral, Qwen2,
+            Qwen3), attention ``sdpa`` or ``eager``.
+        num_pages: the page pool (all layers); fixed, so memory is what admission says.
+        max_batch: the most requests running at once (sequence slots of the store).
+        chunk_size: prefill chunk (``None``: each prompt in one forward).
+        **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
+            ``page_size``, ...); ``max_growth`` is not supported yet.
+    """
+
+    def __init__(self, model, *, num_pages: int, max_batch: int,
+                 chunk_size: Optional[int] = None, **cache_kwargs):
+        if cache_kwargs.get("max_growth") is not None:
+            raise NotImplementedError("adakv: the engine does not support max_growth yet")
+        if cache_kwargs.get("storage", "paged") != "paged":
+            raise ValueError("adakv: the engine needs storage='paged'")
+        self.model = model
+        self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch,
+                                **cache_kwargs)
+        if len(self.cache.adakv_layers) != len(self.cache.layers):
+            raise NotImplementedError("adakv: the engine does not support models with "
+                                      "sliding-window layers yet")
+        self.chunk_size = chunk_size
+        self.max_batch = max_batch
+        self.num_pages = num_pages
+        cfg = model.config.get_text_config(decoder=True)
+        self._layers = len(self.cache.adakv_layers)
+        self._heads = self.cache.pool.heads
+        self._device = next(model.parameters()).device
+        self._queue: deque = deque()
+        self._running: List[Request] = []       # batch row order of the cache
+        self._requests: Dict[int, Request] = {}
+        self._next_id = 0
+        self._vocab = cfg.vocab_size
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int,
+                    eos_token_id: Optional[int] = None) -> int:
+        """Queue a request; returns its id. Raises :class:`AdmissionError` if it can never
+        fit this engine."""
+        if isinstance(prompt, Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise AdmissionError("adakv: the prompt is empty")
+        if any(not 0 <= t < self._vocab for t in prompt):
+            raise AdmissionError(f"adakv: prompt ids must be in [0, {self._vocab})")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise AdmissionError(f"adakv: max_new_tokens must be an int >= 1, got "
+                                 f"{max_new_tokens!r}")
+        req = Request(self._next_id, prompt, max_new_tokens, eos_token_id)
+        req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
+        need = max(req.pages_bound, req.raw_pages)
+        if need > self.num_pages:
+            raise AdmissionError(
+                f"adakv: request of {len(prompt)} prompt tokens + {max_new_tokens} new tokens "
+                f"needs up to {need} pages (kept rows {req.pages_bound}, raw prompt during a "
+                f"chunked prefill {req.raw_pages}); the pool has {self.num_pages}")
+        self._next_id += 1
+        self._requests[req.rid] = req
+        self._queue.append(req)
+        return req.rid
+
+    def cancel(self, rid: int) -> None:
+        """Drop a queued or running request (a running one gives its pages back now)."""
+        req = self._get(rid)
+        if req.state == "queued":
+            self._queue.remove(req)
+        elif req.state == "running":
+            self._retire([self._running.index(req)])
+        req.state = "cancelled"
+
+    def result(self, rid: int) -> List[int]:
+        """The tokens generated so far for ``rid``."""
+        return list(self._get(rid).tokens)
+
+    def state(self, rid: int) -> str:
+        return self._get(rid).state
+
+    def has_work(self) -> bool:
+        return bool(self._queue or self._running)
+
+    # -- memory accounting ---------------------------------------------------------------------
+
+    @property
+    def pages_free(self) -> int:
+        st = self.cache.pool.store
+        return self.num_pages if st is None else st.pages_free
+
+    def pages_held(self, rid: int) -> int:
+        req = self._get(rid)
+        if req.state != "running":
+            return 0
+        return self.cache.pool.store.pages_held(self.cache.pool.seqs[self._running.index(req)])
+
+    @property
+    def running(self) -> List[int]:
+        return [r.rid for r in self._running]
+
+    @property
+    def queued(self) -> List[int]:
+        return [r.rid for r in self._queue]
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> Dict[int, int]:
+        """Decode one token for every running request, retire the finished ones, admit what
+        fits; returns ``{request id: new token}``."""
+        out: Dict[int, int] = {}
+        if self._running:
+            tok = torch.tensor([[r.tokens[-1]] for r in self._running], device=self._device)
+            pos = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in self._running],
+                               device=self._device)
+            logits = self.model(input_ids=tok, position_ids=pos, **cache_kwarg(self.cache),
+                                use_cache=True).logits[:, -1]
+            for r, t in zip(self._running, logits.argmax(-1).tolist()):   # the step's output
+                r.tokens.append(int(t))
+                out[r.rid] = int(t)
+        self._retire([i for i, r in enumerate(self._running) if r.done])
+        while self._queue and self._fits(self._queue[0]):
+            req = self._queue.popleft()
+            out[req.rid] = self._admit(req)
+        return out
+
+    def run(self) -> Dict[int, List[int]]:
+        """Step until every request is done; returns ``{request id: tokens}``."""
+        while self.has_work():
+            if not self._running and self._queue and not self._fits(self._queue[0]):
+                raise RuntimeError("adakv: the next queued request does not fit an idle "
+                                   "engine")  # cannot happen: add_request refuses it
+            self.step()
+        return {rid: list(r.tokens) for rid, r in self._requests.items()}
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _get(self, rid: int) -> Request:
+        if rid not in self._requests:
+            raise KeyError(f"adakv: no request {rid!r}")
+        return self._requests[rid]
+
+    def _page_bounds(self, n: int, new: int) -> tuple[int, int]:
+        """(worst-case pages of the request once evicted, incl. its new tokens; raw prompt
+        pages its chunked prefill holds) over all layers."""
+        s = self.cache.settings
+        P, H, L = s.page_size, self._heads, self._layers
+        if s.method == "full":
+            prefix = n
+        else:
+            top = 2 * s.budget if s.method in ("pyramid", "ada_pyramid") else s.budget
+            prefix = min(top, n) if s.rounding == "exact" else min(top + 1, n)
+        rows = H * (prefix + min(s.window, n) + new)   # every head of a layer together
+        kept = L * (-(-rows // P) + H)                  # + one partly filled page per head
+        chunked = self.chunk_size is not None and self.chunk_size < n
+        raw = L * H * -(-n // P) if chunked else 0
+        return kept, raw
+
+    def _fits(self, req: Request) -> bool:
+        if len(self._running) >= self.max_batch:
+            return False
+        reserved = sum(r.pages_bound for r in self._running)
+        if self.num_pages - reserved < req.pages_bound:
+            return False
+        return self.pages_free >= max(req.raw_pages, 0)
+
+    def _admit(self, req: Request) -> int:
+        ids = torch.tensor([req.prompt], device=self._device)
+        out = self.cache.prefill(ids, chunk_size=self.chunk_size)   # joins as the last row
+        first = int(out.logits[0, -1].argmax())
+        req.tokens.append(first)
+        req.state = "running"
+        self._running.append(req)
+        if req.done:
+            self._retire([len(self._running) - 1])
+        return first
+
+    def _retire(self, rows: List[int]) -> None:
+        if not rows:
+            return
+        self.cache.remove_rows(rows)
+        drop = set(rows)
+        for i in rows:
+            self._running[i].state = "finished"
+        self._running = [r for i, r in enumerate(self._running) if i not in drop]

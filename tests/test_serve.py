@@ -1,0 +1,155 @@
+"""The continuous-batching engine (``adakv_ops.serve``) and ``AdaKVCache.remove_rows``:
+requests join and leave mid-generation and each gets exactly the greedy tokens it gets alone.
+
+Tiny random-weight models of ``test_hf`` (CPU, float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAVE_OPS
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
+
+from test_hf import make_model  # noqa: E402
+
+if HAVE_OPS:
+    from adakv_ops.hf import CACHE_KWARG, AdaKVCache
+    from adakv_ops.serve import AdmissionError, Engine
+
+KW = dict(method="ada_snapkv", budget=10, window=4, page_size=4)
+
+
+def _prompts(n, seed=0, lo=9, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 128, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+@torch.no_grad()
+def _alone(model, prompt, n, chunk=None, **kw):
+    """Greedy tokens of one request alone in its own cache."""
+    cache = AdaKVCache(model, **{**KW, **kw})
+    out = cache.prefill(torch.tensor([prompt]), chunk_size=chunk)
+    toks = [int(out.logits[0, -1].argmax())]
+    for i in range(n - 1):
+        logits = model(input_ids=torch.tensor([[toks[-1]]]),
+                       position_ids=torch.tensor([[len(prompt) + i]]), use_cache=True,
+                       **{CACHE_KWARG: cache}).logits
+        toks.append(int(logits[0, -1].argmax()))
+    return toks
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_join_and_leave_mid_generation_give_the_tokens_of_each_request_alone(family):
+    model = make_model(family)
+    prompts = _prompts(6, seed=1)
+    news = [5, 9, 3, 12, 1, 7]
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, **KW)
+    rids = [eng.add_request(prompts[i], news[i]) for i in range(3)]
+    for _ in range(2):
+        eng.step()
+    rids += [eng.add_request(prompts[i], news[i]) for i in range(3, 6)]   # join mid-run
+    seen_batch = set()
+    while eng.has_work():
+        eng.step()
+        seen_batch.add(len(eng.running))
+    assert max(seen_batch) == 4                       # max_batch reached: some waited
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.state(rid) == "finished"
+        assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
+    assert eng.pages_free == 4000                     # every page is back
+
+
+def test_remove_rows_keeps_the_others_untouched():
+    model = make_model("llama")
+    prompts = _prompts(4, seed=3)
+    cache = AdaKVCache(model, **KW)
+    for p in prompts:
+        cache.prefill(torch.tensor([p]))
+    before = [[l.segment_kv(s) for s in range(len(l.segment_lengths()))]
+              for l in cache.adakv_layers]
+    st = cache.pool.store
+    used = st.pages_used
+    held1 = st.pages_held(cache.pool.seqs[1])
+    cache.remove_rows([1])
+    assert cache.batch_size == 3 and st.pages_used == used - held1
+    for l, segs in zip(cache.adakv_layers, before):
+        H = len(segs) // 4
+        rest = segs[:H] + segs[2 * H:]
+        for s, (k, v) in enumerate(rest):
+            a, b = l.segment_kv(s)
+            assert torch.equal(a, k) and torch.equal(b, v)
+    # decode over the gathered (non-consecutive) batch == each alone
+    tok = torch.tensor([[5], [6], [7]])
+    pos = torch.tensor([[len(prompts[i])] for i in (0, 2, 3)])
+    with torch.no_grad():
+        got = model(input_ids=tok, position_ids=pos, use_cache=True,
+                    **{CACHE_KWARG: cache}).logits[:, -1]
+        for row, i in enumerate((0, 2, 3)):
+            one = AdaKVCache(model, **KW)
+            one.prefill(torch.tensor([prompts[i]]))
+            want = model(input_ids=tok[row:row + 1], position_ids=pos[row:row + 1],
+                         use_cache=True, **{CACHE_KWARG: one}).logits[:, -1]
+            torch.testing.assert_close(got[row:row + 1], want, atol=1e-5, rtol=1e-5)
+    cache.remove_rows([0, 1, 2])
+    assert cache.batch_size == 0 and st.pages_used == 0 and cache.get_seq_length() == 0
+    cache.prefill(torch.tensor([prompts[0]]))       # the store is reused for a new batch
+    assert cache.pool.store is st and cache.batch_size == 1
+    with pytest.raises(ValueError, match="rows must be batch rows"):
+        cache.remove_rows([1])
+    with pytest.raises(ValueError, match="repeated row"):
+        AdaKVCache(model, **KW).remove_rows([]) or cache.remove_rows([0, 0])
+    flat = AdaKVCache(model, budget=10, window=4, storage="flat")
+    with pytest.raises(NotImplementedError, match="storage='paged'"):
+        flat.remove_rows([0])
+
+
+def test_admission_queues_what_does_not_fit_now_and_refuses_what_never_fits():
+    model = make_model("llama")
+    prompts = _prompts(3, seed=5, lo=30, hi=31)
+    one = Engine(model, num_pages=1, max_batch=8, **KW)._page_bounds(30, 20)[0]
+    pool = 2 * one + 5                                # two fit at once, the third waits
+    eng = Engine(model, num_pages=pool, max_batch=8, **KW)
+    rids = [eng.add_request(p, 20) for p in prompts]
+    eng.step()
+    assert eng.running == rids[:2] and eng.queued == rids[2:]
+    assert all(eng.pages_held(r) > 0 for r in rids[:2]) and eng.pages_held(rids[2]) == 0
+    out = eng.run()
+    assert all(len(out[r]) == 20 for r in rids)
+    assert out[rids[2]] == _alone(model, prompts[2], 20)
+    with pytest.raises(AdmissionError, match=rf"needs up to \d+ pages .* the pool has {pool}"):
+        eng.add_request(list(range(2, 100)) * 20, 500)
+    for bad in ([], [1, 2, 999], ):
+        with pytest.raises(AdmissionError):
+            eng.add_request(bad, 4)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(AdmissionError, match="max_new_tokens"):
+            eng.add_request([3, 4, 5], bad)
+
+
+def test_cancel_and_eos():
+    model = make_model("qwen2")
+    prompts = _prompts(3, seed=7)
+    eng = Engine(model, num_pages=3000, max_batch=4, **KW)
+    ref = _alone(model, prompts[1], 8)
+    eos = ref[3]                                      # stop request 1 at its 4th token
+    a = eng.add_request(prompts[0], 30)
+    b = eng.add_request(prompts[1], 8, eos_token_id=eos)
+    c = eng.add_request(prompts[2], 30)
+    eng.step()
+    eng.step()
+    eng.cancel(c)
+    assert eng.state(c) == "cancelled" and c not in eng.running
+    eng.cancel(a)
+    eng.run()
+    assert eng.result(b) == ref[:ref.index(eos) + 1]
+    assert eng.pages_free == 3000
+    with pytest.raises(KeyError):
+        eng.result(99)
+    gem = make_model("gemma3")
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        Engine(gem, num_pages=100, max_batch=2, **KW)
