@@ -153,3 +153,40 @@ def test_cancel_and_eos():
     gem = make_model("gemma3")
     with pytest.raises(NotImplementedError, match="sliding-window"):
         Engine(gem, num_pages=100, max_batch=2, **KW)
+
+
+def test_compiled_decode_over_a_gathered_batch():
+    """After a leave the batch is no longer consecutive slots: the compiled decode forward
+    (fullgraph, one graph for all steps) still gives the eager tokens."""
+    import torch._dynamo.testing
+
+    model = make_model("llama")
+    prompts = _prompts(4, seed=11)
+
+    def build():
+        cache = AdaKVCache(model, **KW)
+        for p in prompts:
+            cache.prefill(torch.tensor([p]))
+        cache.remove_rows([1])
+        cache.ensure_capacity(8)
+        return cache
+
+    rows = (0, 2, 3)
+    pos0 = torch.tensor([[len(prompts[i])] for i in rows])
+
+    def run(fwd, cache, steps=6):
+        tok, toks = torch.tensor([[3], [4], [5]]), []
+        for i in range(steps):
+            cache.prepare_decode(1)
+            with torch.no_grad():
+                out = fwd(input_ids=tok, position_ids=pos0 + i, use_cache=True,
+                          **{CACHE_KWARG: cache})
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+        return torch.cat(toks, 1)
+
+    want = run(model.forward, build())
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    got = run(torch.compile(model.forward, backend=counter, fullgraph=True), build())
+    assert torch.equal(got, want)
+    assert counter.frame_count == 1

@@ -81,19 +81,19 @@ class PagedPool:
     def segment_index(self) -> Tensor:
         """The batch's segment rows of the store's tables, ``[B * H]`` int64 on the device (one
         tensor per batch membership: a fixed address between joins and leaves)."""
-        if self._index is None:
-            H = self.heads
-            idx = [q * H + h for q in self.seqs for h in range(H)]
-            self._index = torch.tensor(idx, dtype=torch.int64).to(self.store.device)
-            mark_static(self._index)
         return self._index
 
     def _membership_changed(self) -> None:
-        # computed here, eagerly: compiled forwards only read it (no guard flips after a call)
+        # computed here, eagerly: compiled forwards only read them (no guard flips after a call)
         q = self.seqs
         ok = bool(q) and q == list(range(q[0], q[0] + len(q)))
         self._run = (q[0] * self.heads, (q[-1] + 1) * self.heads) if ok else None
         self._index = None
+        if self._run is None and q and self.store is not None:
+            H = self.heads
+            idx = [s * H + h for s in q for h in range(H)]
+            self._index = torch.tensor(idx, dtype=torch.int64).to(self.store.device)
+            mark_static(self._index)
 
     def remove(self, rows: list[int]) -> None:
         """Batch rows ``rows`` leave: their sequences' pages go back to the free list."""
