@@ -190,3 +190,31 @@ def test_compiled_decode_over_a_gathered_batch():
     got = run(torch.compile(model.forward, backend=counter, fullgraph=True), build())
     assert torch.equal(got, want)
     assert counter.frame_count == 1
+
+
+def test_engine_rejects_hostile_input_before_any_device_work():
+    model = make_model("llama")
+    eng = Engine(model, num_pages=500, max_batch=2, **KW)
+    cases = [
+        ([-1, 5], 3, "prompt ids"), ([5, 128], 3, "prompt ids"), ([2**40], 3, "prompt ids"),
+        ([], 3, "empty"), ([3, 4], 2**31, "needs up to"), ([3, 4], 10**30, "needs up to"),
+        ([3, 4], None, "max_new_tokens"), ([3, 4], "8", "max_new_tokens"),
+    ]
+    for prompt, n, pat in cases:
+        with pytest.raises(AdmissionError, match=pat):
+            eng.add_request(prompt, n)
+    with pytest.raises((AdmissionError, TypeError, ValueError)):
+        eng.add_request([3.5, "x"], 3)
+    assert eng.queued == [] and eng.pages_free == 500
+    assert eng.step() == {}                        # nothing to do is not an error
+    rid = eng.add_request([3, 4, 5], 2)
+    eng.cancel(rid)
+    eng.cancel(rid)                                # cancelling twice is harmless
+    assert eng.state(rid) == "cancelled" and not eng.has_work()
+    for bad in (-1, 99, "0", None):
+        with pytest.raises(KeyError):
+            eng.cancel(bad)
+    with pytest.raises(ValueError, match="storage='paged'"):
+        Engine(model, num_pages=10, max_batch=2, storage="flat")
+    with pytest.raises(NotImplementedError, match="max_growth"):
+        Engine(model, num_pages=10, max_batch=2, max_growth=8, **KW)

@@ -150,6 +150,8 @@ class Engine:
             self._queue.remove(req)
         elif req.state == "running":
             self._retire([self._running.index(req)])
+        else:
+            return          # finished or already cancelled: nothing to drop
         req.state = "cancelled"
 
     def result(self, rid: int) -> List[int]:
