@@ -218,3 +218,58 @@ def test_engine_rejects_hostile_input_before_any_device_work():
         Engine(model, num_pages=10, max_batch=2, storage="flat")
     with pytest.raises(NotImplementedError, match="max_growth"):
         Engine(model, num_pages=10, max_batch=2, max_growth=8, **KW)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_compiled_engine_with_buckets_gives_the_eager_tokens(family):
+    """compile=True: decode at a fixed shape per batch-size bucket (pad rows keep empty
+    segments); the tokens are each request's tokens alone, and joins / leaves inside a bucket
+    do not recompile."""
+    import torch._dynamo.testing
+
+    model = make_model(family)
+    prompts = _prompts(5, seed=13)
+    news = [6, 3, 9, 4, 7]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, compile=True,
+                 backend=counter, **KW)
+    rids = [eng.add_request(p, n) for p, n in zip(prompts[:3], news[:3])]
+    eng.step()
+    rids += [eng.add_request(p, n) for p, n in zip(prompts[3:], news[3:])]
+    buckets = set()
+    while eng.has_work():
+        if eng.running:
+            buckets.add(eng._bucket(len(eng.running)))
+        eng.step()
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
+    assert counter.frame_count <= len(buckets)        # one graph per bucket at most
+    st = eng.cache.pool.store
+    pads = len(eng.cache.pool.pads)
+    assert st.pages_used == pads * len(eng.cache.adakv_layers) * 2   # only the pad pages
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_engine_join_and_leave(compile):
+    """On the CUDA kernels (fp32 tiny model): joins, leaves, a gathered batch, bucket pads."""
+    model = make_model("llama").cuda()
+    prompts = _prompts(5, seed=17)
+    news = [4, 8, 2, 6, 5]
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, compile=compile,
+                 backend="aot_eager", **KW)
+    rids = [eng.add_request(p, n) for p, n in zip(prompts[:3], news[:3])]
+    eng.step()
+    rids += [eng.add_request(p, n) for p, n in zip(prompts[3:], news[3:])]
+    eng.run()
+    for rid, p, n in zip(rids, prompts, news):
+        cache = AdaKVCache(model, **KW)
+        out = cache.prefill(torch.tensor([p], device="cuda"), chunk_size=8)
+        toks = [int(out.logits[0, -1].argmax())]
+        with torch.no_grad():
+            for i in range(n - 1):
+                lg = model(input_ids=torch.tensor([[toks[-1]]], device="cuda"),
+                           position_ids=torch.tensor([[len(p) + i]], device="cuda"),
+                           use_cache=True, **{CACHE_KWARG: cache}).logits
+                toks.append(int(lg[0, -1].argmax()))
+        assert eng.result(rid) == toks, rid

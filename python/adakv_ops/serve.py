@@ -84,19 +84,29 @@ class Engine:
         num_pages: the page pool (all layers); fixed, so memory is what admission says.
         max_batch: the most requests running at once (sequence slots of the store).
         chunk_size: prefill chunk (``None``: each prompt in one forward).
+        compile: decode with ``torch.compile(model.forward, fullgraph=True)`` (``mode`` as
+            given, e.g. ``"reduce-overhead"`` for CUDA graphs) at a fixed shape per batch-size
+            bucket (powers of two up to ``max_batch``): the batch is padded with pad rows
+            (one page per head and layer each, reserved from the pool up front) whose lengths
+            stay 0, so joins and leaves change no shape; ``False``: eager, exact batch.
+            ``backend`` is torch.compile's.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ...); ``max_growth`` is not supported yet.
     """
 
     def __init__(self, model, *, num_pages: int, max_batch: int,
-                 chunk_size: Optional[int] = None, **cache_kwargs):
+                 chunk_size: Optional[int] = None, compile: bool = False,
+                 mode: Optional[str] = None, backend: str = "inductor", **cache_kwargs):
         if cache_kwargs.get("max_growth") is not None:
             raise NotImplementedError("adakv: the engine does not support max_growth yet")
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         self.model = model
-        self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch,
-                                **cache_kwargs)
+        # bucket padding needs at most max_batch / 2 pad rows (B = max_batch / 2 + 1 -> bucket
+        # max_batch); they take store slots next to the requests
+        self._max_pads = max_batch // 2 if compile else 0
+        self.cache = AdaKVCache(model, num_pages=num_pages,
+                                max_batch=max_batch + self._max_pads, **cache_kwargs)
         if len(self.cache.adakv_layers) != len(self.cache.layers):
             raise NotImplementedError("adakv: the engine does not support models with "
                                       "sliding-window layers yet")
@@ -112,6 +122,12 @@ class Engine:
         self._requests: Dict[int, Request] = {}
         self._next_id = 0
         self._vocab = cfg.vocab_size
+        self._forward = (torch.compile(model.forward, fullgraph=True, mode=mode,
+                                       backend=backend) if compile else model.forward)
+        self._compiled = compile
+        self._mode = mode
+        # pages the pad rows may hold (reserved in the admission arithmetic)
+        self._pad_pages = self._max_pads * self._layers * self._heads
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -132,12 +148,13 @@ class Engine:
                                  f"{max_new_tokens!r}")
         req = Request(self._next_id, prompt, max_new_tokens, eos_token_id)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
-        need = max(req.pages_bound, req.raw_pages)
+        need = max(req.pages_bound, req.raw_pages) + self._pad_pages
         if need > self.num_pages:
             raise AdmissionError(
                 f"adakv: request of {len(prompt)} prompt tokens + {max_new_tokens} new tokens "
                 f"needs up to {need} pages (kept rows {req.pages_bound}, raw prompt during a "
-                f"chunked prefill {req.raw_pages}); the pool has {self.num_pages}")
+                f"chunked prefill {req.raw_pages}, pad rows {self._pad_pages}); the pool has "
+                f"{self.num_pages}")
         self._next_id += 1
         self._requests[req.rid] = req
         self._queue.append(req)
@@ -168,6 +185,7 @@ class Engine:
 
     @property
     def pages_free(self) -> int:
+        """Free pages of the pool (pages held by pad rows count as used)."""
         st = self.cache.pool.store
         return self.num_pages if st is None else st.pages_free
 
@@ -193,11 +211,19 @@ class Engine:
         fits; returns ``{request id: new token}``."""
         out: Dict[int, int] = {}
         if self._running:
-            tok = torch.tensor([[r.tokens[-1]] for r in self._running], device=self._device)
-            pos = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in self._running],
-                               device=self._device)
-            logits = self.model(input_ids=tok, position_ids=pos, **cache_kwarg(self.cache),
-                                use_cache=True).logits[:, -1]
+            B = len(self._running)
+            Bb = self._bucket(B) if self._compiled else B
+            toks = [r.tokens[-1] for r in self._running] + [0] * (Bb - B)
+            poss = [len(r.prompt) + len(r.tokens) - 1 for r in self._running] + [0] * (Bb - B)
+            tok = torch.tensor(toks, device=self._device).unsqueeze(1)
+            pos = torch.tensor(poss, device=self._device).unsqueeze(1)
+            if self._compiled:
+                self.cache.pool.set_bucket(Bb)
+                self.cache.prepare_decode(1)
+                if self._mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+            logits = self._forward(input_ids=tok, position_ids=pos, **cache_kwarg(self.cache),
+                                   use_cache=True).logits[:B, -1]
             for r, t in zip(self._running, logits.argmax(-1).tolist()):   # the step's output
                 r.tokens.append(int(t))
                 out[r.rid] = int(t)
@@ -239,10 +265,16 @@ class Engine:
         raw = L * H * -(-n // P) if chunked else 0
         return kept, raw
 
+    def _bucket(self, B: int) -> int:
+        b = 1
+        while b < B:
+            b *= 2
+        return min(b, self.max_batch) if B <= self.max_batch else B
+
     def _fits(self, req: Request) -> bool:
         if len(self._running) >= self.max_batch:
             return False
-        reserved = sum(r.pages_bound for r in self._running)
+        reserved = sum(r.pages_bound for r in self._running) + self._pad_pages
         if self.num_pages - reserved < req.pages_bound:
             return False
         return self.pages_free >= max(req.raw_pages, 0)

@@ -41,6 +41,12 @@ class PagedPool:
         self._marked = None
         self._run: Optional[tuple[int, int]] = None     # slot_run(), set on every change
         self._index: Optional[Tensor] = None
+        # batch-size buckets (a fixed decode shape across joins and leaves): pad sequences,
+        # each holding one page per head and layer, whose lengths are reset to 0 after every
+        # append, fill the batch up to `bucket` rows
+        self.bucket: Optional[int] = None
+        self.pads: list[int] = []
+        self.pad_index: Optional[Tensor] = None
 
     def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
         """The store (built for ``B`` sequences on first use). A forward's batch must be the
@@ -83,9 +89,44 @@ class PagedPool:
         tensor per batch membership: a fixed address between joins and leaves)."""
         return self._index
 
+    def set_bucket(self, bucket: Optional[int]) -> None:
+        """Decode forwards carry ``bucket`` rows (>= the batch): the batch, then pad rows
+        (their outputs are 0 and meaningless). ``None``: exactly the batch. Pad sequences are
+        taken (one page per head and layer each, from the pool: ``OutOfPages`` if none) the
+        first time a bucket needs them and kept."""
+        B = len(self.seqs)
+        if bucket is not None and bucket < B:
+            raise ValueError(f"adakv: bucket {bucket} < the batch of {B} rows")
+        if bucket == self.bucket and bucket is not None and len(self.pads) >= bucket - B:
+            return
+        st = self.store
+        while bucket is not None and len(self.pads) < bucket - B:
+            q = st.add_sequence()
+            try:
+                self.call(lambda: st.reserve([q], 1))
+            except Exception:
+                st.free_sequence(q)
+                raise
+            self.pads.append(q)
+        if self.pads:
+            H = self.heads
+            self.pad_index = torch.tensor([q * H + h for q in self.pads for h in range(H)],
+                                          dtype=torch.int64).to(st.device)
+            mark_static(self.pad_index)
+        self.bucket = bucket
+        self._membership_changed()
+
     def _membership_changed(self) -> None:
         # computed here, eagerly: compiled forwards only read them (no guard flips after a call)
         q = self.seqs
+        if self.bucket is not None and self.bucket > len(q) and q:
+            q = q + self.pads[:self.bucket - len(q)]
+            self._run = None
+            H = self.heads
+            self._index = torch.tensor([s * H + h for s in q for h in range(H)],
+                                       dtype=torch.int64).to(self.store.device)
+            mark_static(self._index)
+            return
         ok = bool(q) and q == list(range(q[0], q[0] + len(q)))
         self._run = (q[0] * self.heads, (q[-1] + 1) * self.heads) if ok else None
         self._index = None
@@ -110,7 +151,8 @@ class PagedPool:
     def add(self, n: int) -> list[int]:
         """Take ``n`` more sequences (batch rows ``len(seqs) ..``) for a prefill of new rows."""
         st = self.store
-        if self.settings.max_batch is not None and st.max_sequences - len(self.seqs) < n:
+        if self.settings.max_batch is not None and \
+                st.max_sequences - len(self.seqs) - len(self.pads) < n:
             raise RuntimeError(f"adakv: the cache holds {len(self.seqs)} of max_batch="
                                f"{st.max_sequences} sequences; {n} more do not fit")
         new = [st.add_sequence() for _ in range(n)]
@@ -151,6 +193,7 @@ class PagedPool:
         self._marked = None
         self.seqs = []
         self.rows = None
+        self.bucket, self.pads, self.pad_index = None, [], None
         self._membership_changed()
 
 
@@ -244,6 +287,8 @@ class PagedLayer(EvictedLayer):
                            self._expand(value))
         if idx is not None:   # gathered copy: the new lengths go back to the store
             st.seg_len[self.full_rank].index_copy_(0, idx, seg_len)
+            if self.pool.bucket is not None and self.pool.pad_index is not None:
+                st.seg_len[self.full_rank].index_fill_(0, self.pool.pad_index, 0)  # pads stay empty
         self.keys, self.values = st.k_pages, st.v_pages
 
     def _decode_attention(self, query: Tensor, scale) -> Tensor:
