@@ -241,3 +241,24 @@ def test_cli_local_model_directory(tmp_path):
     res = json.loads(out.read_text())
     assert res["model"]["name"] == "my-model" and res["model"]["chat"] is False
     assert len(res["records"]) == 2 * (1 + 5)
+
+
+def test_default_text_fallback_files_exist():
+    # an installed wheel run outside a checkout reads the package's own modules as prose
+    from pathlib import Path
+
+    import adakv_ops
+    from adakv_ops.eval import __main__ as cli
+
+    pkg = Path(adakv_ops.__file__).resolve().parent
+    cwd = Path.cwd()
+    import os
+    os.chdir("/")
+    try:
+        files = cli._default_text()
+    finally:
+        os.chdir(cwd)
+    assert all(f.exists() for f in files), files
+    # from a wheel (CI) nothing above the package is a checkout: the fallback is what is read
+    if not (pkg.parents[1] / "README.md").exists():
+        assert all(pkg in f.parents for f in files), files

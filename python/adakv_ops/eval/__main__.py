@@ -68,7 +68,8 @@ def _default_text() -> list[Path]:
                  root / "docs" / "eval.md"]
         if all(f.exists() for f in files):
             return files
-    return [pkg / "hf.py", pkg / "ops.py", pkg / "reference.py", pkg / "eval" / "tasks.py"]
+    return [pkg / "hf" / "__init__.py", pkg / "ops.py", pkg / "reference.py",
+            pkg / "eval" / "tasks.py"]
 
 
 def _save(path: Path, result: dict) -> None:
