@@ -165,3 +165,13 @@ def assert_equal(a: torch.Tensor, b: torch.Tensor, what: str = ""):
 @pytest.fixture
 def reference():
     return ref
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles from a clean dynamo cache: many tests compile the same model
+    ``forward`` code object (one per family), and their cache entries would otherwise add up
+    to the recompile limit across tests."""
+    yield
+    if getattr(torch, "_dynamo", None) is not None and "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()

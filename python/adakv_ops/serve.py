@@ -37,6 +37,7 @@ the CUDA-graph bucket runner are not part of this first version.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -122,8 +123,13 @@ class Engine:
         self._requests: Dict[int, Request] = {}
         self._next_id = 0
         self._vocab = cfg.vocab_size
+        #: cumulative timings (host wall time; each part ends with a device read, so it is
+        #: the device time too): decode steps, their tokens, prefills
+        self.stats = {"decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
+                      "prefill_s": 0.0, "prefills": 0}
         self._forward = (torch.compile(model.forward, fullgraph=True, mode=mode,
-                                       backend=backend) if compile else model.forward)
+                                       backend=backend, dynamic=False)
+                         if compile else model.forward)
         self._compiled = compile
         self._mode = mode
         # pages the pad rows may hold (reserved in the admission arithmetic)
@@ -210,6 +216,7 @@ class Engine:
         """Decode one token for every running request, retire the finished ones, admit what
         fits; returns ``{request id: new token}``."""
         out: Dict[int, int] = {}
+        t0 = time.perf_counter()
         if self._running:
             B = len(self._running)
             Bb = self._bucket(B) if self._compiled else B
@@ -227,10 +234,17 @@ class Engine:
             for r, t in zip(self._running, logits.argmax(-1).tolist()):   # the step's output
                 r.tokens.append(int(t))
                 out[r.rid] = int(t)
+            # .tolist() waited for the step: host wall time is the step's time
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += len(self._running)
         self._retire([i for i, r in enumerate(self._running) if r.done])
         while self._queue and self._fits(self._queue[0]):
             req = self._queue.popleft()
+            t1 = time.perf_counter()
             out[req.rid] = self._admit(req)
+            self.stats["prefill_s"] += time.perf_counter() - t1   # int(argmax) waited too
+            self.stats["prefills"] += 1
         return out
 
     def run(self) -> Dict[int, List[int]]:

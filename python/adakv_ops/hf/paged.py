@@ -100,7 +100,9 @@ class PagedPool:
         if bucket == self.bucket and bucket is not None and len(self.pads) >= bucket - B:
             return
         st = self.store
-        while bucket is not None and len(self.pads) < bucket - B:
+        # at least one pad even for a full bucket: every bucketed forward then has the same
+        # structure (a gathered table, pads reset), so it compiles once per bucket
+        while bucket is not None and len(self.pads) < max(bucket - B, 1):
             q = st.add_sequence()
             try:
                 self.call(lambda: st.reserve([q], 1))
@@ -119,7 +121,7 @@ class PagedPool:
     def _membership_changed(self) -> None:
         # computed here, eagerly: compiled forwards only read them (no guard flips after a call)
         q = self.seqs
-        if self.bucket is not None and self.bucket > len(q) and q:
+        if self.bucket is not None and q:
             q = q + self.pads[:self.bucket - len(q)]
             self._run = None
             H = self.heads
