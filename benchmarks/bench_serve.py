@@ -76,7 +76,7 @@ def main(argv=None):
     model = bg.build_model(args, dev, dtype)
     cfg = model.config
     el = torch.empty((), dtype=dtype).element_size()
-    L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    D = cfg.head_dim
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     step_weights = weights - model.model.embed_tokens.weight.numel() * el
     page_bytes = 2 * P * D * el

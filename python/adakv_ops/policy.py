@@ -92,6 +92,12 @@ class EvictionPolicy:
         rounding."""
         return self.rounding == "exact" or self.method in ("streaming", "snapkv", "pyramid")
 
+    @property
+    def max_layer_budget(self) -> int:
+        """The largest ``C_l`` a layer can get for any prompt (``full``: unbounded, not
+        defined): pyramid layers get up to ``2 * budget``."""
+        return 2 * self.budget if self.method in ("pyramid", "ada_pyramid") else self.budget
+
     def layer_budget(self, rank: int, n_layers: int, N: int, W: int) -> int:
         """``C_l`` of the layer of rank ``rank`` among ``n_layers`` evicted layers, for a
         prompt of ``N`` tokens with ``W`` window rows (``full``: ``N``)."""

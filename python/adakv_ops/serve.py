@@ -271,7 +271,7 @@ class Engine:
         if s.method == "full":
             prefix = n
         else:
-            top = 2 * s.budget if s.method in ("pyramid", "ada_pyramid") else s.budget
+            top = s.policy.max_layer_budget
             prefix = min(top, n) if s.rounding == "exact" else min(top + 1, n)
         rows = H * (prefix + min(s.window, n) + new)   # every head of a layer together
         kept = L * (-(-rows // P) + H)                  # + one partly filled page per head
@@ -291,7 +291,7 @@ class Engine:
         reserved = sum(r.pages_bound for r in self._running) + self._pad_pages
         if self.num_pages - reserved < req.pages_bound:
             return False
-        return self.pages_free >= max(req.raw_pages, 0)
+        return self.pages_free >= req.raw_pages
 
     def _admit(self, req: Request) -> int:
         ids = torch.tensor([req.prompt], device=self._device)

@@ -266,12 +266,7 @@ class PagedKVStore:
         if needed > len(self._free):
             raise OutOfPages(needed, len(self._free),
                              f"reserving {T} token(s) for sequence(s) {list(seq_ids)}")
-        if width > self._width:
-            if self._fixed_width:
-                raise RuntimeError(
-                    f"adakv: a segment would need {width} pages, more than "
-                    f"max_pages_per_segment={self._width} ({width * P} tokens)")
-            self._grow(width=min(max(width, 2 * self._width), self.num_pages))
+        self._ensure_width(width)
         touched: Dict[int, List[int]] = {}
         for l, s, n in plan:
             self._set_pages(l, s, self._pages[l][s] + [self._free.pop() for _ in range(n)])
@@ -301,7 +296,7 @@ class PagedKVStore:
         if Bp == B and list(seq_ids) == list(range(q0, q0 + B)):
             return (self.page_table[layer][q0 * Hk:(q0 + B) * Hk],
                     self.seg_len[layer][q0 * Hk:(q0 + B) * Hk], True)
-        idx = self._seg_index(seq_ids)
+        idx = self.segment_index(seq_ids)
         table = self.page_table[layer].index_select(0, idx)
         sl = self.seg_len[layer].index_select(0, idx)
         if Bp > B:
@@ -330,7 +325,7 @@ class PagedKVStore:
         _ops.paged_append_(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
                            v_new.contiguous())
         if not is_view:      # gathered copy: write the new lengths back
-            self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
+            self.seg_len[layer].index_copy_(0, self.segment_index(seq_ids), sl)
 
     def advance(self, layer: int, seq_ids: Sequence[int], T: int) -> None:
         """The host half of :meth:`append`: the host lengths of the sequences' segments in
@@ -501,12 +496,7 @@ class PagedKVStore:
         if sum(want) > len(self._free) + freed:
             raise OutOfPages(sum(want) - freed, len(self._free),
                              f"the kept rows of sequence(s) {seq_ids} in layer {layer}")
-        if max(want) > self._width:
-            if self._fixed_width:
-                raise RuntimeError(
-                    f"adakv: a segment would need {max(want)} pages, more than "
-                    f"max_pages_per_segment={self._width} ({max(want) * P} tokens)")
-            self._grow(width=min(max(max(want), 2 * self._width), self.num_pages))
+        self._ensure_width(max(want))
         for s in segs:
             self._release(self._pages[layer][s])
             self._set_pages(layer, s, [])
@@ -518,7 +508,7 @@ class PagedKVStore:
                             value.contiguous(), kept.kept_idx.contiguous(),
                             kept.kept_count.contiguous(), kept.window, key_start)
         if not is_view:
-            self.seg_len[layer].index_copy_(0, self._seg_index(seq_ids), sl)
+            self.seg_len[layer].index_copy_(0, self.segment_index(seq_ids), sl)
         for s, n in zip(segs, new_lens):
             self._len[layer][s] = n
         for q in seq_ids:
@@ -600,9 +590,22 @@ class PagedKVStore:
         q = np.asarray(seq_ids, dtype=np.int64)
         return (q[:, None] * Hk + np.arange(Hk, dtype=np.int64)[None, :]).reshape(-1)
 
-    def _seg_index(self, seq_ids: Sequence[int]) -> Tensor:
+    def segment_index(self, seq_ids: Sequence[int]) -> Tensor:
+        """The table rows of ``seq_ids``' segments in order (``q * Hk + h``), ``[B * Hk]``
+        int64 on the store's device."""
         idx = [s for q in seq_ids for s in self._segs(q)]
         return torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _ensure_width(self, width: int) -> None:
+        """Tables at least ``width`` pages wide (doubling, capped at the pool), before any
+        page is handed out; with a fixed width, a ``RuntimeError`` naming it."""
+        if width <= self._width:
+            return
+        if self._fixed_width:
+            raise RuntimeError(
+                f"adakv: a segment would need {width} pages, more than "
+                f"max_pages_per_segment={self._width} ({width * self.page_size} tokens)")
+        self._grow(width=min(max(width, 2 * self._width), self.num_pages))
 
     def _check_seq(self, seq_id) -> None:
         if not isinstance(seq_id, int) or seq_id not in self._seqs:

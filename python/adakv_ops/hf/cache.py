@@ -115,7 +115,7 @@ class AdaKVCache(Cache):
         # layer may get up to 2 * budget.
         grow = max_growth if max_growth is not None else reserve
         grow_name = "max_growth" if max_growth is not None else "reserve"
-        top = 2 * budget if method in ("pyramid", "ada_pyramid") else budget
+        top = EvictionPolicy(method=method, budget=budget).max_layer_budget
         if method != "full" and top + window + grow > INT32_MAX:
             raise ValueError(
                 f"adakv: budget + window + {grow_name} = {top} + {window} + {grow} = "

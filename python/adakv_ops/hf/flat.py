@@ -66,12 +66,19 @@ class FlatLayer(EvictedLayer):
             self._check_rows(B * H, C, q_window.shape[2], R)
         kept = s.policy.keep(q_window if s.policy.needs_queries else None, key, C,
                              key_start=key_start, scale=scale)
-        prefix = 0 if s.method == "full" else kept.C    # full keeps its rows as the "window"
-        rows = B * H * (prefix + kept.window + R) if s.policy.fixed_size else None
         self._held_kv = None
-        self._set_flat(*_ops.compact(key, value, kept.kept_idx, kept.kept_count, kept.budgets,
-                                     kept.window, reserve=R, rows=rows, key_start=key_start))
+        self._compact(key, value, kept, R, key_start)
         self.free = self.reserve_total = R
+
+    def _compact(self, key, value, kept, R: int, key_start) -> None:
+        """The flat cache of ``kept`` with ``R`` rows of reserve per segment (a static size
+        when the policy's budgets sum to ``H * C``)."""
+        B, H = key.shape[0], key.shape[1]
+        prefix = 0 if self.settings.method == "full" else kept.C   # full keeps its rows as W
+        rows = B * H * (prefix + kept.window + R) if self.settings.policy.fixed_size else None
+        self._set_flat(*_ops.compact(key.contiguous(), value.contiguous(), kept.kept_idx,
+                                     kept.kept_count, kept.budgets, kept.window, reserve=R,
+                                     rows=rows, key_start=key_start))
 
     def _set_flat(self, k_flat, v_flat, seg_start, seg_len) -> None:
         self.k_flat, self.v_flat, self.seg_start, self.seg_len = k_flat, v_flat, seg_start, seg_len
@@ -150,13 +157,7 @@ class FlatLayer(EvictedLayer):
         return kp, vp
 
     def _store_reevicted(self, key, value, kept, key_start) -> None:
-        s = self.settings
-        B, H = self._batch, self.n_heads
-        R = s.max_growth
-        rows = B * H * (kept.C + kept.window + R) if s.policy.fixed_size else None
-        self._set_flat(*_ops.compact(key.contiguous(), value.contiguous(), kept.kept_idx,
-                                     kept.kept_count, kept.budgets, kept.window, reserve=R,
-                                     rows=rows, key_start=key_start))
+        self._compact(key, value, kept, self.settings.max_growth, key_start)
 
     # -- inspection / snapshot ----------------------------------------------------------------
 

@@ -111,9 +111,7 @@ class PagedPool:
                 raise
             self.pads.append(q)
         if self.pads:
-            H = self.heads
-            self.pad_index = torch.tensor([q * H + h for q in self.pads for h in range(H)],
-                                          dtype=torch.int64).to(st.device)
+            self.pad_index = st.segment_index(self.pads)
             mark_static(self.pad_index)
         self.bucket = bucket
         self._membership_changed()
@@ -122,20 +120,15 @@ class PagedPool:
         # computed here, eagerly: compiled forwards only read them (no guard flips after a call)
         q = self.seqs
         if self.bucket is not None and q:
-            q = q + self.pads[:self.bucket - len(q)]
             self._run = None
-            H = self.heads
-            self._index = torch.tensor([s * H + h for s in q for h in range(H)],
-                                       dtype=torch.int64).to(self.store.device)
+            self._index = self.store.segment_index(q + self.pads[:self.bucket - len(q)])
             mark_static(self._index)
             return
         ok = bool(q) and q == list(range(q[0], q[0] + len(q)))
         self._run = (q[0] * self.heads, (q[-1] + 1) * self.heads) if ok else None
         self._index = None
         if self._run is None and q and self.store is not None:
-            H = self.heads
-            idx = [s * H + h for s in q for h in range(H)]
-            self._index = torch.tensor(idx, dtype=torch.int64).to(self.store.device)
+            self._index = self.store.segment_index(q)
             mark_static(self._index)
 
     def remove(self, rows: list[int]) -> None:
