@@ -45,19 +45,23 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "Tensor seg_len, float? scale=None) -> (Tensor, Tensor)");
   // Paged per-head storage (SPEC 3.1): k_pages / v_pages [num_pages, P, D]; segment s owns the
   // pages page_table[s, 0..], its token i lives at page page_table[s, i / P], slot i % P.
+  // segment_index [B * Hk] int32 (append, decode): batch segment i uses table row
+  // segment_index[i] (-1: padding) instead of row i; the tables may then have any row count.
   m.def(
       "paged_compact_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
       "Tensor(c!) seg_len, Tensor key, Tensor value, Tensor kept_idx, Tensor kept_count, "
       "int window, Tensor? key_start=None) -> ()");
   m.def(
       "paged_append_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
-      "Tensor(c!) seg_len, Tensor key_new, Tensor value_new, Tensor(d!)? overflow=None) -> ()");
+      "Tensor(c!) seg_len, Tensor key_new, Tensor value_new, Tensor(d!)? overflow=None, "
+      "Tensor? segment_index=None) -> ()");
   m.def(
       "paged_decode_attention(Tensor query, Tensor k_pages, Tensor v_pages, Tensor page_table, "
-      "Tensor seg_len, float? scale=None) -> Tensor");
+      "Tensor seg_len, float? scale=None, Tensor? segment_index=None) -> Tensor");
   m.def(
       "paged_decode_attention_lse(Tensor query, Tensor k_pages, Tensor v_pages, "
-      "Tensor page_table, Tensor seg_len, float? scale=None) -> (Tensor, Tensor)");
+      "Tensor page_table, Tensor seg_len, float? scale=None, Tensor? segment_index=None) "
+      "-> (Tensor, Tensor)");
 }
 
 

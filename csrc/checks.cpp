@@ -112,7 +112,8 @@ DecodeShape validate_query(const CacheView& c, const Tensor& query) {
               " segments, not a multiple of the query batch ", s.B);
   s.Hk = s.S / s.B;
   ADAKV_CHECK(s.Hk >= 1 && s.Hq % s.Hk == 0, "adakv: query heads (", s.Hq,
-              ") must be a multiple of KV heads (", s.Hk, " = segments / batch)");
+              ") must be a multiple of KV heads (", s.Hk, " = segments of ", c.segs_in,
+              " / batch)");
   ADAKV_CHECK(s.T >= 1, "adakv: query must hold at least one token (T >= 1)");
   ADAKV_CHECK(c.D == s.D, "adakv: query has head dim ", s.D, " but ", c.dim_in, " has ", c.D);
   return s;
@@ -136,6 +137,20 @@ void validate_kept(const Tensor& key, const Tensor& kept_idx, const Tensor& kept
   ADAKV_CHECK(kept_count.size(0) == B && kept_count.size(1) == Hk,
               "adakv: kept_count must have shape [B, Hk] = [", B, ", ", Hk, "], got ",
               shape_str(kept_count));
+}
+
+// The paged pool as the append / decode validators see it: its batch segments are the table's
+// rows, or with segment_index ([S] int32, contiguous, on page_table's device) its S entries,
+// each naming a table row (values: check_segment_index_values, CPU only).
+CacheView paged_view(const Tensor& k_pages, const Tensor& page_table, const PagedShape& pool,
+                     const std::optional<Tensor>& segment_index) {
+  if (!segment_index.has_value())
+    return CacheView{k_pages, "k_pages", "page_table", "k_pages", pool.S, pool.D,
+                     pool.num_pages * pool.P};
+  check_int32(*segment_index, "segment_index [B * Hk]", 1);
+  check_same_device(page_table, *segment_index, "page_table", "segment_index");
+  return CacheView{k_pages, "k_pages", "segment_index", "k_pages", segment_index->size(0),
+                   pool.D, pool.num_pages * pool.P};
 }
 
 }  // namespace
@@ -350,20 +365,20 @@ PagedShape validate_paged_compact(const Tensor& k_pages, const Tensor& v_pages,
 DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
                                   const Tensor& page_table, const Tensor& seg_len,
                                   const Tensor& key_new, const Tensor& value_new,
-                                  const std::optional<Tensor>& overflow, PagedShape& pool) {
+                                  const std::optional<Tensor>& overflow,
+                                  const std::optional<Tensor>& segment_index, PagedShape& pool) {
   pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
-  const CacheView c{k_pages, "k_pages", "page_table", "k_pages", pool.S, pool.D,
-                    pool.num_pages * pool.P};
-  return validate_new_tokens("paged_append_", c, key_new, value_new, overflow, "overflow [S]");
+  const CacheView c = paged_view(k_pages, page_table, pool, segment_index);
+  return validate_new_tokens("paged_append_", c, key_new, value_new, overflow,
+                             "overflow [B * Hk]");
 }
 
 DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,
                                   const Tensor& v_pages, const Tensor& page_table,
-                                  const Tensor& seg_len, PagedShape& pool) {
+                                  const Tensor& seg_len, const std::optional<Tensor>& segment_index,
+                                  PagedShape& pool) {
   pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
-  const CacheView c{k_pages, "k_pages", "page_table", "k_pages", pool.S, pool.D,
-                    pool.num_pages * pool.P};
-  return validate_query(c, query);
+  return validate_query(paged_view(k_pages, page_table, pool, segment_index), query);
 }
 
 void check_paged_rows(const char* op, const int32_t* page_table, const PagedShape& p, int64_t s,
@@ -394,6 +409,31 @@ void check_paged_unique(const char* op, const int32_t* page_table, const PagedSh
                   "] and page_table[", s, ", ", i, "]); a page belongs to one segment slot");
       owner[id] = e + 1;
     }
+  }
+}
+
+void check_segment_index_values(const char* op, const std::optional<Tensor>& segment_index,
+                                int64_t table_rows, bool distinct) {
+  if (!segment_index.has_value()) return;
+  ADAKV_CHECK(segment_index->is_cpu(), "adakv: internal error: segment_index range check on ",
+              device_str(*segment_index));
+  const int32_t* index = ptr<int32_t>(*segment_index);
+  const int64_t n = segment_index->numel();
+  for (int64_t i = 0; i < n; ++i) {
+    ADAKV_CHECK(index[i] >= -1 && index[i] < table_rows, "adakv: ", op, ": segment_index[", i,
+                "] = ", index[i], " is outside [-1, ", table_rows,
+                ") (-1: padding; page_table / seg_len have ", table_rows, " rows)");
+  }
+  if (!distinct) return;
+  // first[r] = 1 + the position that first named table row r (0: not yet named)
+  std::vector<int64_t> first(static_cast<size_t>(table_rows), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t r = index[i];
+    if (r < 0) continue;
+    ADAKV_CHECK(first[r] == 0, "adakv: ", op, ": segment_index[", i, "] = ", r,
+                " repeats segment_index[", first[r] - 1, "]; the rows of an append must be "
+                "distinct (-1 excepted)");
+    first[r] = i + 1;
   }
 }
 

@@ -66,16 +66,25 @@ PagedShape validate_paged_compact(const Tensor& k_pages, const Tensor& v_pages,
                                   const Tensor& key, const Tensor& value, const Tensor& kept_idx,
                                   const Tensor& kept_count, int64_t window,
                                   const std::optional<Tensor>& key_start);
-// paged_append_: key_new/value_new [B, Hk, T, D], T >= 1, B * Hk == S, overflow [S] int32.
+// The batch segments of paged_append_ / paged_decode_attention(_lse) are the S = B * Hk
+// segments of key_new / query; segment i uses table row i, or with segment_index ([S] int32,
+// contiguous, on page_table's device) row segment_index[i] (-1: padding) of a table with any
+// number of rows pool.S. DecodeShape::S is the batch segment count, `pool` the table's shape.
+//
+// paged_append_: key_new/value_new [B, Hk, T, D], T >= 1, B * Hk == S (page_table rows, or the
+// length of segment_index), overflow [B * Hk] int32 (indexed by batch segment).
 DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
                                   const Tensor& page_table, const Tensor& seg_len,
                                   const Tensor& key_new, const Tensor& value_new,
-                                  const std::optional<Tensor>& overflow, PagedShape& pool);
-// paged_decode_attention(_lse): query [B, Hq, T, D], S % B == 0, Hq % (S / B) == 0, T >= 1.
-// DecodeShape::rows is num_pages * P (the slots of the pool).
+                                  const std::optional<Tensor>& overflow,
+                                  const std::optional<Tensor>& segment_index, PagedShape& pool);
+// paged_decode_attention(_lse): query [B, Hq, T, D], S % B == 0, Hq % (S / B) == 0, T >= 1
+// (S: page_table rows, or the length of segment_index). DecodeShape::rows is num_pages * P
+// (the slots of the pool).
 DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,
                                   const Tensor& v_pages, const Tensor& page_table,
-                                  const Tensor& seg_len, PagedShape& pool);
+                                  const Tensor& seg_len, const std::optional<Tensor>& segment_index,
+                                  PagedShape& pool);
 
 // Data-dependent (CPU only; host pointers): rows [first, end) of segment s must lie in its page
 // table (end <= width * P) and every page holding one of them must be in [0, num_pages). The
@@ -87,6 +96,12 @@ void check_paged_rows(const char* op, const int32_t* page_table, const PagedShap
 // Call after check_paged_rows has validated every id.
 void check_paged_unique(const char* op, const int32_t* page_table, const PagedShape& p,
                         const int64_t* len);
+
+// Data-dependent (CPU only): every segment_index value lies in [-1, table_rows) (-1: a padding
+// segment) and, with `distinct` (paged_append_), no row >= 0 appears twice. The error names `op`,
+// the position and the value. Nothing without a segment_index.
+void check_segment_index_values(const char* op, const std::optional<Tensor>& segment_index,
+                                int64_t table_rows, bool distinct);
 
 // Data-dependent: key_start values in [0, N] (CPU only).
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N);

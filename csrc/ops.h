@@ -45,13 +45,15 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
                       const OptTensor& key_start);                                             \
   void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,   \
                      const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,    \
-                     const OptTensor& overflow);                                               \
+                     const OptTensor& overflow, const OptTensor& segment_index);               \
   std::tuple<Tensor, Tensor> paged_decode_attention_lse(                                       \
       const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,                       \
-      const Tensor& page_table, const Tensor& seg_len, std::optional<double> scale);          \
+      const Tensor& page_table, const Tensor& seg_len, std::optional<double> scale,            \
+      const OptTensor& segment_index);                                                         \
   Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages,                    \
                                 const Tensor& v_pages, const Tensor& page_table,               \
-                                const Tensor& seg_len, std::optional<double> scale);
+                                const Tensor& seg_len, std::optional<double> scale,            \
+                                const OptTensor& segment_index);
 
 namespace cpu {
 ADAKV_DECLARE_BACKEND_OPS

@@ -132,19 +132,53 @@ def _pcompact(t, **kw):
 
 def _pappend(t, **kw):
     a = dict(k_pages=t["kp"].clone(), v_pages=t["vp"].clone(), page_table=t["pt"],
-             seg_len=t["psl"].clone(), key_new=t["kn"], value_new=t["vn"], overflow=None)
+             seg_len=t["psl"].clone(), key_new=t["kn"], value_new=t["vn"], overflow=None,
+             segment_index=None)
     a.update(kw)
     ops.paged_append_(a["k_pages"], a["v_pages"], a["page_table"], a["seg_len"], a["key_new"],
-                      a["value_new"], a["overflow"])
+                      a["value_new"], a["overflow"], segment_index=a["segment_index"])
     return a
 
 
 def _pdecode(t, lse=False, **kw):
     a = dict(query=t["qd"], k_pages=t["kp"], v_pages=t["vp"], page_table=t["pt"],
-             seg_len=t["psl"])
+             seg_len=t["psl"], segment_index=None)
     a.update(kw)
     return ops.paged_decode_attention(a["query"], a["k_pages"], a["v_pages"], a["page_table"],
-                                      a["seg_len"], return_lse=lse)
+                                      a["seg_len"], return_lse=lse,
+                                      segment_index=a["segment_index"])
+
+
+def _sidx(t, *values):
+    """A segment_index on the base's device (the base paged pool has B * Hk = 4 table rows)."""
+    return i32(*values).to(t["dev"])
+
+
+def _segment_index_cases(prefix, fn, op):
+    """The segment_index cases shared by paged_append_ and paged_decode_attention(_lse): the
+    tensor checks (both backends raise) and the out-of-range values (the CPU raises naming the
+    position and value; CUDA treats them as padding, CLAMP)."""
+    S = B * Hk
+    return [
+        (f"{prefix}_sidx_int64", lambda t: fn(t, segment_index=_sidx(t, 3, 2, 1, 0).long()),
+         r"adakv: segment_index.*int32", RAISE),
+        (f"{prefix}_sidx_rank", lambda t: fn(t, segment_index=_sidx(t, 3, 2, 1, 0).view(2, 2)),
+         r"adakv: segment_index.*dimensions", RAISE),
+        (f"{prefix}_sidx_noncontiguous", lambda t: fn(t, segment_index=_sidx(t, *range(2 * S))[::2]),
+         r"adakv: segment_index.*contiguous", RAISE),
+        (f"{prefix}_sidx_length", lambda t: fn(t, segment_index=_sidx(t, 0, 1, 2, 3, -1)),
+         r"adakv: .*segment_index has 5", RAISE),
+        (f"{prefix}_sidx_empty", lambda t: fn(t, segment_index=_sidx(t)), r"adakv: .*segment_index",
+         RAISE),
+        (f"{prefix}_sidx_past_rows", lambda t: fn(t, segment_index=_sidx(t, 0, S, 2, -1)),
+         rf"adakv: {op}: segment_index\[1\] = {S} is outside \[-1, {S}\)", CLAMP),
+        (f"{prefix}_sidx_below_pad", lambda t: fn(t, segment_index=_sidx(t, 0, 1, -2, 3)),
+         rf"adakv: {op}: segment_index\[2\] = -2 is outside", CLAMP),
+        (f"{prefix}_sidx_int32_max", lambda t: fn(t, segment_index=_sidx(t, I32, 1, 2, 3)),
+         rf"adakv: {op}: segment_index\[0\] = {I32} is outside", CLAMP),
+        (f"{prefix}_sidx_device", lambda t: fn(t, segment_index=i32(0, 1, 2, 3)),
+         r"adakv: segment_index is on .*device", CUDA_ONLY),
+    ]
 
 
 def _noncontig(x):
@@ -404,6 +438,13 @@ CASES += [
     ("pappend_page_neg", lambda t: _pappend(t, page_table=with_(t["pt"], (3, int(t["psl"][3]) // PP), -1)),
      r"adakv: paged_append_: page_table\[3, ", CLAMP),
     *_new_token_cases("pappend", _pappend),
+    *_segment_index_cases("pappend", _pappend, "paged_append_"),
+    ("pappend_sidx_repeated", lambda t: _pappend(t, segment_index=_sidx(t, 3, 1, -1, 1)),
+     r"adakv: paged_append_: segment_index\[3\] = 1 repeats segment_index\[1\]", CLAMP),
+    ("pappend_sidx_overflow_shape", lambda t: _pappend(
+        t, segment_index=_sidx(t, 3, 1, -1, 0), page_table=t["pt"][:2].contiguous(),
+        seg_len=t["psl"][:2].clone(), overflow=torch.zeros(2, dtype=torch.int32, device=t["dev"])),
+     r"adakv: overflow must have shape \[4\]", RAISE),
     ("pappend_pool_shape", lambda t: _pappend(t, v_pages=t["vp"][:-1].clone()), r"adakv: .*v_pages", RAISE),
     ("pappend_device", lambda t: _pappend(t, key_new=t["kn"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
 ]
@@ -434,6 +475,12 @@ for _lse in (False, True):
         (f"{_p}_table_rank", lambda t, l=_lse: _pdecode(t, l, page_table=t["pt"][0]), r"adakv: .*page_table", RAISE),
         (f"{_p}_seg_len_int64", lambda t, l=_lse: _pdecode(t, l, seg_len=t["psl"].long()), r"adakv: .*seg_len.*int32", RAISE),
         (f"{_p}_device", lambda t, l=_lse: _pdecode(t, l, seg_len=t["psl"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+        *_segment_index_cases(_p, lambda t, l=_lse, **kw: _pdecode(t, l, **kw), "paged_decode_attention"),
+        (f"{_p}_sidx_heads", lambda t, l=_lse: _pdecode(t, l, segment_index=_sidx(t, 0, 1, 2, 3, -1, -1)),
+         r"adakv: .*KV heads \(3 = segments of segment_index / batch\)", RAISE),
+        (f"{_p}_sidx_row_seg_len_bad", lambda t, l=_lse: _pdecode(
+            t, l, seg_len=with_(t["psl"], 2, -4), segment_index=_sidx(t, 0, 1, 2, -1)),
+         r"adakv: .*seg_len\[2\]", CLAMP),
     ]
 CASE_NAMES = [c[0] for c in CASES]
 assert len(set(CASE_NAMES)) == len(CASE_NAMES)
@@ -582,6 +629,87 @@ def test_failed_paged_append_changes_nothing(dev):
 
 # ----------------------------------------------------------------------------------------------
 # correct results against the reference
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("index", [(2, B * Hk, 0, -1), (1, -3, 0, 2), (3, I32, 1, 0), (3, 1, -1, 1)],
+                         ids=["past_rows", "below_pad", "int32_max", "repeated"])
+def test_bad_segment_index_changes_nothing(dev, index):
+    """CPU: a segment_index value outside [-1, rows), or a row named twice by paged_append_,
+    raises naming segment_index (position and value) before anything is written: pool, every
+    length and overflow unchanged; decode raises the same for an out-of-range value. CUDA (no
+    host check): an out-of-range entry is padding (overflow 2, out 0, lse -inf) and the other
+    entries run; a repeated row stays in bounds (the two hole pages untouched)."""
+    t = base(dev)
+    S = B * Hk
+    kp, vp, sl = t["kp"].clone(), t["vp"].clone(), t["psl"].clone()
+    idx = i32(*index).to(dev)
+    of = torch.zeros(S, dtype=torch.int32, device=dev)
+    repeated = len({r for r in index if r >= 0}) < sum(r >= 0 for r in index)
+    out_of_range = [i for i, r in enumerate(index) if r < -1 or r >= S]
+    if dev == "cpu":
+        what = "repeats" if repeated else "is outside"
+        with pytest.raises(RuntimeError, match=rf"adakv: paged_append_: segment_index\[\d\] = "
+                                               rf"-?\d+ {what}"):
+            ops.paged_append_(kp, vp, t["pt"], sl, t["kn"], t["vn"], of, segment_index=idx)
+        assert_equal(kp, t["kp"], "k_pages")
+        assert_equal(vp, t["vp"], "v_pages")
+        assert_equal(sl, t["psl"], "seg_len")
+        assert of.tolist() == [0] * S
+        if out_of_range:
+            with pytest.raises(RuntimeError, match=rf"adakv: paged_decode_attention: segment_index"
+                                                   rf"\[{out_of_range[0]}\] = "):
+                _pdecode(t, True, segment_index=idx)
+        return
+    ops.paged_append_(kp, vp, t["pt"], sl, t["kn"], t["vn"], of, segment_index=idx)
+    torch.cuda.synchronize()
+    assert of.cpu().tolist() == [2 if i in out_of_range else 0 for i in range(S)]
+    if repeated:
+        holes = sorted(set(range(NP)) - set(t["pt"].view(-1).tolist()))
+        for h in holes:
+            assert_equal(kp[h], t["kp"][h], f"hole page {h} (k)")
+            assert_equal(vp[h], t["vp"][h], f"hole page {h} (v)")
+        return
+    named = [i for i, r in enumerate(index) if 0 <= r < S]
+    rows = [index[i] for i in named]
+    kn = t["kn"].cpu().reshape(S, 1, D)[named].reshape(1, -1, 1, D)
+    vn = t["vn"].cpu().reshape(S, 1, D)[named].reshape(1, -1, 1, D)
+    pt, psl = t["pt"].cpu(), t["psl"].cpu()
+    wk, wv, wl_rows = ref.paged_append_ref(t["kp"].cpu(), t["vp"].cpu(), pt[rows].contiguous(),
+                                           psl[rows], kn, vn)
+    wl = psl.clone()
+    wl[rows] = wl_rows
+    assert_equal(kp, wk, "k_pages")
+    assert_equal(vp, wv, "v_pages")
+    assert_equal(sl, wl, "seg_len")
+    out, lse = _pdecode(dict(t, kp=kp, vp=vp, psl=sl), True, segment_index=idx)
+    bad = torch.zeros(B, Hk, dtype=torch.bool)
+    bad.view(-1)[[i for i, r in enumerate(index) if r < 0 or r >= S]] = True
+    bad = bad.repeat_interleave(Hq // Hk, dim=1)
+    out, lse = out.cpu(), lse.cpu()
+    assert (out[bad] == 0).all() and torch.isneginf(lse[bad]).all()
+    assert torch.isfinite(lse[~bad]).all()
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_rows_not_named_by_segment_index_are_ignored(dev):
+    """Table rows that no segment_index entry names are neither checked nor read nor written:
+    garbage there (negative length, page ids outside the pool) changes nothing."""
+    t = base(dev)
+    S = B * Hk
+    pt = with_(t["pt"], (1, 0), NP + 7)
+    sl = with_(t["psl"], 1, -5)
+    idx = i32(3, -1, 0, 2).to(dev)
+    out, lse = _pdecode(t, True, page_table=pt, seg_len=sl, segment_index=idx)
+    want = _pdecode(t, True, page_table=t["pt"][idx.clamp(min=0).long()].contiguous(),
+                    seg_len=torch.where(idx >= 0, t["psl"][idx.clamp(min=0).long()], 0).int())
+    assert_equal(out, want[0], "out")
+    assert_equal(lse, want[1], "lse")
+    a = _pappend(t, page_table=pt, seg_len=sl, segment_index=idx,
+                 overflow=torch.zeros(S, dtype=torch.int32, device=dev))
+    assert a["overflow"].cpu().tolist() == [0] * S
+    assert a["seg_len"].cpu().tolist() == [int(t["psl"][0]) + 1, -5, int(t["psl"][2]) + 1,
+                                           int(t["psl"][3]) + 1]
 
 
 def _close(a, b, what, atol=2e-5, rtol=1e-4):

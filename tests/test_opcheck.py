@@ -169,3 +169,31 @@ def test_opcheck_paged_append_and_decode(device, B, Hq, Hk, D, T, dtype, P):
     for scale in (None, 0.3):
         opcheck(A.paged_decode_attention.default, (q, kp, vp, table, ln2, scale))
         opcheck(A.paged_decode_attention_lse.default, (q, kp, vp, table, ln2, scale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Hq,Hk,D,T", [(1, 4, 2, 16, 1), (2, 8, 2, 64, 3), (2, 3, 3, 8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("P", [1, 16])
+def test_opcheck_paged_segment_index(device, B, Hq, Hk, D, T, dtype, P):
+    """paged_append_ / paged_decode_attention(_lse) through a segment_index: tables of more rows
+    than batch segments, the batch a reversed subset of them, its last entry padding (-1)."""
+    S = B * Hk
+    S_tab = S + 3
+    lens = [(5 * s) % 15 for s in range(S_tab)]
+    kp, vp, table, ln = paged_pool(S_tab, P, D, lens, 8 * T, device, dtype, 13)
+    idx = torch.tensor(list(range(S_tab))[::-1][:S], dtype=torch.int32)
+    idx[-1] = -1
+    idx = idx.to(device)
+    kn = to(device, randn((B, Hk, T, D), 14, dtype))
+    vn = to(device, randn((B, Hk, T, D), 15, dtype))
+    opcheck(A.paged_append_.default, (kp, vp, table, ln.clone(), kn, vn),
+            dict(segment_index=idx))
+    ov = torch.zeros(S, dtype=torch.int32, device=device)
+    opcheck(A.paged_append_.default, (kp, vp, table, ln.clone(), kn, vn, ov, idx))
+    q = to(device, randn((B, Hq, T, D), 16, dtype))
+    ln2 = ln + T
+    for scale in (None, 0.3):
+        opcheck(A.paged_decode_attention.default, (q, kp, vp, table, ln2, scale, idx))
+        opcheck(A.paged_decode_attention_lse.default, (q, kp, vp, table, ln2, scale),
+                dict(segment_index=idx))

@@ -3,8 +3,9 @@ paged_append_ and paged_decode_attention(_lse) against adakv_ops.reference and a
 contiguous ops on the same data.
 
 Page tables are shuffled, have holes (pages of the pool no segment owns), entries past a
-segment's pages hold -1 or garbage, pages are reused after a (host-side) free. CUDA cases run
-the same checks (skipped without a GPU).
+segment's pages hold -1 or garbage, pages are reused after a (host-side) free. With a
+segment_index the batch names rows of a larger (or smaller) table, -1 for padding: the result is
+the op's on the gathered tables. CUDA cases run the same checks (skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -427,3 +428,268 @@ def test_cuda_paged_decode_split_paths(monkeypatch, splits, cluster, dtype, D, P
     want = ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True)
     check_decode(got, want, dtype, "paged vs reference")
     check_decode(got, cpu(*want_flat), dtype, "paged vs contiguous")
+
+
+# ----------------------------------------------------------------------------------------------
+# segment_index: batch segment i uses table row segment_index[i] (-1: padding) of tables with
+# any number of rows (a store's sequence slots; the batch a subset of them plus pad rows)
+
+
+def gather_rows(page_table, seg_len, index):
+    """The tables a batch with ``segment_index = index`` reads, gathered: row ``i`` is
+    ``page_table[index[i]]`` / ``seg_len[index[i]]``; a padding row (-1) has length 0 and a
+    table row of -1."""
+    valid = index >= 0
+    rows = index[valid].long()
+    pt = torch.full((index.numel(), page_table.shape[1]), -1, dtype=torch.int32)
+    sl = torch.zeros(index.numel(), dtype=torch.int32)
+    pt[valid] = page_table[rows]
+    sl[valid] = seg_len[rows]
+    return pt, sl
+
+
+def batch_index(S_tab, B, Hk, g, first_rows=(), pad_last_batch_row=True, pad_positions=(1,)):
+    """A segment_index of ``B * Hk`` entries: padding (-1) at every head of the last batch row
+    (the pad row of a CUDA-graph bucket) and at ``pad_positions``; the other entries name
+    distinct random rows of a ``S_tab``-row table, ``first_rows`` among them, in random order."""
+    S = B * Hk
+    pad = set(pad_positions) | (set(range((B - 1) * Hk, S)) if pad_last_batch_row else set())
+    named = [i for i in torch.randperm(S, generator=g).tolist() if i not in pad]
+    rest = [r for r in torch.randperm(S_tab, generator=g).tolist() if r not in first_rows]
+    rows = list(first_rows) + rest
+    assert len(rows) >= len(named)
+    idx = torch.full((S,), -1, dtype=torch.int32)
+    for i, r in zip(named, rows):
+        idx[i] = r
+    return idx
+
+
+def query_rows_of(index, B, Hk, G):
+    """[B, Hq] mask of the query heads whose batch segment ``index`` marks."""
+    return index.view(B, Hk).repeat_interleave(G, dim=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", [3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("G", [1, 4])
+def test_paged_decode_segment_index_equals_gathered(device, P, dtype, T, G):
+    """Decode through segment_index == decode over page_table[idx], seg_len[idx] (bitwise: the
+    same kernel over the same rows, the same split plan), for a permuted subset of the table's
+    rows with padding entries (out 0, lse -inf), an empty segment and (T = 1) a row named twice
+    (decode only reads)."""
+    B, Hk, D = 3, 2, 64 if P == 16 else 16
+    Hq, S_tab = Hk * G, 9
+    sd = 40_000 + 100 * P + 10 * T + G + 1000 * DTYPES.index(dtype)
+    g = gen(sd)
+    lens = torch.randint(0, 3 * P + 2, (S_tab,), generator=g).int()
+    lens[0] = 0  # an empty segment, named by the index
+    kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
+    idx = batch_index(S_tab, B, Hk, g, first_rows=(0,))
+    if T == 1:  # name one row twice (keeping row 0 named)
+        named = torch.nonzero(idx >= 0).flatten().tolist()
+        j = next(i for i in named if idx[i] != 0)
+        idx[j] = idx[next(i for i in named if i != j)]
+    qd = randn((B, Hq, T, D), sd + 2, dtype)
+    gt, gl = gather_rows(table, lens, idx)
+    dq, dkp, dvp = to(device, qd, kp, vp)
+    want = ops.paged_decode_attention(dq, dkp, dvp, *to(device, gt, gl), return_lse=True)
+    dtab, dlen, didx = to(device, table, lens.clone(), idx)
+    got = ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen, return_lse=True,
+                                     segment_index=didx)
+    assert_equal(got[0], want[0], "out == gathered out")
+    assert_equal(got[1], want[1], "lse == gathered lse")
+    assert_equal(ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen, segment_index=didx),
+                 cpu(got[0]), "no-lse op")
+    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
+                 "vs reference")
+    out, lse = cpu(*got)
+    pad = query_rows_of(idx < 0, B, Hk, G)
+    assert pad.any() and (out[pad] == 0).all() and torch.isneginf(lse[pad]).all()
+    empty = query_rows_of(idx == 0, B, Hk, G)
+    assert empty.any() and torch.isneginf(lse[empty]).all(), "row 0 is empty"
+    assert_equal(dlen, lens, "decode changes no length")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_paged_append_segment_index_equals_gathered(device, P, dtype, T):
+    """Append through segment_index == append on the gathered tables of the batch's rows, then
+    the lengths scattered back: padding entries write nothing, rows the index does not name keep
+    their length and pages; then a decode step through the index == over the gathered tables."""
+    B, Hk, G, D = 3, 2, 2, 64 if P == 16 else 16
+    S, Hq, S_tab = B * Hk, Hk * G, 10
+    sd = 50_000 + 100 * P + 10 * T + 1000 * DTYPES.index(dtype)
+    g = gen(sd)
+    lens = torch.randint(0, 2 * P + 2, (S_tab,), generator=g).int()
+    lens[3] = 0
+    kp, vp, table = make_pool([n_pages(int(n) + T, P) for n in lens], P, D, dtype, sd + 1)
+    idx = batch_index(S_tab, B, Hk, g, first_rows=(3,))
+    kn = randn((B, Hk, T, D), sd + 2, dtype)
+    vn = randn((B, Hk, T, D), sd + 3, dtype)
+    valid = idx >= 0
+    rows = idx[valid].long()
+    # expected: the append of the non-padding segments on their gathered tables (device op and
+    # reference agree), the new lengths scattered back into the table's rows
+    gk = kn.reshape(S, T, D)[valid].reshape(1, -1, T, D)
+    gv = vn.reshape(S, T, D)[valid].reshape(1, -1, T, D)
+    wk, wv, wl_rows = ref.paged_append_ref(kp, vp, table[rows].contiguous(), lens[rows], gk, gv)
+    wl = lens.clone()
+    wl[rows] = wl_rows
+    ek, ev, egl = to(device, kp.clone(), vp.clone(), lens[rows].contiguous())
+    ops.paged_append_(ek, ev, table[rows].contiguous().to(device), egl, *to(device, gk, gv))
+    assert_equal(ek, wk, "gathered append (device) == reference")
+    assert_equal(egl, wl_rows, "gathered lengths")
+
+    dkp, dvp, dtab, dlen, didx = to(device, kp.clone(), vp.clone(), table, lens.clone(), idx)
+    ov = torch.zeros(S, dtype=torch.int32, device=device)
+    ops.paged_append_(dkp, dvp, dtab, dlen, *to(device, kn, vn), overflow=ov,
+                      segment_index=didx)
+    assert_equal(dkp, wk, "k_pages")
+    assert_equal(dvp, wv, "v_pages")
+    assert_equal(dlen, wl, "seg_len (named rows + T, all others untouched)")
+    unnamed = torch.ones(S_tab, dtype=torch.bool)
+    unnamed[rows] = False
+    assert unnamed.any() and torch.equal(cpu(dlen)[unnamed], lens[unnamed])
+    assert_equal(dtab, table, "page_table")
+    assert ov.cpu().tolist() == [0] * S
+
+    qd = randn((B, Hq, T, D), sd + 4, dtype)
+    gt, gl = gather_rows(table, wl, idx)
+    dq = qd.to(device)
+    got = ops.paged_decode_attention(dq, dkp, dvp, dtab, dlen, return_lse=True,
+                                     segment_index=didx)
+    want = ops.paged_decode_attention(dq, dkp, dvp, *to(device, gt, gl), return_lse=True)
+    assert_equal(got[0], want[0], "decode after append: out")
+    assert_equal(got[1], want[1], "decode after append: lse")
+    check_decode(got, ref.paged_decode_attention_ref(qd, wk, wv, gt, gl, return_lse=True), dtype,
+                 "decode after append vs reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("S_tab", [0, 3])
+def test_segment_index_all_padding(device, S_tab):
+    """A batch of padding only (every entry -1), over tables of 0 or 3 rows: the append writes
+    nothing and changes no length, the decode gives out 0 and lse -inf everywhere."""
+    B, Hk, G, T, D, P = 2, 2, 2, 2, 16, 4
+    kp, vp, table = make_pool([2] * S_tab, P, D, torch.float32, 60 + S_tab, width=3)
+    lens = torch.tensor([5, 0, 3][:S_tab], dtype=torch.int32)
+    idx = torch.full((B * Hk,), -1, dtype=torch.int32)
+    kn = randn((B, Hk, T, D), 61)
+    dkp, dvp, dtab, dlen, didx = to(device, kp.clone(), vp.clone(), table, lens.clone(), idx)
+    ov = torch.zeros(B * Hk, dtype=torch.int32, device=device)
+    ops.paged_append_(dkp, dvp, dtab, dlen, *to(device, kn, -kn), overflow=ov,
+                      segment_index=didx)
+    assert_equal(dkp, kp, "k_pages")
+    assert_equal(dvp, vp, "v_pages")
+    assert_equal(dlen, lens, "seg_len")
+    assert ov.cpu().tolist() == [0] * (B * Hk)
+    out, lse = cpu(*ops.paged_decode_attention(randn((B, Hk * G, T, D), 62).to(device), dkp, dvp,
+                                               dtab, dlen, return_lse=True, segment_index=didx))
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def _paged_step_indexed(k_pages, v_pages, page_table, seg_len, key_new, value_new, query,
+                        segment_index):
+    ops.paged_append_(k_pages, v_pages, page_table, seg_len, key_new, value_new,
+                      segment_index=segment_index)
+    return ops.paged_decode_attention(query, k_pages, v_pages, page_table, seg_len,
+                                      return_lse=True, segment_index=segment_index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_paged_step_with_segment_index(device, backend):
+    """torch.compile(fullgraph=True) of paged_append_ + paged_decode_attention through a
+    segment_index gives the eager result, step after step, with the batch's membership (the
+    index's values, not its shape) changing between steps."""
+    torch._dynamo.reset()
+    B, Hk, G, D, P, S_tab = 2, 2, 2, 16, 4, 7
+    Hq, steps = Hk * G, [1, 2, 1]
+    g = gen(70)
+    lens = torch.randint(0, 2 * P, (S_tab,), generator=g).int()
+    kp, vp, table = make_pool([n_pages(int(n) + sum(steps), P) for n in lens], P, D,
+                              torch.float32, 71)
+    cache_e = [t.clone() for t in to(device, kp, vp, table, lens)]
+    cache_c = [t.clone() for t in cache_e]
+    fn = torch.compile(_paged_step_indexed, fullgraph=True, backend=backend)
+    for step, T in enumerate(steps):
+        idx = batch_index(S_tab, B, Hk, g, pad_last_batch_row=step != 1).to(device)
+        kn, vn, qn = to(device, randn((B, Hk, T, D), 72 + step), randn((B, Hk, T, D), 80 + step),
+                        randn((B, Hq, T, D), 90 + step))
+        out_e, lse_e = _paged_step_indexed(*cache_e, kn, vn, qn, idx)
+        out_c, lse_c = fn(*cache_c, kn, vn, qn, idx)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse_c, lse_e, rtol=1e-6, atol=1e-6)
+        for name, a, e in zip(("k_pages", "v_pages", "page_table", "seg_len"), cache_c, cache_e):
+            assert_equal(a, e, f"{name} after step {step}")
+    assert not torch.equal(cpu(cache_e[3]), lens), "the steps appended"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("splits,cluster", [("1", "0"), ("4", "0"), ("4", "1"), ("auto", "1")])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 32)])
+@pytest.mark.parametrize("P", [5, 16])
+def test_cuda_paged_decode_segment_index_split_paths(monkeypatch, splits, cluster, dtype, D, P):
+    """segment_index through every split / merge path of the decode kernel family (padding
+    segments next to long ones in one cluster): bitwise the gathered-table decode."""
+    if splits == "auto":
+        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
+    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
+    B, Hk, G, T, S_tab = 3, 2, 4, 2, 11
+    Hq = Hk * G
+    sd = 60_000 + P + 7 * D + 13 * ["1", "4", "auto"].index(splits) + int(cluster)
+    g = gen(sd)
+    lens = torch.randint(T, 700, (S_tab,), generator=g).int()
+    lens[4] = 0
+    kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
+    idx = batch_index(S_tab, B, Hk, g, first_rows=(4,))
+    qd = randn((B, Hq, T, D), sd + 2, dtype)
+    dq, dkp, dvp = to("cuda", qd, kp, vp)
+    got = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", table, lens), return_lse=True,
+                                     segment_index=idx.cuda())
+    gt, gl = gather_rows(table, lens, idx)
+    want = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", gt, gl), return_lse=True)
+    assert_equal(got[0], want[0], "out")
+    assert_equal(got[1], want[1], "lse")
+    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
+                 "vs reference")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_segment_index_out_of_range_is_padding(monkeypatch):
+    """CUDA cannot check values on the host: a segment_index value outside [-1, rows) is
+    treated as padding (nothing read or written, out 0 / lse -inf), paged_append_ sets
+    overflow[i] = 2 for it (1 stays the capacity flag), and with ADAKV_DEBUG=1 the wrapper
+    raises an error naming segment_index."""
+    B, Hk, G, T, D, P = 1, 4, 2, 1, 16, 4
+    kp, vp, table = make_pool([2, 2, 1], P, D, torch.float32, 81, garbage=False)
+    lens = torch.tensor([3, 2, 4], dtype=torch.int32)  # row 2: full, an append overflows
+    idx = torch.tensor([1, 3, 2, -7], dtype=torch.int32)
+    kn = randn((B, Hk, T, D), 82)
+    dkp, dvp, dtab, dlen, didx = to("cuda", kp.clone(), vp.clone(), table, lens, idx)
+    ov = torch.zeros(B * Hk, dtype=torch.int32, device="cuda")
+    ops.paged_append_(dkp, dvp, dtab, dlen, kn.cuda(), kn.cuda(), overflow=ov, segment_index=didx)
+    assert ov.cpu().tolist() == [0, 2, 1, 2]
+    assert dlen.cpu().tolist() == [3, 3, 4]
+    wk, _, _ = ref.paged_append_ref(kp, vp, table[1:2].contiguous(), lens[1:2],
+                                    kn[:, :1].contiguous(), kn[:, :1].contiguous())
+    assert_equal(dkp, wk, "only row 1 appended")
+    out, lse = cpu(*ops.paged_decode_attention(randn((B, Hk * G, T, D), 83).cuda(), dkp, dvp,
+                                               dtab, dlen, return_lse=True, segment_index=didx))
+    bad = query_rows_of((idx < -1) | (idx >= 3), B, Hk, G)
+    assert (out[bad] == 0).all() and torch.isneginf(lse[bad]).all()
+    assert torch.isfinite(lse[~bad]).all()
+    monkeypatch.setenv("ADAKV_DEBUG", "1")
+    with pytest.raises(RuntimeError, match=r"adakv: paged_append_: segment_index values outside "
+                                           r"\[-1, 3\).*batch segments \[1, 3\]"):
+        ops.paged_append_(dkp, dvp, dtab, dlen, kn.cuda(), kn.cuda(), segment_index=didx)
+    with pytest.raises(RuntimeError, match=r"adakv: paged_append_ overflowed .* \[0\]"):
+        ops.paged_append_(dkp, dvp, dtab, dlen, kn.cuda(), kn.cuda(),
+                          segment_index=torch.tensor([2, -1, -1, -1], dtype=torch.int32,
+                                                     device="cuda"))

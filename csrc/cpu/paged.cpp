@@ -12,9 +12,15 @@
 //   seg_len += T. Parallel over segments.
 // paged_decode_attention(_lse): decode_attention's math (decode_rows, cpu/kernels.h, parallel
 //   over the B * Hq * T query rows) with segment rows read through the page table.
+// segment_index [B * Hk] int32 (append, decode; optional): batch segment i (of key_new / query)
+//   uses table row r = segment_index[i], page_table[r, :] and seg_len[r], of a table with any
+//   number of rows; r == -1 is a padding segment (append: nothing written; decode: out 0, lse
+//   -inf). Without it, batch segment i is table row i.
 //
 // Every data-dependent check (lengths, table width, page ids in range, no page used twice by
-// paged_compact_) runs before anything is written: a failed call changes nothing.
+// paged_compact_, segment_index values in [-1, rows) and distinct for paged_append_) runs before
+// anything is written: a failed call changes nothing. Table rows no batch segment names are
+// neither checked nor read.
 
 #include <cstring>
 #include <vector>
@@ -27,12 +33,19 @@ namespace adakv {
 namespace cpu {
 namespace {
 
-// Pool row (page slot) of token n of segment s.
+// Table row of batch segment i: segment_index[i] (-1: padding), or i without an index.
+struct SegmentRows {
+  const int32_t* index;  // [B * Hk] or nullptr
+  int64_t operator()(int64_t i) const { return index != nullptr ? int64_t{index[i]} : i; }
+};
+
+// Pool row (page slot) of token n of batch segment s (s's table row is rows(s) >= 0).
 struct PagedRow {
   const int32_t* table;
   int64_t width, P;
+  SegmentRows rows;
   int64_t operator()(int64_t s, int64_t n) const {
-    return int64_t{table[s * width + n / P]} * P + n % P;
+    return int64_t{table[rows(s) * width + n / P]} * P + n % P;
   }
 };
 
@@ -59,7 +72,7 @@ void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& 
   check_paged_unique("paged_compact_", table, p, len.data());
 
   int32_t* out_len = ptr<int32_t>(seg_len);
-  const PagedRow row{table, p.width, p.P};
+  const PagedRow row{table, p.width, p.P, SegmentRows{nullptr}};
   const int64_t row_bytes = p.D * key.element_size();
   const char* kp = static_cast<const char*>(key.data_ptr());
   const char* vp = static_cast<const char*>(value.data_ptr());
@@ -80,24 +93,29 @@ void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& 
 
 void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
                    const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,
-                   const OptTensor& overflow) {
+                   const OptTensor& overflow, const OptTensor& segment_index) {
   PagedShape p;
   const DecodeShape s = validate_paged_append(k_pages, v_pages, page_table, seg_len, key_new,
-                                              value_new, overflow, p);
+                                              value_new, overflow, segment_index, p);
   const int32_t* table = ptr<int32_t>(page_table);
   int32_t* len = ptr<int32_t>(seg_len);
+  const SegmentRows rows{ptr<int32_t>(segment_index)};
   // Validate every segment before writing anything: a failed append changes nothing. (overflow
-  // is the CUDA kernels' report; the CPU raises instead and leaves it as it is.)
+  // is the CUDA kernels' report; the CPU raises instead and leaves it as it is.) Distinct rows:
+  // no two batch segments write the same table row, so the parallel loop below has no race.
+  check_segment_index_values("paged_append_", segment_index, p.S, /*distinct=*/true);
   for (int64_t i = 0; i < s.S; ++i) {
-    ADAKV_CHECK(len[i] >= 0, "adakv: paged_append_: seg_len[", i, "] = ", len[i],
+    const int64_t r = rows(i);
+    if (r < 0) continue;  // padding
+    ADAKV_CHECK(len[r] >= 0, "adakv: paged_append_: seg_len[", r, "] = ", len[r],
                 " is negative");
-    ADAKV_CHECK(int64_t{len[i]} + s.T <= p.width * p.P, "adakv: paged_append_ of ", s.T,
-                " tokens exceeds the page_table of segment ", i, " (length ", len[i], ", ",
+    ADAKV_CHECK(int64_t{len[r]} + s.T <= p.width * p.P, "adakv: paged_append_ of ", s.T,
+                " tokens exceeds the page_table of segment ", r, " (length ", len[r], ", ",
                 p.width, " pages of P = ", p.P, " = ", p.width * p.P,
                 " rows); give the segment more pages before appending");
-    check_paged_rows("paged_append_", table, p, i, len[i], int64_t{len[i]} + s.T);
+    check_paged_rows("paged_append_", table, p, r, len[r], int64_t{len[r]} + s.T);
   }
-  const PagedRow row{table, p.width, p.P};
+  const PagedRow row{table, p.width, p.P, rows};
   const int64_t row_bytes = s.D * k_pages.element_size();
   const char* kn = static_cast<const char*>(key_new.data_ptr());
   const char* vn = static_cast<const char*>(value_new.data_ptr());
@@ -105,35 +123,49 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
   char* vd = static_cast<char*>(v_pages.data_ptr());
   torch::stable::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows(i);
+      if (r < 0) continue;
       for (int64_t t = 0; t < s.T; ++t) {
-        const int64_t dst = row(i, len[i] + t);
+        const int64_t dst = row(i, len[r] + t);
         copy_bytes(kd + dst * row_bytes, kn + (i * s.T + t) * row_bytes, row_bytes);
         copy_bytes(vd + dst * row_bytes, vn + (i * s.T + t) * row_bytes, row_bytes);
       }
-      len[i] += static_cast<int32_t>(s.T);
+      len[r] += static_cast<int32_t>(s.T);
     }
   });
 }
 
 std::tuple<Tensor, Tensor> paged_decode_attention_lse(
     const Tensor& query, const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
-    const Tensor& seg_len, std::optional<double> scale) {
+    const Tensor& seg_len, std::optional<double> scale, const OptTensor& segment_index) {
   PagedShape p;
-  const DecodeShape s = validate_paged_decode(query, k_pages, v_pages, page_table, seg_len, p);
+  const DecodeShape s =
+      validate_paged_decode(query, k_pages, v_pages, page_table, seg_len, segment_index, p);
   const int32_t* table = ptr<int32_t>(page_table);
   const int32_t* len = ptr<int32_t>(seg_len);
+  const SegmentRows rows{ptr<int32_t>(segment_index)};
+  check_segment_index_values("paged_decode_attention", segment_index, p.S, /*distinct=*/false);
   for (int64_t i = 0; i < s.S; ++i) {
-    ADAKV_CHECK(len[i] >= 0 && len[i] <= p.width * p.P, "adakv: paged_decode_attention: seg_len[",
-                i, "] = ", len[i], " is outside [0, max_pages * P = ", p.width, " * ", p.P,
+    const int64_t r = rows(i);
+    if (r < 0) continue;  // padding
+    ADAKV_CHECK(len[r] >= 0 && len[r] <= p.width * p.P, "adakv: paged_decode_attention: seg_len[",
+                r, "] = ", len[r], " is outside [0, max_pages * P = ", p.width, " * ", p.P,
                 " = ", p.width * p.P, "]");
-    check_paged_rows("paged_decode_attention", table, p, i, 0, len[i]);
+    check_paged_rows("paged_decode_attention", table, p, r, 0, len[r]);
+  }
+  // The length of every batch segment (0 for padding): seg_len itself without an index.
+  std::vector<int32_t> batch_len;
+  if (segment_index.has_value()) {
+    batch_len.resize(static_cast<size_t>(s.S));
+    for (int64_t i = 0; i < s.S; ++i) batch_len[i] = rows(i) < 0 ? 0 : len[rows(i)];
+    len = batch_len.data();
   }
   Tensor out = new_empty("paged_decode_attention", "the output", query, {s.B, s.Hq, s.T, s.D},
                          query.scalar_type());
   Tensor lse = new_empty("paged_decode_attention", "the log-sum-exp", query, {s.B, s.Hq, s.T},
                          kFloat);
   const float sc = decode_scale(scale, s.D);
-  const PagedRow row{table, p.width, p.P};
+  const PagedRow row{table, p.width, p.P, rows};
   ADAKV_CPU_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
     decode_rows<scalar_t>(ptr<scalar_t>(query), ptr<scalar_t>(k_pages), ptr<scalar_t>(v_pages),
                           len, row, ptr<scalar_t>(out), ptr<float>(lse), s, sc);
@@ -143,9 +175,9 @@ std::tuple<Tensor, Tensor> paged_decode_attention_lse(
 
 Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,
                               const Tensor& page_table, const Tensor& seg_len,
-                              std::optional<double> scale) {
-  return std::get<0>(
-      paged_decode_attention_lse(query, k_pages, v_pages, page_table, seg_len, scale));
+                              std::optional<double> scale, const OptTensor& segment_index) {
+  return std::get<0>(paged_decode_attention_lse(query, k_pages, v_pages, page_table, seg_len,
+                                                scale, segment_index));
 }
 
 }  // namespace cpu

@@ -24,8 +24,9 @@
 //     before reading anything), so its launch overlaps the previous kernel's tail.
 // The launcher (decode::launch_decode, declared in decode_params.cuh) is shared with the paged
 // layout (paged.cu): it picks the split plan (decode_heuristics.h) and instantiates the kernel
-// with contiguous (row = seg_start[s] + i) or paged (row = page_table[s, i / P] * P + i % P)
-// addressing; the rest of the kernel, the cluster merge and the two-launch merge are the same.
+// with contiguous (row = seg_start[s] + i) or paged (row = page_table[t, i / P] * P + i % P,
+// table row t = s or segment_index[s]) addressing; the rest of the kernel, the cluster merge and
+// the two-launch merge are the same.
 // No host synchronisation; device-side segment geometry is clamped into [0, rows).
 // lse follows SPEC section 9: -inf only for a row that sees no key; a NaN logit (in any split)
 // makes the row's lse NaN, so a NaN output never looks like an empty segment.
@@ -274,7 +275,7 @@ void launch_decode(DecodeParams& p, const Tensor& query, int64_t S, int64_t GT,
   p.GT = static_cast<int>(GT);
   ADAKV_DECODE_HEADDIM_SWITCH(head_dim, kHeadDim, [&] {
     ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
-      ADAKV_BOOL_SWITCH(p.page_table != nullptr, kPaged, [&] {
+      ADAKV_BOOL_SWITCH(p.seg_start == nullptr, kPaged, [&] {
         launch_decode_t<scalar_t, kHeadDim, kPaged>(p, query, avg_cap, op);
       });
     });

@@ -1,12 +1,12 @@
 // Split-K decode attention kernel (flash-decoding) over either K/V layout, chosen at compile
 // time (kPaged): the head-flattened cache k_flat / v_flat [rows, D] (key i of segment s is row
 // seg_start[s] + i) or the paged pool k_pages / v_pages [num_pages, P, D] (key i of segment s
-// is row page_table[s, i / P] * P + i % P of the pool seen as [num_pages * P, D]). The address
-// computation of a key tile is the only difference: a tile (kTileKeys consecutive keys, starting
-// at a multiple of kTileKeys) never straddles a page because the host requires
-// P % kTileKeys == 0, so its rows are contiguous in both layouts (other P: one table entry per
-// row). The table entry of a warp's next tile is loaded one tile ahead of its use, so the
-// dependent read does not stall the issue of the tile's copies.
+// is row page_table[t, i / P] * P + i % P of the pool seen as [num_pages * P, D], table row
+// t = s, or t = seg_index[s] with a segment_index). The address computation of a key tile is
+// the only difference: a tile (kTileKeys consecutive keys, starting at a multiple of kTileKeys)
+// lies in one page when P % kTileKeys == 0, so its rows are contiguous in both layouts (other
+// P: one table entry per row). The table entry of a warp's next tile is loaded one tile ahead
+// of its use, so the dependent read does not stall the issue of the tile's copies.
 //
 // One CTA = (segment s, split, query-row block mb), blockIdx.x = (s * num_splits + split) *
 // num_mblocks + mb, so the CTAs that share a K/V chunk run next to each other. The CTA's query
@@ -30,7 +30,11 @@
 // launch overlaps that kernel's tail.
 // Paged geometry from device memory is clamped, never followed out of bounds: seg_len into
 // [0, page_width * P] (0 when the pool is empty), page ids into [0, num_pages); only table
-// entries of tiles below seg_len are read.
+// entries of tiles below seg_len are read. With seg_index (the segment_index argument), each CTA
+// loads seg_index[s] once, after griddepcontrol.wait, and reads seg_len and the table at that
+// row; a row outside [0, table_rows) (-1: padding; anything else is treated the same, no host
+// check is possible) is an empty segment: no seg_len or table read, out 0, lse -inf. The
+// query and output rows stay those of segment s.
 // Row r sees keys n < n_r = len - T + 1 + (r % T) (causal among the T newest); a row with no
 // visible key keeps m = -inf, l = 0 and produces out = 0, lse = -inf (SPEC section 9: the only
 // -inf lse). A NaN logit makes l NaN (fmaxf keeps m finite or -inf, exp2f(NaN) = NaN); every
@@ -298,9 +302,21 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // every row read below lies in [0, rows) (contiguous) or in the pool (paged: len into
   // [0, page_width * P], 0 for an empty pool, page ids into [0, num_pages) in key_row).
   int64_t start = 0, len;
+  [[maybe_unused]] const int32_t* seg_table = nullptr;  // paged: the segment's table row
   if constexpr (kPaged) {
-    const int64_t cap = p.num_pages > 0 ? static_cast<int64_t>(p.page_width) * p.page_size : 0;
-    len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), cap);
+    int64_t row = s;  // of page_table / seg_len
+    bool in_table = true;
+    if (p.seg_index != nullptr) {
+      // bounds: a row outside [0, table_rows) (-1: padding) reads neither seg_len nor the
+      // table: len = 0, so no tile (and no table entry) is touched below
+      row = p.seg_index[s];
+      in_table = row >= 0 && row < p.table_rows;
+      if (!in_table) row = 0;
+    }
+    seg_table = p.page_table + row * p.page_width;
+    const int64_t cap =
+        p.num_pages > 0 && in_table ? static_cast<int64_t>(p.page_width) * p.page_size : 0;
+    len = in_table ? min(max(static_cast<int64_t>(p.seg_len[row]), int64_t{0}), cap) : 0;
   } else {
     start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
     len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - start);
@@ -332,9 +348,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
         pg = key / p.page_size;
         slot = key - pg * p.page_size;
       }
-      // bounds: key < len <= page_width * P, so the table entry is inside row s of the table;
-      // the page id is clamped into the pool
-      const int32_t id = p.page_table[static_cast<int64_t>(s) * p.page_width + pg];
+      // bounds: key < len <= page_width * P, so the table entry is inside the segment's row of
+      // the table; the page id is clamped into the pool
+      const int32_t id = seg_table[pg];
       const int64_t page = min(max(static_cast<int64_t>(id), int64_t{0}), p.num_pages - 1);
       return page * p.page_size + slot;
     } else {
@@ -344,14 +360,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // Contiguous, or pages holding whole tiles (P % kTileKeys == 0): one table entry per tile.
   const bool whole_tiles = !kPaged || p.page_size % kTileKeys == 0;
   // The raw table entry of tile j's page (paged, whole tiles; j < my_tiles, so the entry is
-  // inside row s of the table). The main loops load it one tile ahead of its use: the
-  // dependent table read is in flight while a tile computes instead of stalling the issue of
-  // the tile's copies.
+  // inside the segment's row of the table). The main loops load it one tile ahead of its use:
+  // the dependent table read is in flight while a tile computes instead of stalling the issue
+  // of the tile's copies.
   auto tile_page_id = [&](int j) -> int32_t {
     if constexpr (kPaged) {
       const int key0 = tile_key0(j);
       const int pg = p.page_shift >= 0 ? key0 >> p.page_shift : key0 / p.page_size;
-      return p.page_table[static_cast<int64_t>(s) * p.page_width + pg];
+      return seg_table[pg];
     } else {
       return 0;
     }

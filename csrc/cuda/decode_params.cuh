@@ -7,6 +7,8 @@
 // Problem view: query [B, Hq, T, D] is read as [S, GT, D] with S = B * Hk segments and
 // GT = G * T query rows per segment (row r = g * T + t of segment s = b * Hk + h is query head
 // j = h * G + g, token t): the GT rows of a KV head are contiguous, so are their outputs.
+// Paged layout with seg_index: segment s reads table row seg_index[s] (of table_rows rows;
+// outside [0, table_rows), -1 for padding: an empty segment); its outputs stay row s.
 #pragma once
 
 #include <cstdint>
@@ -22,12 +24,17 @@ struct DecodeParams {
   const void* __restrict__ q;          // [S, GT, D] query dtype
   const void* __restrict__ k;          // [rows, D]
   const void* __restrict__ v;          // [rows, D]
-  const int32_t* __restrict__ seg_start;  // [S] (contiguous layout; nullptr when paged)
-  const int32_t* __restrict__ seg_len;    // [S]
-  // Paged layout (page_table != nullptr): k / v are [num_pages * P, D], key i of segment s is
-  // row page_table[s * page_width + i / P] * P + i % P (any P >= 1; each key row is looked up
-  // on its own, so a tile may straddle pages; shift/mask when P is a power of two).
-  const int32_t* __restrict__ page_table;  // [S, page_width] or nullptr (contiguous)
+  // [S] (contiguous layout, S >= 1: never null); nullptr selects the paged layout, whose
+  // page_table may be null as well (an empty table: 0 rows or 0 entries, never read)
+  const int32_t* __restrict__ seg_start;
+  const int32_t* __restrict__ seg_len;    // [S], or [table_rows] read through seg_index
+  // Paged layout (seg_start == nullptr): k / v are [num_pages * P, D], key i of segment s is
+  // row page_table[t * page_width + i / P] * P + i % P with table row t = s, or t = seg_index[s]
+  // (any P >= 1; each key row is looked up on its own, so a tile may straddle pages;
+  // shift/mask when P is a power of two).
+  const int32_t* __restrict__ page_table;  // [table_rows, page_width] (paged layout)
+  const int32_t* __restrict__ seg_index;   // [S] table row of each segment, or nullptr (row s)
+  int64_t table_rows;                  // rows of page_table / seg_len (paged; S without seg_index)
   int64_t num_pages;
   int page_width;                      // table entries per segment (page_width * P < 2^31)
   int page_size;                       // P
@@ -99,11 +106,12 @@ struct DecodeTraits {
 };
 
 // Launches the decode kernel family for p on the current stream of `query`'s device (the
-// caller holds a DeviceGuard; query's dtype is the K/V dtype): p.q, k, v, seg_start or
-// page_table (+ num_pages, page_width, page_shift), seg_len, out, lse, rows, T and scale_log2
-// are filled by the caller; S (segments) and GT (query rows per segment) are range-checked and
-// stored here; num_splits, num_mblocks and the partial buffers are chosen here
-// (decode_heuristics.h; the two-launch merge's workspace comes from torch's allocator).
+// caller holds a DeviceGuard; query's dtype is the K/V dtype): p.q, k, v, seg_start (the
+// contiguous layout) or seg_start = nullptr and page_table (+ seg_index, table_rows, num_pages,
+// page_width, page_shift), seg_len, out, lse, rows, T and scale_log2 are filled by the caller;
+// S (segments of query: the grid, not the table's rows) and GT (query rows per segment) are
+// range-checked and stored here; num_splits, num_mblocks and the partial buffers are chosen
+// here (decode_heuristics.h; the two-launch merge's workspace comes from torch's allocator).
 // `avg_cap` is the average segment capacity in keys (shapes only, never seg_len), `op` names
 // the op in errors. head_dim: see check_decode_head_dim.
 void launch_decode(DecodeParams& p, const Tensor& query, int64_t S, int64_t GT,

@@ -14,26 +14,37 @@
 //   destination tokens of one segment; lanes split the 16-B (or narrower: vector_width) vectors
 //   of the K and V rows. The first CTA of a segment writes its seg_len.
 // paged_append_(k_pages!, v_pages!, page_table, seg_len!, key_new, value_new [B, Hk, T, D],
-//               overflow [S]?)
-//   Token t of s goes to position seg_len[s] + t, then seg_len[s] += T. A segment that would
-//   pass width * P, or whose pages for the new positions have an id outside [0, num_pages),
-//   writes nothing, keeps seg_len and sets overflow[s] = 1 (when given), as append_ does.
-//   paged_append_kernel: one CTA per segment (up to 256 threads): the CTA checks the pages it
-//   will write (__syncthreads_or), thread 0 publishes the decision, then the threads copy the
-//   T rows of K and V with vectors.
+//               overflow [B * Hk]?, segment_index [B * Hk]?)
+//   Batch segment i = b * Hk + h of key_new uses table row r = i, or r = segment_index[i]
+//   (then page_table / seg_len may have any row count S_tab). Token t goes to position
+//   seg_len[r] + t, then seg_len[r] += T. A segment that would pass width * P, or whose pages
+//   for the new positions have an id outside [0, num_pages), writes nothing, keeps seg_len and
+//   sets overflow[i] = 1 (when given), as append_ does. r == -1 (padding) writes nothing; any
+//   other r outside [0, S_tab) is treated as padding (no table or seg_len access) and sets
+//   overflow[i] = 2. Rows named twice: the caller's contract is distinct rows (the CPU
+//   raises); on CUDA the two CTAs race on seg_len[r] and the row's slots, but each writes only
+//   positions it checked against the length it read: in bounds, result unspecified.
+//   paged_append_kernel: one CTA per batch segment (up to 256 threads): thread 0 reads the
+//   table row and its length, the CTA checks the pages it will write (__syncthreads_or),
+//   thread 0 publishes the decision, then the threads copy the T rows of K and V with vectors.
 // paged_decode_attention(_lse)(query [B, Hq, T, D], k_pages, v_pages, page_table, seg_len,
-//                              scale?) -> out [B, Hq, T, D] (, lse [B, Hq, T] fp32)
+//                              scale?, segment_index [B * Hk]?)
+//                              -> out [B, Hq, T, D] (, lse [B, Hq, T] fp32)
 //   decode_attention's semantics, run by the same split-K kernel family with paged addressing
 //   (decode_kernel.cuh, kPaged; launch_decode in decode_attention.cu). Any P >= 1: each key
-//   row is looked up in the table on its own (shift/mask for a power of two).
+//   row is looked up in the table on its own (shift/mask for a power of two). With
+//   segment_index, batch segment s reads table row segment_index[s]; a row outside
+//   [0, S_tab) (-1: padding) is an empty segment: out 0, lse -inf, nothing read.
 //
 // Host checks: everything that needs no device data (dtypes, shapes, devices, contiguity, page
-// size, overflow of sizes): checks.h's validate_paged_* (shared with the CPU backend, same
-// messages) plus the CUDA limits (device, int32 grid / key ranges). Device data is never followed out of bounds: seg_len, kept_count,
-// kept_idx and key_start are clamped, page ids outside [0, num_pages) are skipped (compact,
-// append_) or clamped into the pool (decode: then the result for that segment is garbage but
-// in bounds; the CPU backend rejects such tables). No host synchronisation; every kernel runs on
-// torch's current stream. Stable ABI only (csrc/torch_api.h, cuda/common.cuh).
+// size, overflow of sizes, segment_index dtype / length / device): checks.h's validate_paged_*
+// (shared with the CPU backend, same messages) plus the CUDA limits (device, int32 grid / key
+// ranges). Device data is never followed out of bounds: seg_len, kept_count, kept_idx and
+// key_start are clamped, segment_index values outside [0, S_tab) are padding, page ids outside
+// [0, num_pages) are skipped (compact, append_) or clamped into the pool (decode: then the
+// result for that segment is garbage but in bounds; the CPU backend rejects such tables). No
+// host synchronisation; every kernel runs on torch's current stream. Stable ABI only
+// (csrc/torch_api.h, cuda/common.cuh).
 
 #include <algorithm>
 #include <cmath>
@@ -57,13 +68,14 @@ constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // host checks
 
 // The CUDA-only checks on top of checks.h's validate_paged_* (shared with the CPU backend):
-// device, segment count (grid size) and the per-segment capacity min(width * P, 2^31 - 1)
-// (seg_len is int32).
-int64_t cuda_pool_checks(const char* op, const Tensor& k_pages, const PagedShape& ps) {
+// device, segment counts (the table's rows and the batch segments: grid size) and the
+// per-segment capacity min(width * P, 2^31 - 1) (seg_len is int32).
+int64_t cuda_pool_checks(const char* op, const Tensor& k_pages, const PagedShape& ps,
+                         int64_t batch_segments) {
   ADAKV_CHECK(k_pages.is_cuda(), "adakv: ", op, " CUDA kernel called with k_pages on ",
               device_str(k_pages));
-  ADAKV_CHECK(ps.S <= kInt32Max, "adakv: ", op, ": ", ps.S,
-              " segments; at most 2^31 - 1 are supported");
+  ADAKV_CHECK(ps.S <= kInt32Max && batch_segments <= kInt32Max, "adakv: ", op, ": ",
+              std::max(ps.S, batch_segments), " segments; at most 2^31 - 1 are supported");
   return std::min(ps.width * ps.P, kInt32Max);  // width * P checked by validate_paged_pool
 }
 
@@ -150,43 +162,57 @@ __global__ void __launch_bounds__(kCopyThreads) paged_compact_kernel(const Paged
 // ---------------------------------------------------------------------------------------------
 // paged_append_
 
+// Overflow flag values (overflow[i], batch segment i; sticky: never cleared by the kernel).
+constexpr int32_t kOverflowCapacity = 1;      // the table cannot hold the append
+constexpr int32_t kOverflowSegmentIndex = 2;  // segment_index[i] outside [-1, table_rows)
+
 struct PagedAppendParams {
   char* k_pages;              // [num_pages, P, D]
   char* v_pages;
-  const int32_t* page_table;  // [S, width]
-  int32_t* seg_len;           // [S]
+  const int32_t* page_table;  // [table_rows, width]
+  int32_t* seg_len;           // [table_rows]
+  const int32_t* seg_index;   // [S] table row of each batch segment, or nullptr (row i)
   const char* key_new;        // [S, T, D]
   const char* value_new;
   int32_t* overflow;          // [S] or nullptr
-  int64_t S, T, P, width, num_pages, cap;
+  int64_t S, table_rows, T, P, width, num_pages, cap;
   int64_t row_bytes;
 };
 
 template <int VEC>
 __global__ void paged_append_kernel(const PagedAppendParams p) {
   using V = typename VecType<VEC>::type;
-  __shared__ int64_t sh_len;
-  const int64_t s = blockIdx.x;
-  // Only thread 0 reads and writes seg_len[s]; the others use sh_len.
-  if (threadIdx.x == 0) sh_len = p.seg_len[s];
+  __shared__ int64_t sh_row, sh_len;
+  const int64_t s = blockIdx.x;  // batch segment: rows of key_new / value_new, overflow[s]
+  // Only thread 0 reads segment_index[s] and reads and writes seg_len[row]; the others use
+  // sh_row / sh_len.
+  if (threadIdx.x == 0) {
+    const int64_t r = p.seg_index != nullptr ? static_cast<int64_t>(p.seg_index[s]) : s;
+    // bounds: a row outside [0, table_rows) is padding: no seg_len or table access below
+    const bool in_table = r >= 0 && r < p.table_rows;
+    if (!in_table && r != -1 && p.overflow != nullptr) p.overflow[s] = kOverflowSegmentIndex;
+    sh_row = in_table ? r : -1;
+    sh_len = in_table ? p.seg_len[r] : 0;
+  }
   __syncthreads();
-  const int64_t len = sh_len;
+  const int64_t row = sh_row, len = sh_len;
+  if (row < 0) return;  // padding (block-uniform): nothing written, no length changed
   // bounds: the new positions [len, len + T) lie in [0, cap], cap <= width * P
   bool ok = len >= 0 && len + p.T <= p.cap;
   int bad = 0;
   if (ok) {
     const int64_t first = len / p.P, last = (len + p.T - 1) / p.P;  // table slots written
     for (int64_t pg = first + threadIdx.x; pg <= last; pg += blockDim.x) {
-      const int32_t id = p.page_table[s * p.width + pg];
+      const int32_t id = p.page_table[row * p.width + pg];
       bad |= id < 0 || id >= p.num_pages;
     }
   }
-  ok = ok && !__syncthreads_or(bad);  // block-uniform; also orders the read of sh_len above
+  ok = ok && !__syncthreads_or(bad);  // block-uniform; also orders the reads of sh_* above
   if (threadIdx.x == 0) {
     if (ok) {
-      p.seg_len[s] = static_cast<int32_t>(len + p.T);  // <= cap < 2^31
+      p.seg_len[row] = static_cast<int32_t>(len + p.T);  // <= cap < 2^31
     } else if (p.overflow != nullptr) {
-      p.overflow[s] = 1;
+      p.overflow[s] = kOverflowCapacity;
     }
   }
   if (!ok) return;
@@ -202,7 +228,7 @@ __global__ void paged_append_kernel(const PagedAppendParams p) {
     const bool is_v = rem >= nvec;
     const int64_t v = is_v ? rem - nvec : rem;
     const int64_t pos = len + t;
-    const int64_t page = p.page_table[s * p.width + pos / p.P];  // checked above
+    const int64_t page = p.page_table[row * p.width + pos / p.P];  // checked above
     const int64_t src = (s * p.T + t) * nvec + v;
     const int64_t out = (page * p.P + pos % p.P) * nvec + v;
     if (is_v) {
@@ -221,11 +247,13 @@ bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr(
 std::tuple<Tensor, OptTensor> paged_decode_impl(const Tensor& query, const Tensor& k_pages,
                                                 const Tensor& v_pages, const Tensor& page_table,
                                                 const Tensor& seg_len,
-                                                std::optional<double> scale, bool want_lse) {
+                                                std::optional<double> scale,
+                                                const OptTensor& segment_index, bool want_lse) {
   const char* op = "paged_decode_attention";
   PagedShape ps;
-  const DecodeShape sh = validate_paged_decode(query, k_pages, v_pages, page_table, seg_len, ps);
-  cuda_pool_checks(op, k_pages, ps);
+  const DecodeShape sh =
+      validate_paged_decode(query, k_pages, v_pages, page_table, seg_len, segment_index, ps);
+  cuda_pool_checks(op, k_pages, ps, sh.S);
   const int64_t B = sh.B, Hq = sh.Hq, Hk = sh.Hk, T = sh.T, D = sh.D;
   ADAKV_CHECK(ps.width * ps.P <= kInt32Max, "adakv: ", op, ": max_pages * P = ", ps.width,
               " * ", ps.P, " keys per segment; at most 2^31 - 1 are supported");
@@ -248,6 +276,8 @@ std::tuple<Tensor, OptTensor> paged_decode_impl(const Tensor& query, const Tenso
   p.seg_start = nullptr;
   p.seg_len = ptr<int32_t>(seg_len);
   p.page_table = ptr<int32_t>(page_table);
+  p.seg_index = ptr<int32_t>(segment_index);
+  p.table_rows = ps.S;
   p.num_pages = ps.num_pages;
   p.page_width = static_cast<int>(ps.width);  // width * P < 2^31
   p.page_size = static_cast<int>(ps.P);  // P <= width * P < 2^31
@@ -259,11 +289,14 @@ std::tuple<Tensor, OptTensor> paged_decode_impl(const Tensor& query, const Tenso
   p.rows = ps.num_pages * ps.P;
   p.T = static_cast<int>(T);  // T <= GT, range-checked by launch_decode
   p.scale_log2 = static_cast<float>(sc * 1.4426950408889634);
-  // average capacity per segment from shapes only: the table width, or the pool shared by all
-  // segments when that is smaller
-  const int64_t pool_share = (checked_mul(ps.num_pages, ps.P, "num_pages * P") + ps.S - 1) / ps.S;
+  // Average capacity of a batch segment, from shapes only: the table width, or the pool shared
+  // by the sh.S batch segments when that is smaller (distinct table rows own distinct pages, so
+  // together they hold at most num_pages * P keys; padding segments hold none). With
+  // segment_index the table's row count S_tab plays no part: a batch may name a few rows of a
+  // large table, or pad a small one.
+  const int64_t pool_share = (checked_mul(ps.num_pages, ps.P, "num_pages * P") + sh.S - 1) / sh.S;
   const int64_t avg_cap = std::min(ps.width * ps.P, pool_share);
-  decode::launch_decode(p, query, ps.S, checked_mul(Hq / Hk, T, "G * T"), D, avg_cap, op);
+  decode::launch_decode(p, query, sh.S, checked_mul(Hq / Hk, T, "G * T"), D, avg_cap, op);
   return {out, lse};
 }
 
@@ -276,7 +309,7 @@ void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& 
   const char* op = "paged_compact_";
   const PagedShape ps = validate_paged_compact(k_pages, v_pages, page_table, seg_len, key, value,
                                                kept_idx, kept_count, window, key_start);
-  const int64_t cap = cuda_pool_checks(op, k_pages, ps);
+  const int64_t cap = cuda_pool_checks(op, k_pages, ps, ps.S);
   const DeviceGuard guard(k_pages.get_device_index());
   const int64_t N = key.size(2);
   if (ps.S == 0) return;
@@ -316,24 +349,26 @@ void paged_compact_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& 
 
 void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,
                    const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,
-                   const OptTensor& overflow) {
+                   const OptTensor& overflow, const OptTensor& segment_index) {
   const char* op = "paged_append_";
   PagedShape ps;
   const DecodeShape sh = validate_paged_append(k_pages, v_pages, page_table, seg_len, key_new,
-                                               value_new, overflow, ps);
-  const int64_t cap = cuda_pool_checks(op, k_pages, ps);
+                                               value_new, overflow, segment_index, ps);
+  const int64_t cap = cuda_pool_checks(op, k_pages, ps, sh.S);
   const int64_t T = sh.T;
   const DeviceGuard guard(k_pages.get_device_index());
-  if (ps.S == 0) return;
+  if (sh.S == 0) return;  // no batch segment (B * Hk == 0)
   PagedAppendParams p{};
   p.k_pages = static_cast<char*>(k_pages.data_ptr());
   p.v_pages = static_cast<char*>(v_pages.data_ptr());
   p.page_table = ptr<int32_t>(page_table);
   p.seg_len = ptr<int32_t>(seg_len);
+  p.seg_index = ptr<int32_t>(segment_index);
   p.key_new = static_cast<const char*>(key_new.data_ptr());
   p.value_new = static_cast<const char*>(value_new.data_ptr());
   p.overflow = ptr<int32_t>(overflow);
-  p.S = ps.S;
+  p.S = sh.S;
+  p.table_rows = ps.S;
   p.T = T;
   p.P = ps.P;
   p.width = ps.width;
@@ -346,7 +381,7 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
   const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
   ADAKV_VEC_SWITCH(width, VEC, [&] {
     paged_append_kernel<VEC>
-        <<<static_cast<unsigned>(ps.S), threads, 0, current_stream(k_pages)>>>(p);
+        <<<static_cast<unsigned>(sh.S), threads, 0, current_stream(k_pages)>>>(p);
     ADAKV_LAUNCH_CHECK();
   });
 }
@@ -355,17 +390,18 @@ std::tuple<Tensor, Tensor> paged_decode_attention_lse(const Tensor& query, const
                                                       const Tensor& v_pages,
                                                       const Tensor& page_table,
                                                       const Tensor& seg_len,
-                                                      std::optional<double> scale) {
-  auto [out, lse] =
-      paged_decode_impl(query, k_pages, v_pages, page_table, seg_len, scale, /*want_lse=*/true);
+                                                      std::optional<double> scale,
+                                                      const OptTensor& segment_index) {
+  auto [out, lse] = paged_decode_impl(query, k_pages, v_pages, page_table, seg_len, scale,
+                                      segment_index, /*want_lse=*/true);
   return {out, *lse};
 }
 
 Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,
                               const Tensor& page_table, const Tensor& seg_len,
-                              std::optional<double> scale) {
-  return std::get<0>(
-      paged_decode_impl(query, k_pages, v_pages, page_table, seg_len, scale, /*want_lse=*/false));
+                              std::optional<double> scale, const OptTensor& segment_index) {
+  return std::get<0>(paged_decode_impl(query, k_pages, v_pages, page_table, seg_len, scale,
+                                       segment_index, /*want_lse=*/false));
 }
 
 }  // namespace cuda

@@ -134,15 +134,18 @@ def _paged_compact_fake(k_pages, v_pages, page_table, seg_len, key, value, kept_
 
 
 @torch.library.register_fake("adakv::paged_append_")
-def _paged_append_fake(k_pages, v_pages, page_table, seg_len, key_new, value_new, overflow=None):
+def _paged_append_fake(k_pages, v_pages, page_table, seg_len, key_new, value_new, overflow=None,
+                       segment_index=None):
     return None
 
 
 @torch.library.register_fake("adakv::paged_decode_attention")
-def _paged_decode_fake(query, k_pages, v_pages, page_table, seg_len, scale=None):
+def _paged_decode_fake(query, k_pages, v_pages, page_table, seg_len, scale=None,
+                       segment_index=None):
     return torch.empty_like(query)
 
 
 @torch.library.register_fake("adakv::paged_decode_attention_lse")
-def _paged_decode_lse_fake(query, k_pages, v_pages, page_table, seg_len, scale=None):
+def _paged_decode_lse_fake(query, k_pages, v_pages, page_table, seg_len, scale=None,
+                           segment_index=None):
     return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)

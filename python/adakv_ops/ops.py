@@ -140,19 +140,36 @@ def append_(k_flat: Tensor, v_flat: Tensor, seg_start: Tensor, seg_len: Tensor,
                        overflow, k_flat.is_cuda, "append_ overflowed the capacity of segments")
 
 
+# The CUDA overflow flag of a segment whose segment_index value lies outside [-1, page_table
+# rows) (csrc/cuda/paged.cu); 1 flags a segment the capacity / page table cannot hold.
+_OVERFLOW_SEGMENT_INDEX = 2
+
+
 def _append_with_flags(op, args, seg_len: Tensor, overflow: Optional[Tensor], is_cuda: bool,
-                       what: str) -> None:
-    """``op(*args, overflow)``; with ``ADAKV_DEBUG=1`` on CUDA and no ``overflow`` given, the
-    op gets a flag tensor that is checked after the call (a host sync): a flagged segment
-    raises ``adakv: <what> [segments]``. Shared by ``append_`` and ``paged_append_``."""
+                       what: str, segment_index: Optional[Tensor] = None) -> None:
+    """``op(*args, overflow[, segment_index])``; with ``ADAKV_DEBUG=1`` on CUDA and no
+    ``overflow`` given, the op gets a flag tensor (one per batch segment: per ``seg_len`` row,
+    or per ``segment_index`` entry) that is checked after the call (a host sync): a segment
+    whose ``segment_index`` value was out of range raises ``adakv: ... segment_index ...``,
+    any other flagged segment ``adakv: <what> [segments]``. Shared by ``append_`` and
+    ``paged_append_``."""
+    tail = () if segment_index is None else (segment_index,)
     if overflow is None and is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
-        flags = torch.zeros_like(seg_len)
-        op(*args, flags)
+        segments = seg_len if segment_index is None else segment_index
+        flags = torch.zeros_like(segments, dtype=torch.int32)
+        op(*args, flags, *tail)
+        bad_index = torch.nonzero(flags == _OVERFLOW_SEGMENT_INDEX).flatten().tolist()
+        if bad_index:
+            rows = args[2].shape[0]  # page_table
+            raise RuntimeError(
+                f"adakv: paged_append_: segment_index values outside [-1, {rows}) (the rows of "
+                f"page_table) at batch segments {bad_index}: "
+                f"{segment_index[bad_index].tolist()}; nothing written for them")
         bad = torch.nonzero(flags).flatten().tolist()
         if bad:
             raise RuntimeError(f"adakv: {what} {bad}")
         return
-    op(*args, overflow)
+    op(*args, overflow, *tail)
 
 
 def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: Tensor,
@@ -178,6 +195,9 @@ def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: T
 # ``page_table[s, 0..]`` (``[S, max_pages]`` int32) and holds ``seg_len[s]`` tokens (``[S]``
 # int32); its token ``i`` is ``k_pages[page_table[s, i // P], i % P]``. Entries past
 # ``ceil(seg_len / P)`` are ignored (may hold -1). Freeing pages is host-side (no op).
+# ``segment_index [B * Hk]`` int32 (append, decode): batch segment ``i`` uses table row
+# ``segment_index[i]`` (``-1``: padding) instead of row ``i``; the tables may then have any
+# number of rows (a store's slots, the batch a subset of them plus pad rows).
 
 
 def paged_compact_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len: Tensor,
@@ -203,33 +223,51 @@ def paged_compact_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len
 
 
 def paged_append_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len: Tensor,
-                  key_new: Tensor, value_new: Tensor, overflow: Optional[Tensor] = None) -> None:
+                  key_new: Tensor, value_new: Tensor, overflow: Optional[Tensor] = None,
+                  segment_index: Optional[Tensor] = None) -> None:
     """Append ``key_new``/``value_new [B, Hk, T, D]`` to every paged segment, in place.
 
     Token ``t`` of segment ``s`` goes to row ``seg_len[s] + t``; then ``seg_len[s] += T``. The
     caller must have given each segment enough pages first (the host knows ``T``). On CPU a
     segment whose table is too short (or points outside the pool) raises before anything is
-    written; on CUDA that segment is left unchanged and ``overflow[s]`` (``[S]`` int32) is set
-    to 1. With ``ADAKV_DEBUG=1`` the CUDA overflow flags are checked after every call (a sync).
+    written; on CUDA that segment is left unchanged and ``overflow[s]`` (``[B * Hk]`` int32)
+    is set to 1. With ``ADAKV_DEBUG=1`` the CUDA overflow flags are checked after every call
+    (a sync).
+
+    ``segment_index`` (``[B * Hk]`` int32, on the tables' device): batch segment ``i`` appends
+    to table row ``r = segment_index[i]`` (``page_table[r]``, ``seg_len[r] += T``) of tables
+    with any number of rows; ``r == -1`` is a padding segment (nothing written, no length
+    changed), and the rows of one call must be distinct. Rows no entry names are untouched.
+    The CPU raises for a value outside ``[-1, rows)`` or a repeated row (before writing); CUDA
+    treats an out-of-range value as padding and sets ``overflow[i] = 2`` (a repeated row is
+    the caller's error there: in bounds, result unspecified). ``overflow`` stays indexed by
+    batch segment.
     """
     _append_with_flags(torch.ops.adakv.paged_append_,
                        (k_pages, v_pages, page_table, seg_len, key_new, value_new), seg_len,
                        overflow, k_pages.is_cuda, "paged_append_ overflowed the page tables of "
-                       "segments")
+                       "segments", segment_index)
 
 
 def paged_decode_attention(query: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
                            seg_len: Tensor, scale: Optional[float] = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, segment_index: Optional[Tensor] = None):
     """:func:`decode_attention` over paged storage (same semantics, same results).
 
     ``query [B, Hq, T, D]``; ``page_table [S, max_pages]``, ``seg_len [S]`` with
     ``S = B * Hk``. ``seg_len`` may be 0 (an unused slot of a batch bucket: output 0, lse
     ``-inf``). Returns ``out [B, Hq, T, D]`` and with ``return_lse=True`` also
     ``lse [B, Hq, T]`` float32.
+
+    ``segment_index`` (``[B * Hk]`` int32, on the tables' device): batch segment ``i`` (query
+    heads of ``b = i // Hk``, KV head ``i % Hk``) reads table row ``segment_index[i]`` of
+    tables with any number of rows, so the result equals decoding over
+    ``page_table[segment_index]``, ``seg_len[segment_index]``; ``-1`` marks a padding segment
+    (output 0, lse ``-inf``). Rows may repeat. The CPU raises for a value outside
+    ``[-1, rows)``; CUDA treats it as padding.
     """
     if return_lse:
         return torch.ops.adakv.paged_decode_attention_lse(query, k_pages, v_pages, page_table,
-                                                          seg_len, scale)
+                                                          seg_len, scale, segment_index)
     return torch.ops.adakv.paged_decode_attention(query, k_pages, v_pages, page_table, seg_len,
-                                                  scale)
+                                                  scale, segment_index)
