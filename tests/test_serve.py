@@ -245,8 +245,7 @@ def test_compiled_engine_with_buckets_gives_the_eager_tokens(family):
         assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
     assert counter.frame_count <= len(buckets)        # one graph per bucket at most
     st = eng.cache.pool.store
-    pads = len(eng.cache.pool.pads)
-    assert st.pages_used == pads * len(eng.cache.adakv_layers) * 2   # only the pad pages
+    assert st.pages_used == 0                         # pad rows hold no page
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -273,3 +272,83 @@ def test_cuda_engine_join_and_leave(compile):
                            use_cache=True, **{CACHE_KWARG: cache}).logits
                 toks.append(int(lg[0, -1].argmax()))
         assert eng.result(rid) == toks, rid
+
+
+def test_fork_gives_each_copy_the_tokens_of_its_source():
+    model = make_model("llama")
+    prompts = _prompts(2, seed=11)
+    eng = Engine(model, num_pages=4000, max_batch=6, chunk_size=8, **KW)
+    a = eng.add_request(prompts[0], 9)
+    b = eng.add_request(prompts[1], 6)
+    eng.step()
+    eng.step()                                       # a and b decode a token
+    held = eng.pages_held(a)
+    copies = eng.fork(a, 3)
+    assert eng.running == [a, b] + copies
+    assert all(eng.pages_held(c) == held for c in copies)
+    assert all(eng.result(c) == eng.result(a) for c in copies)
+    out = eng.run()
+    want = _alone(model, prompts[0], 9, chunk=8)
+    assert out[a] == want and all(out[c] == want for c in copies)
+    assert out[b] == _alone(model, prompts[1], 6, chunk=8)
+    assert eng.pages_free == 4000
+    # refusals change nothing
+    eng2 = Engine(model, num_pages=4000, max_batch=2, **KW)
+    r = eng2.add_request(prompts[0], 4)
+    with pytest.raises(AdmissionError, match="only a running request"):
+        eng2.fork(r)
+    eng2.step()
+    with pytest.raises(AdmissionError, match="do not fit now"):
+        eng2.fork(r, 2)
+    with pytest.raises(AdmissionError, match="n must be"):
+        eng2.fork(r, 0)
+    assert eng2.running == [r] and eng2.pages_held(r) > 0
+    assert eng2.run()[r] == _alone(model, prompts[0], 4)
+
+
+def test_fork_rows_of_the_cache_decode_as_their_sources():
+    model = make_model("qwen3")
+    prompts = _prompts(2, seed=12)
+    cache = AdaKVCache(model, **KW)
+    for p in prompts:
+        cache.prefill(torch.tensor([p]))
+    assert cache.fork_rows([1, 0, 1]) == [2, 3, 4]
+    assert cache.batch_size == 5
+    src = [1, 0, 1]
+    tok = torch.tensor([[5], [6], [6], [5], [6]])
+    pos = torch.tensor([[len(prompts[i])] for i in (0, 1, 1, 0, 1)])
+    with torch.no_grad():
+        got = model(input_ids=tok, position_ids=pos, use_cache=True,
+                    **{CACHE_KWARG: cache}).logits[:, -1]
+    for row, s_ in zip((2, 3, 4), src):
+        torch.testing.assert_close(got[row], got[s_], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows must be batch rows"):
+        cache.fork_rows([5])
+    with pytest.raises(NotImplementedError, match="storage='paged'"):
+        AdaKVCache(model, budget=10, window=4, storage="flat").fork_rows([0])
+
+
+def test_step_returns_every_token_once_in_order():
+    """The pipelined step (launch this step, read the previous one): the tokens step() returns
+    are each request's result, in order, once; the engine is idle only after the last read."""
+    model = make_model("mistral")
+    prompts = _prompts(4, seed=21)
+    news = [1, 4, 7, 2]
+    ref = _alone(model, prompts[2], 7)
+    eng = Engine(model, num_pages=4000, max_batch=3, **KW)
+    rids = [eng.add_request(p, n) for p, n in zip(prompts[:2], news[:2])]
+    rids.append(eng.add_request(prompts[2], 7, eos_token_id=ref[4]))   # stops at its 5th
+    rids.append(eng.add_request(prompts[3], news[3]))
+    got = {r: [] for r in rids}
+    calls = 0
+    while eng.has_work():
+        for rid, t in eng.step().items():
+            got[rid].append(t)
+        calls += 1
+        assert calls < 50
+    assert eng.step() == {} and not eng.has_work()
+    for rid in rids:
+        assert got[rid] == eng.result(rid) and eng.state(rid) == "finished"
+    assert eng.result(rids[2]) == ref[:5]
+    assert [len(got[r]) for r in rids] == [1, 4, 5, 2]
+    assert eng.pages_free == 4000 and eng.stats["decode_steps"] >= 4

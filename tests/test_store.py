@@ -247,6 +247,53 @@ def test_join_leave_keeps_others():
                    for a, b in zip(k_before[s], now))
 
 
+def test_fork_copies_rows_into_own_pages():
+    dtype = torch.float32
+    store = _store(dtype, num_pages=200)
+    a = store.add_sequence()
+    prompt = _prompt(45, dtype, seed=3)
+    _prefill(store, a, prompt, "ada_snapkv", chunk=16)
+    store.append(0, [a], *(_rand((1, Hk, 3, D), dtype, torch.Generator().manual_seed(1))
+                           for _ in range(2)))
+    held, free0 = store.pages_held(a), store.pages_free
+    b = store.fork_sequence(a)
+    assert b != a and store.sequences == sorted([a, b])
+    assert store.pages_held(b) == held and store.pages_free == free0 - held
+    pa = {p for l in range(LAYERS) for s in store._segs(a) for p in store._pages[l][s]}
+    pb = {p for l in range(LAYERS) for s in store._segs(b) for p in store._pages[l][s]}
+    assert not pa & pb
+    for l in range(LAYERS):
+        assert store.lengths(l, b) == store.lengths(l, a)
+        assert store.is_compressed(l, b)
+        for h in range(Hk):
+            for x, y in zip(store.segment_kv(l, a, h), store.segment_kv(l, b, h)):
+                assert torch.equal(x, y)
+    q = _rand((1, Hq, 1, D), dtype, torch.Generator().manual_seed(2))
+    assert torch.equal(store.attend(1, [a], q), store.attend(1, [b], q))
+    # appends to the fork leave the source alone, and the other way round
+    ka = [store.segment_kv(l, a, h) for l in range(LAYERS) for h in range(Hk)]
+    g = torch.Generator().manual_seed(5)
+    store.append(1, [b], _rand((1, Hk, 9, D), dtype, g), _rand((1, Hk, 9, D), dtype, g))
+    assert store.lengths(1, b) == [n + 9 for n in store.lengths(1, a)]
+    now = [store.segment_kv(l, a, h) for l in range(LAYERS) for h in range(Hk)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(ka, now))
+    # freeing the source keeps the fork
+    kb = [store.segment_kv(l, b, h) for l in range(LAYERS) for h in range(Hk)]
+    store.free_sequence(a)
+    now = [store.segment_kv(l, b, h) for l in range(LAYERS) for h in range(Hk)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(kb, now))
+    # all-or-nothing
+    small = _store(dtype, num_pages=60)
+    c = small.add_sequence()
+    _prefill(small, c, _prompt(60, dtype, seed=8), "full", chunk=None)
+    free, seqs = small.pages_free, small.sequences
+    with pytest.raises(store_mod.OutOfPages, match="forking sequence"):
+        small.fork_sequence(c)
+    assert small.pages_free == free and small.sequences == seqs
+    with pytest.raises(KeyError):
+        small.fork_sequence(7)
+
+
 def test_out_of_pages_is_clear_and_changes_nothing():
     dtype = torch.float32
     store = _store(dtype, num_pages=30)

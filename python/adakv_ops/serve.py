@@ -14,13 +14,18 @@ engine.result(rid)                             # the generated ids
 
 Each :meth:`Engine.step`:
 
-1. decodes one token for every running request (one forward over the cache's batch, each row
-   at its own position; greedy);
-2. retires the requests that finished (``eos_token_id`` or ``max_new_tokens``; also
-   :meth:`cancel`): ``AdaKVCache.remove_rows`` gives their pages back at once, nobody else's
-   rows move;
-3. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
-   of ``chunk_size``), evicted into pages, and joins the batch with its first token.
+1. retires the requests that need no further step (``max_new_tokens`` reached, counting the
+   token in flight; ``eos_token_id`` read; also :meth:`cancel`): ``AdaKVCache.remove_rows``
+   gives their pages back at once, nobody else's rows move;
+2. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
+   of ``chunk_size``), evicted into pages, and joins the batch with its first token;
+3. launches one decode step for every running request (one forward over the cache's batch,
+   each row at its own position; greedy), fed with the previous step's tokens *on the device*;
+4. reads the previous step's tokens while the device runs the new one.
+
+So the host's work (page accounting, inputs, joins and leaves, the compiled forward's call)
+overlaps the device's: a decode token is returned by the call after the one that launched its
+step, and after an eos one extra step was computed for that request (its token is dropped).
 
 Admission control (host-side page arithmetic, before any device work): a request is admitted
 only when the pool can hold, next to the worst case of every running request, its own worst
@@ -31,8 +36,8 @@ fit (even alone) is refused by :meth:`add_request` with :class:`AdmissionError` 
 short; one that does not fit now waits in the queue.
 
 Semantics: every request gets exactly the greedy tokens it gets alone (tested); positions are
-per request (its prompt length + tokens so far). Eager forwards; sampling other than greedy and
-the CUDA-graph bucket runner are not part of this first version.
+per request (its prompt length + tokens so far). ``compile=True`` runs the decode forward in
+CUDA graphs per batch-size bucket; sampling other than greedy is not part of this version.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .hf import AdaKVCache, cache_kwarg
+from .store import to_device
 
 __all__ = ["AdmissionError", "Engine", "Request"]
 
@@ -68,12 +74,19 @@ class Request:
     state: str = "queued"
     pages_bound: int = 0        # worst-case pages once evicted, incl. its max_new_tokens
     raw_pages: int = 0          # pages its chunked prefill holds until the last chunk
+    pending: int = 0            # tokens of decode steps launched but not read yet
 
     @property
     def done(self) -> bool:
+        """Its tokens are complete (``max_new_tokens`` read, or the eos token)."""
         return (len(self.tokens) >= self.max_new_tokens
                 or (self.eos_token_id is not None and bool(self.tokens)
                     and self.tokens[-1] == self.eos_token_id))
+
+    @property
+    def ends(self) -> bool:
+        """No further decode step is needed: done, or its last token is in flight."""
+        return self.done or len(self.tokens) + self.pending >= self.max_new_tokens
 
 
 class Engine:
@@ -88,8 +101,8 @@ class Engine:
         compile: decode with ``torch.compile(model.forward, fullgraph=True)`` (``mode`` as
             given, e.g. ``"reduce-overhead"`` for CUDA graphs) at a fixed shape per batch-size
             bucket (powers of two up to ``max_batch``): the batch is padded with pad rows
-            (one page per head and layer each, reserved from the pool up front) whose lengths
-            stay 0, so joins and leaves change no shape; ``False``: eager, exact batch.
+            (``-1`` entries of the paged ops' ``segment_index``: no slot, no page, output 0),
+            so joins and leaves change no shape; ``False``: eager, exact batch.
             ``backend`` is torch.compile's.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ...); ``max_growth`` is not supported yet.
@@ -103,11 +116,8 @@ class Engine:
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         self.model = model
-        # bucket padding needs at most max_batch / 2 pad rows (B = max_batch / 2 + 1 -> bucket
-        # max_batch); they take store slots next to the requests
-        self._max_pads = max_batch // 2 if compile else 0
-        self.cache = AdaKVCache(model, num_pages=num_pages,
-                                max_batch=max_batch + self._max_pads, **cache_kwargs)
+        # bucket pad rows are -1 entries of the segment index: no slot, no page
+        self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch, **cache_kwargs)
         if len(self.cache.adakv_layers) != len(self.cache.layers):
             raise NotImplementedError("adakv: the engine does not support models with "
                                       "sliding-window layers yet")
@@ -121,19 +131,22 @@ class Engine:
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
         self._requests: Dict[int, Request] = {}
+        self._inflight = None                   # (next-token ids on the device, requests)
         self._next_id = 0
         self._vocab = cfg.vocab_size
         #: cumulative timings (host wall time; each part ends with a device read, so it is
         #: the device time too): decode steps, their tokens, prefills
+        #: (decode_s = decode_host_s, the host's own work: inputs, page accounting, outputs;
+        #: + decode_launch_s, the forward call until it returns, kernels queued; +
+        #: decode_wait_s, waiting for the device to finish the step)
         self.stats = {"decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
+                      "decode_host_s": 0.0, "decode_launch_s": 0.0, "decode_wait_s": 0.0,
                       "prefill_s": 0.0, "prefills": 0}
         self._forward = (torch.compile(model.forward, fullgraph=True, mode=mode,
                                        backend=backend, dynamic=False)
                          if compile else model.forward)
         self._compiled = compile
         self._mode = mode
-        # pages the pad rows may hold (reserved in the admission arithmetic)
-        self._pad_pages = self._max_pads * self._layers * self._heads
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -154,17 +167,52 @@ class Engine:
                                  f"{max_new_tokens!r}")
         req = Request(self._next_id, prompt, max_new_tokens, eos_token_id)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
-        need = max(req.pages_bound, req.raw_pages) + self._pad_pages
+        need = max(req.pages_bound, req.raw_pages)
         if need > self.num_pages:
             raise AdmissionError(
                 f"adakv: request of {len(prompt)} prompt tokens + {max_new_tokens} new tokens "
                 f"needs up to {need} pages (kept rows {req.pages_bound}, raw prompt during a "
-                f"chunked prefill {req.raw_pages}, pad rows {self._pad_pages}); the pool has "
+                f"chunked prefill {req.raw_pages}); the pool has "
                 f"{self.num_pages}")
         self._next_id += 1
         self._requests[req.rid] = req
         self._queue.append(req)
         return req.rid
+
+    def fork(self, rid: int, n: int = 1) -> List[int]:
+        """``n`` copies of running request ``rid`` join the batch now, each with the request's
+        kept rows copied into pages of its own (``AdaKVCache.fork_rows``), its tokens so far
+        and its limits; returns their ids. Greedy decoding gives each copy the source's tokens;
+        the use is parallel sampling from one prefill, and filling a batch from a few real
+        prefills in a benchmark. Raises :class:`AdmissionError` (nothing forked) when the
+        copies do not fit next to the running requests now."""
+        req = self._get(rid)
+        if req.state != "running":
+            raise AdmissionError(f"adakv: request {rid} is {req.state}; only a running request "
+                                 f"can be forked")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise AdmissionError(f"adakv: n must be an int >= 1, got {n!r}")
+        reserved = sum(r.pages_bound for r in self._running)
+        if len(self._running) + n > self.max_batch or \
+                self.num_pages - reserved < n * req.pages_bound:
+            raise AdmissionError(
+                f"adakv: {n} copies of request {rid} do not fit now ({len(self._running)} of "
+                f"max_batch={self.max_batch} running, {self.num_pages - reserved} of "
+                f"{self.num_pages} pages unreserved, {req.pages_bound} needed per copy)")
+        self._drain()
+        if req.ends:
+            raise AdmissionError(f"adakv: request {rid} has all its tokens; nothing to fork")
+        row = self._running.index(req)
+        self.cache.fork_rows([row] * n)
+        out = []
+        for _ in range(n):
+            c = Request(self._next_id, req.prompt, req.max_new_tokens, req.eos_token_id,
+                        list(req.tokens), "running", req.pages_bound, req.raw_pages)
+            self._next_id += 1
+            self._requests[c.rid] = c
+            self._running.append(c)
+            out.append(c.rid)
+        return out
 
     def cancel(self, rid: int) -> None:
         """Drop a queued or running request (a running one gives its pages back now)."""
@@ -185,13 +233,13 @@ class Engine:
         return self._get(rid).state
 
     def has_work(self) -> bool:
-        return bool(self._queue or self._running)
+        return bool(self._queue or self._running or self._inflight is not None)
 
     # -- memory accounting ---------------------------------------------------------------------
 
     @property
     def pages_free(self) -> int:
-        """Free pages of the pool (pages held by pad rows count as used)."""
+        """Free pages of the pool."""
         st = self.cache.pool.store
         return self.num_pages if st is None else st.pages_free
 
@@ -213,39 +261,108 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> Dict[int, int]:
-        """Decode one token for every running request, retire the finished ones, admit what
-        fits; returns ``{request id: new token}``."""
+        """One engine step; returns ``{request id: new token}`` for the tokens that became
+        known in it.
+
+        1. retire the requests that need no further decode step (``max_new_tokens`` reached
+           counting the token in flight, eos read, cancelled): pages back to the free list;
+        2. admit queued requests while they fit (each prefilled alone; its first token is
+           returned now);
+        3. launch the decode step of every running request: inputs are the tokens of the
+           step in flight, still on the device, so nothing waits for them;
+        4. read the outputs of the *previous* step (the device is busy with the one just
+           launched meanwhile).
+
+        So the host's work of a step (page accounting, inputs, retire / admit, the compiled
+        forward's call) overlaps the device's work of the step before, and each decode token
+        is returned one call after its step is launched. A request that read its eos token
+        had one more step launched; that token is dropped. ``has_work()`` stays true until the
+        last step is read."""
         out: Dict[int, int] = {}
         t0 = time.perf_counter()
-        if self._running:
-            B = len(self._running)
-            Bb = self._bucket(B) if self._compiled else B
-            toks = [r.tokens[-1] for r in self._running] + [0] * (Bb - B)
-            poss = [len(r.prompt) + len(r.tokens) - 1 for r in self._running] + [0] * (Bb - B)
-            tok = torch.tensor(toks, device=self._device).unsqueeze(1)
-            pos = torch.tensor(poss, device=self._device).unsqueeze(1)
-            if self._compiled:
-                self.cache.pool.set_bucket(Bb)
-                self.cache.prepare_decode(1)
-                if self._mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
-            logits = self._forward(input_ids=tok, position_ids=pos, **cache_kwarg(self.cache),
-                                   use_cache=True).logits[:B, -1]
-            for r, t in zip(self._running, logits.argmax(-1).tolist()):   # the step's output
-                r.tokens.append(int(t))
-                out[r.rid] = int(t)
-            # .tolist() waited for the step: host wall time is the step's time
-            self.stats["decode_s"] += time.perf_counter() - t0
-            self.stats["decode_steps"] += 1
-            self.stats["decode_tokens"] += len(self._running)
-        self._retire([i for i, r in enumerate(self._running) if r.done])
+        self._retire([i for i, r in enumerate(self._running) if r.ends])
+        prefill = 0.0
         while self._queue and self._fits(self._queue[0]):
             req = self._queue.popleft()
             t1 = time.perf_counter()
             out[req.rid] = self._admit(req)
-            self.stats["prefill_s"] += time.perf_counter() - t1   # int(argmax) waited too
+            prefill += time.perf_counter() - t1           # int(argmax) waited too
             self.stats["prefills"] += 1
+        self.stats["prefill_s"] += prefill
+        launched, t_launch = None, 0.0
+        if self._running:
+            t1 = time.perf_counter()
+            launched = self._launch()
+            t_launch = time.perf_counter() - t1
+        t_wait = 0.0
+        if self._inflight is not None:
+            ids, rows = self._inflight
+            t1 = time.perf_counter()
+            ids = ids.tolist()                              # waits for the previous step
+            t_wait = time.perf_counter() - t1
+            for r, t in zip(rows, ids):
+                r.pending -= 1
+                if r.state != "cancelled" and not r.done:   # eos read: the extra one dropped
+                    r.tokens.append(t)
+                    out[r.rid] = t
+        self._inflight = launched
+        if launched is not None or t_wait:
+            took = time.perf_counter() - t0 - prefill
+            self.stats["decode_s"] += took
+            self.stats["decode_launch_s"] += t_launch
+            self.stats["decode_wait_s"] += t_wait
+            self.stats["decode_host_s"] += took - t_launch - t_wait
         return out
+
+    def _launch(self):
+        """Queue the decode forward of the running requests; returns ``(ids, rows)``: the
+        device tensor of their next tokens (not read) and the requests in batch order."""
+        rows = list(self._running)
+        B = len(rows)
+        Bb = self._bucket(B) if self._compiled else B
+        host_tok, from_prev, at = [], [], []
+        prev = {} if self._inflight is None else \
+            {id(r): i for i, r in enumerate(self._inflight[1])}
+        for b, r in enumerate(rows):
+            if r.pending:                      # its last token is an output still in flight
+                from_prev.append(prev[id(r)])
+                at.append(b)
+                host_tok.append(0)
+            else:
+                host_tok.append(r.tokens[-1])
+        poss = [len(r.prompt) + len(r.tokens) + r.pending - 1 for r in rows] + [0] * (Bb - B)
+        # one pinned host->device copy (a pageable one would wait for the step in flight)
+        n = len(at)
+        packed = to_device(torch.tensor(host_tok + [0] * (Bb - B) + poss + from_prev + at),
+                           self._device)
+        tok, pos = packed[:Bb], packed[Bb:2 * Bb].unsqueeze(1)
+        if n:
+            src = self._inflight[0].index_select(0, packed[2 * Bb:2 * Bb + n])
+            tok = tok.index_copy(0, packed[2 * Bb + n:], src)
+        if self._compiled:
+            self.cache.pool.set_bucket(Bb)
+            self.cache.prepare_decode(1)
+            if self._mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+        logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
+                               **cache_kwarg(self.cache), use_cache=True).logits
+        ids = logits[:B, -1].argmax(-1)        # a new tensor: the next replay keeps it
+        for r in rows:
+            r.pending += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += B
+        return ids, rows
+
+    def _drain(self) -> None:
+        """Read the step in flight now (fork needs every token of its source)."""
+        if self._inflight is None:
+            return
+        ids, rows = self._inflight
+        self._inflight = None
+        for r, t in zip(rows, ids.tolist()):
+            r.pending -= 1
+            if r.state != "cancelled" and not r.done:
+                r.tokens.append(t)
 
     def run(self) -> Dict[int, List[int]]:
         """Step until every request is done; returns ``{request id: tokens}``."""
@@ -288,7 +405,7 @@ class Engine:
     def _fits(self, req: Request) -> bool:
         if len(self._running) >= self.max_batch:
             return False
-        reserved = sum(r.pages_bound for r in self._running) + self._pad_pages
+        reserved = sum(r.pages_bound for r in self._running)
         if self.num_pages - reserved < req.pages_bound:
             return False
         return self.pages_free >= req.raw_pages
@@ -300,7 +417,7 @@ class Engine:
         req.tokens.append(first)
         req.state = "running"
         self._running.append(req)
-        if req.done:
+        if req.ends:
             self._retire([len(self._running) - 1])
         return first
 

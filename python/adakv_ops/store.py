@@ -53,6 +53,15 @@ def have_paged_ops() -> bool:
         hasattr(ns, n) for n in ("paged_compact_", "paged_append_", "paged_decode_attention"))
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without a stream sync: a copy from pageable memory makes
+    CUDA wait for the stream first (so the host would wait for the step in flight), one from
+    pinned memory (PyTorch's caching host allocator) does not."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class OutOfPages(RuntimeError):
     """Not enough free pages for a request. Raised before any device work; the store is left
     unchanged. ``needed`` / ``free`` are page counts."""
@@ -136,11 +145,13 @@ class PagedKVStore:
                                       for _ in range(num_layers)]
         # host mirrors: page list and length of every segment of every layer
         self._pages: List[List[List[int]]] = [[[] for _ in range(S)] for _ in range(num_layers)]
-        # lengths and capacities (pages * P) as arrays: a decode step's accounting of a batch
-        # is one vectorised operation per layer, not a Python loop over its segments
-        self._len: List[np.ndarray] = [np.zeros(S, dtype=np.int64) for _ in range(num_layers)]
-        self._cap: List[np.ndarray] = [np.zeros(S, dtype=np.int64) for _ in range(num_layers)]
+        # lengths and capacities (pages * P) as [layer, segment] arrays: a decode step's
+        # accounting of a batch is one vectorised operation over every layer, not a Python loop
+        # over segments (row l is layer l's view)
+        self._len = np.zeros((num_layers, S), dtype=np.int64)
+        self._cap = np.zeros((num_layers, S), dtype=np.int64)
         self._seqs: Dict[int, _Seq] = {}
+        self._live = np.zeros(self._slots, dtype=bool)     # slot -> live sequence
         self._generation = 0
 
     # -- accounting ----------------------------------------------------------------------------
@@ -217,6 +228,7 @@ class PagedKVStore:
             self._grow(slots=2 * self._slots)
             free_slots = [q for q in range(self._slots) if q not in self._seqs]
         q = free_slots[0]
+        self._live[q] = True
         self._generation += 1
         self._seqs[q] = _Seq(self._generation, [False] * self.num_layers, [0] * self.num_layers)
         return q
@@ -234,45 +246,95 @@ class PagedKVStore:
             self.page_table[l][r0:r1].zero_()
             self.seg_len[l][r0:r1].zero_()
         del self._seqs[seq_id]
+        self._live[seq_id] = False
+
+    def fork_sequence(self, seq_id: int) -> int:
+        """A new sequence holding a copy of ``seq_id``'s rows in every layer and head (lengths,
+        eviction state), in pages of its own: appends to either never touch the other. Host
+        hand-out of as many pages as ``seq_id`` holds, then one device copy of those pages
+        (K and V). All-or-nothing: :class:`OutOfPages` (store unchanged) if they do not fit.
+        Returns the new sequence id (the lowest free slot)."""
+        self._check_seq(seq_id)
+        src = list(self._segs(seq_id))
+        need = sum(len(self._pages[l][s]) for l in range(self.num_layers) for s in src)
+        if need > len(self._free):
+            raise OutOfPages(need, len(self._free), f"forking sequence {seq_id}")
+        q = self.add_sequence()          # may add slots: tables are read after it
+        dst = list(self._segs(q))
+        old: List[int] = []
+        new: List[int] = []
+        for l in range(self.num_layers):
+            for s, d in zip(src, dst):
+                pages = [self._free.pop() for _ in self._pages[l][s]]
+                old += self._pages[l][s]
+                new += pages
+                self._set_pages(l, d, pages)
+                self._len[l][d] = self._len[l][s]
+            self._push_rows(l, dst)
+            self.seg_len[l][dst[0]:dst[-1] + 1].copy_(self.seg_len[l][src[0]:src[-1] + 1])
+        if new:
+            o = torch.tensor(old, dtype=torch.int64).to(self.device, non_blocking=True)
+            n = torch.tensor(new, dtype=torch.int64).to(self.device, non_blocking=True)
+            for pool in (self.k_pages, self.v_pages):
+                pool.index_copy_(0, n, pool.index_select(0, o))
+        st = self._seqs[seq_id]
+        self._seqs[q].compressed = list(st.compressed)
+        return q
 
     # -- page hand-out (host only) -------------------------------------------------------------
 
     def reserve(self, seq_ids: Sequence[int], T: int, layers: Optional[Sequence[int]] = None
                 ) -> int:
         """Hand out pages so that every segment of ``seq_ids`` can take ``T`` more tokens in
-        every layer of ``layers`` (default all). Host work plus one small host->device copy of
-        the changed table rows per layer (no device read). All-or-nothing: raises
-        :class:`OutOfPages` (store unchanged) if the free list is too short. Returns the number
-        of pages handed out."""
+        every layer of ``layers`` (default all). Host work (one vectorised test over the
+        layers and segments; a Python loop only over the segments that need pages) plus one
+        small host->device copy of the changed table rows per layer (no device read).
+        All-or-nothing: raises :class:`OutOfPages` (store unchanged) if the free list is too
+        short. Returns the number of pages handed out."""
         seq_ids = self._check_seqs(seq_ids)
         if not isinstance(T, int) or T < 0:
             raise ValueError(f"T must be an int >= 0, got {T!r}")
-        layers = range(self.num_layers) if layers is None else list(layers)
+        lay = self._layer_array(layers)
         P = self.page_size
-        plan = []   # (layer, seg, pages wanted)
         width = self._width
         idx = self._seg_array(seq_ids)
-        longest = max(int(self._len[l][idx].max()) for l in layers) if len(layers) else 0
+        lens = self._len[np.ix_(lay, idx)]
+        longest = int(lens.max()) if lens.size else 0
         if T > _INT32_MAX - longest:
             raise ValueError(f"adakv: reserving T={T} more tokens would make a segment "
                              f"{longest} + {T} rows long; at most 2^31 - 1 are supported")
-        for l in layers:
-            short = idx[self._len[l][idx] + T > self._cap[l][idx]]   # segments needing pages
-            for s in short.tolist():
-                want = -(-(int(self._len[l][s]) + T) // P)
-                plan.append((l, s, want - len(self._pages[l][s])))
-                width = max(width, want)
-        needed = sum(p[2] for p in plan)
+        li, si = np.nonzero(lens + T > self._cap[np.ix_(lay, idx)])   # segments needing pages
+        if li.size == 0:
+            return 0
+        L_, S_ = lay[li], idx[si]                       # grouped by layer (row-major nonzero)
+        have = self._cap[L_, S_] // P                   # pages held (cap = pages * P)
+        want = -(-(lens[li, si] + T) // P)
+        n = want - have
+        needed = int(n.sum())
         if needed > len(self._free):
             raise OutOfPages(needed, len(self._free),
                              f"reserving {T} token(s) for sequence(s) {list(seq_ids)}")
-        self._ensure_width(width)
-        touched: Dict[int, List[int]] = {}
-        for l, s, n in plan:
-            self._set_pages(l, s, self._pages[l][s] + [self._free.pop() for _ in range(n)])
-            touched.setdefault(l, []).append(s)
-        for l, segs in touched.items():
-            self._push_rows(l, segs)
+        self._ensure_width(max(width, int(want.max())))
+        # hand out: the free list is a stack (pop order = reversed tail)
+        take = self._free[len(self._free) - needed:][::-1]
+        del self._free[len(self._free) - needed:]
+        ends = np.cumsum(n)
+        starts = ends - n
+        for l, s_, a, e in zip(L_.tolist(), S_.tolist(), starts.tolist(), ends.tolist()):
+            self._pages[l][s_].extend(take[a:e])
+        self._cap[L_, S_] = want * P
+        # device tables: only the new entries, one scatter per touched layer
+        rep = np.repeat(np.arange(li.size), n)
+        cols = have[rep] + (np.arange(needed) - starts[rep])
+        vals = np.asarray(take, dtype=np.int32)
+        lay_of = L_[rep]
+        bounds = np.flatnonzero(np.diff(lay_of)) + 1
+        for part in np.split(np.arange(needed), bounds):
+            l = int(lay_of[part[0]])
+            at = (to_device(torch.from_numpy(S_[rep[part]]), self.device),
+                  to_device(torch.from_numpy(cols[part]), self.device))
+            self.page_table[l].index_put_(at, to_device(torch.from_numpy(vals[part]),
+                                                        self.device))
         return needed
 
     # -- decode --------------------------------------------------------------------------------
@@ -304,6 +366,19 @@ class PagedKVStore:
             sl = torch.cat([sl, sl.new_zeros((Bp - B) * Hk)])
         return table, sl, False
 
+    def _indexed(self, layer: int, seq_ids: List[int], pad_to: Optional[int] = None
+                 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(page_table, seg_len, segment_index)`` for the indexed paged ops: views of a
+        contiguous ascending run of slots (index ``None``), else the whole tables and the
+        batch's segment index (``-1`` for ``pad_to`` rows): no gather, no scatter back."""
+        Hk = self.num_kv_heads
+        B = len(seq_ids)
+        q0 = seq_ids[0]
+        if (pad_to is None or pad_to == B) and list(seq_ids) == list(range(q0, q0 + B)):
+            return (self.page_table[layer][q0 * Hk:(q0 + B) * Hk],
+                    self.seg_len[layer][q0 * Hk:(q0 + B) * Hk], None)
+        return self.page_table[layer], self.seg_len[layer], self.segment_index(seq_ids, pad_to)
+
     def append(self, layer: int, seq_ids: Sequence[int], k_new: Tensor, v_new: Tensor) -> None:
         """Append ``k_new``, ``v_new [B, Hk, T, D]`` (row ``b`` = ``seq_ids[b]``) at the end of
         every segment of ``layer``. Pages missing for these ``T`` tokens are handed out first
@@ -321,22 +396,23 @@ class PagedKVStore:
         page hand-out (the caller ran ``reserve`` and runs or ran ``advance``). For a
         contiguous ascending run of slots it is pure tensor work on views of the store's
         tables (traceable by ``torch.compile``, capturable in a CUDA graph)."""
-        table, sl, is_view = self._batch(layer, list(seq_ids))
+        table, sl, idx = self._indexed(layer, list(seq_ids))
         _ops.paged_append_(self.k_pages, self.v_pages, table, sl, k_new.contiguous(),
-                           v_new.contiguous())
-        if not is_view:      # gathered copy: write the new lengths back
-            self.seg_len[layer].index_copy_(0, self.segment_index(seq_ids), sl)
+                           v_new.contiguous(), segment_index=idx)
 
-    def advance(self, layer: int, seq_ids: Sequence[int], T: int) -> None:
+    def advance(self, layer: Optional[int], seq_ids: Sequence[int], T: int) -> None:
         """The host half of :meth:`append`: the host lengths of the sequences' segments in
-        ``layer`` grow by ``T`` (their pages must be there: ``reserve``)."""
+        ``layer`` (``None``: every layer) grow by ``T`` (their pages must be there:
+        ``reserve``)."""
         idx = self._seg_array(seq_ids)
-        n = self._len[layer][idx] + T
-        if (n > self._cap[layer][idx]).any():
+        lay = self._layer_array(None if layer is None else [layer])
+        at = np.ix_(lay, idx)
+        n = self._len[at] + T
+        if (n > self._cap[at]).any():
             raise RuntimeError(f"adakv: advance by {T} tokens past the pages reserved for "
                                f"sequence(s) {list(seq_ids)} in layer {layer} (call reserve "
                                f"first)")
-        self._len[layer][idx] = n
+        self._len[at] = n
 
     def attend(self, layer: int, seq_ids: Sequence[int], query: Tensor,
                scale: Optional[float] = None, pad_to: Optional[int] = None) -> Tensor:
@@ -347,11 +423,14 @@ class PagedKVStore:
         B = len(seq_ids)
         if query.dim() != 4 or query.shape[0] != B:
             raise ValueError(f"query must be [B={B}, Hq, T, D], got {tuple(query.shape)}")
-        table, sl, _ = self._batch(layer, seq_ids, pad_to)
+        if pad_to is not None and pad_to < B:
+            raise ValueError(f"pad_to={pad_to} < {B} sequences")
+        table, sl, idx = self._indexed(layer, seq_ids, pad_to)
         q = query.contiguous()
         if pad_to is not None and pad_to > B:
             q = torch.cat([q, q.new_zeros((pad_to - B,) + tuple(q.shape[1:]))])
-        out = _ops.paged_decode_attention(q, self.k_pages, self.v_pages, table, sl, scale)
+        out = _ops.paged_decode_attention(q, self.k_pages, self.v_pages, table, sl, scale,
+                                          segment_index=idx)
         return out[:B]
 
     # -- chunked prefill -----------------------------------------------------------------------
@@ -590,11 +669,15 @@ class PagedKVStore:
         q = np.asarray(seq_ids, dtype=np.int64)
         return (q[:, None] * Hk + np.arange(Hk, dtype=np.int64)[None, :]).reshape(-1)
 
-    def segment_index(self, seq_ids: Sequence[int]) -> Tensor:
-        """The table rows of ``seq_ids``' segments in order (``q * Hk + h``), ``[B * Hk]``
-        int64 on the store's device."""
-        idx = [s for q in seq_ids for s in self._segs(q)]
-        return torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
+    def segment_index(self, seq_ids: Sequence[int], pad_to: Optional[int] = None) -> Tensor:
+        """The table rows of ``seq_ids``' segments in order (``q * Hk + h``), then ``-1`` for
+        the segments of ``pad_to - B`` padding sequences: ``[max(B, pad_to) * Hk]`` int32 on the
+        store's device (the ``segment_index`` of the paged ops; ``index_select`` takes it as
+        well when there is no padding)."""
+        idx = self._seg_array(seq_ids)
+        if pad_to is not None and pad_to > len(seq_ids):
+            idx = np.concatenate([idx, np.full((pad_to - len(seq_ids)) * self.num_kv_heads, -1)])
+        return to_device(torch.from_numpy(idx.astype(np.int32)), self.device)
 
     def _ensure_width(self, width: int) -> None:
         """Tables at least ``width`` pages wide (doubling, capped at the pool), before any
@@ -615,11 +698,25 @@ class PagedKVStore:
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
         if not seq_ids:
             raise ValueError("adakv: empty list of sequences")
-        for q in seq_ids:
-            self._check_seq(q)
-        if len(set(seq_ids)) != len(seq_ids):
+        # vectorised for the common case (a decode batch of hundreds, every layer, every step);
+        # anything unusual is checked one by one for the precise error
+        a = np.asarray(seq_ids)
+        if a.dtype.kind != "i" or a.ndim != 1 or int(a.min()) < 0 \
+                or int(a.max()) >= self._live.size or not self._live[a].all():
+            for q in seq_ids:
+                self._check_seq(q)
+        if np.unique(a).size != a.size:
             raise ValueError(f"adakv: repeated sequence in {seq_ids}")
         return seq_ids
+
+    def _layer_array(self, layers: Optional[Sequence[int]]) -> np.ndarray:
+        if layers is None:
+            return np.arange(self.num_layers, dtype=np.int64)
+        lay = np.asarray(list(layers), dtype=np.int64).reshape(-1)
+        if lay.size and (int(lay.min()) < 0 or int(lay.max()) >= self.num_layers):
+            raise ValueError(f"adakv: layers must be in [0, {self.num_layers}), got "
+                             f"{lay.tolist()}")
+        return lay
 
     def _check_kv(self, k: Tensor, v: Tensor, B: int, name: str) -> None:
         want = (B, self.num_kv_heads)
@@ -639,17 +736,17 @@ class PagedKVStore:
         """Copy the host page lists of ``segs`` into the device table (one host->device copy
         from a fresh pageable tensor, ``non_blocking``: no stream sync)."""
         segs = list(segs)
-        rows = torch.zeros((len(segs), self._width), dtype=torch.int32)
+        host = np.zeros((len(segs), self._width), dtype=np.int32)
         for i, s in enumerate(segs):
             p = self._pages[layer][s]
-            if p:
-                rows[i, :len(p)] = torch.tensor(p, dtype=torch.int32)
+            host[i, :len(p)] = p
+        rows = to_device(torch.from_numpy(host), self.device)
         table = self.page_table[layer]
         if segs == list(range(segs[0], segs[0] + len(segs))):
-            table[segs[0]:segs[0] + len(segs)].copy_(rows, non_blocking=True)
+            table[segs[0]:segs[0] + len(segs)].copy_(rows)
         else:
-            idx = torch.tensor(segs, dtype=torch.int64).to(self.device, non_blocking=True)
-            table.index_copy_(0, idx, rows.to(self.device, non_blocking=True))
+            idx = to_device(torch.tensor(segs, dtype=torch.int64), self.device)
+            table.index_copy_(0, idx, rows)
 
     def _grow(self, width: Optional[int] = None, slots: Optional[int] = None) -> None:
         """Widen the tables and / or add sequence slots (new device tensors: addresses change;
@@ -665,8 +762,10 @@ class PagedKVStore:
             sl[:S_old] = self.seg_len[l]
             self.page_table[l], self.seg_len[l] = t, sl
             self._pages[l].extend([] for _ in range(S - S_old))
-            self._len[l] = np.concatenate([self._len[l], np.zeros(S - S_old, dtype=np.int64)])
-            self._cap[l] = np.concatenate([self._cap[l], np.zeros(S - S_old, dtype=np.int64)])
+        grow = np.zeros((self.num_layers, S - S_old), dtype=np.int64)
+        self._len = np.concatenate([self._len, grow], axis=1)
+        self._cap = np.concatenate([self._cap, grow], axis=1)
+        self._live = np.concatenate([self._live, np.zeros(slots - self._slots, dtype=bool)])
         self._width, self._slots = width, slots
 
     def __repr__(self):

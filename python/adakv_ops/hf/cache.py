@@ -227,6 +227,22 @@ class AdaKVCache(Cache):
         """Account ``num_tokens`` new tokens per evicted layer *before* the forward (eager):
         grows or re-evicts where needed. Required before every compiled forward; optional
         (and harmless) before an eager one."""
+        pool = self.pool
+        if pool is not None and pool.store is not None and pool.seqs \
+                and self.settings.max_growth is None \
+                and all(l.evicted for l in self.adakv_layers):
+            # paged, no re-eviction: one reservation (and host advance) for every layer, one
+            # vectorised pass instead of one per layer
+            self.check_claimed()
+            if any(l._prepaid for l in self.adakv_layers):
+                raise RuntimeError("adakv: prepare_decode called twice without a forward in "
+                                   "between")
+            st, seqs = pool.store, pool.seqs
+            pool.call(lambda: st.reserve(seqs, num_tokens))
+            st.advance(None, seqs, num_tokens)
+            for layer in self.adakv_layers:
+                layer._prepare(num_tokens, room_made=True)
+            return
         for layer in self.adakv_layers:
             layer._prepare(num_tokens)
 
@@ -345,14 +361,7 @@ class AdaKVCache(Cache):
         leave here, between decode steps."""
         if self.pool is None:
             raise NotImplementedError("adakv: remove_rows needs storage='paged'")
-        if len(self.adakv_layers) != len(self.layers):
-            raise NotImplementedError("adakv: remove_rows is not supported with sliding-window "
-                                      "layers")
-        B = self.batch_size
-        rows = [rows] if isinstance(rows, int) else list(rows)
-        for r in rows:
-            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < B:
-                raise ValueError(f"adakv: rows must be batch rows in [0, {B}), got {r!r}")
+        B, rows = self._batch_rows("remove_rows", rows)
         if len(set(rows)) != len(rows):
             raise ValueError(f"adakv: repeated row in {rows}")
         self.check_claimed()
@@ -360,6 +369,37 @@ class AdaKVCache(Cache):
         for layer in self.adakv_layers:
             layer._keep_rows(keep)
         self.pool.remove(rows)
+
+    def _batch_rows(self, op: str, rows) -> tuple[int, list[int]]:
+        """``(batch size, rows as a list)`` for an op on batch rows of a paged cache without
+        sliding layers; a bad row raises naming the valid range."""
+        if len(self.adakv_layers) != len(self.layers):
+            raise NotImplementedError(f"adakv: {op} is not supported with sliding-window layers")
+        B = self.batch_size
+        rows = [rows] if isinstance(rows, int) else list(rows)
+        for r in rows:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < B:
+                raise ValueError(f"adakv: rows must be batch rows in [0, {B}), got {r!r}")
+        return B, rows
+
+    def fork_rows(self, rows) -> list[int]:
+        """Copies of batch rows ``rows`` join the batch as new rows at the end (returned), each
+        in pages of its own: the same kept rows, lengths and positions as its source, so it
+        decodes exactly as the source does until their inputs differ (parallel sampling from
+        one prompt; a benchmark filling a batch from a few real prefills). Paged storage, a
+        model without sliding layers; a full pool raises ``OutOfPages`` (rows forked before
+        it stay)."""
+        if self.pool is None or self.pool.store is None:
+            raise NotImplementedError("adakv: fork_rows needs storage='paged' and a filled cache")
+        B, rows = self._batch_rows("fork_rows", rows)
+        self.check_claimed()
+        try:
+            self.pool.fork(rows)
+        finally:
+            n = len(self.pool.seqs) - B          # forked before an OutOfPages, if any
+            for layer in self.adakv_layers:
+                layer._fork_rows(rows[:n])
+        return list(range(B, B + n))
 
     def compress(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
         """:meth:`prefill` of an empty cache (the question-agnostic use: compress a context

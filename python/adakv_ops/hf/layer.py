@@ -288,13 +288,16 @@ class EvictedLayer(CacheLayerMixin):
         self._make_room(T)
         self.seen += T
 
-    def _prepare(self, T: int) -> None:
+    def _prepare(self, T: int, room_made: bool = False) -> None:
+        """Account ``T`` tokens before a forward; ``room_made``: the storage already holds
+        room for them (the paged cache reserves every layer at once)."""
         self._check_claimed()
         if not self.evicted:
             return
         if self._prepaid:
             raise RuntimeError("adakv: prepare_decode called twice without a forward in between")
-        self._make_room(T)
+        if not room_made:
+            self._make_room(T)
         self.seen += T
         self._prepaid = T
 

@@ -41,12 +41,10 @@ class PagedPool:
         self._marked = None
         self._run: Optional[tuple[int, int]] = None     # slot_run(), set on every change
         self._index: Optional[Tensor] = None
-        # batch-size buckets (a fixed decode shape across joins and leaves): pad sequences,
-        # each holding one page per head and layer, whose lengths are reset to 0 after every
-        # append, fill the batch up to `bucket` rows
+        # batch-size buckets (a fixed decode shape across joins and leaves): the forward has
+        # `bucket` rows, the batch then pad rows whose segment_index entries are -1 (no
+        # storage: the paged ops write nothing for them and output 0)
         self.bucket: Optional[int] = None
-        self.pads: list[int] = []
-        self.pad_index: Optional[Tensor] = None
 
     def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
         """The store (built for ``B`` sequences on first use). A forward's batch must be the
@@ -85,34 +83,21 @@ class PagedPool:
         return self._run
 
     def segment_index(self) -> Tensor:
-        """The batch's segment rows of the store's tables, ``[B * H]`` int64 on the device (one
-        tensor per batch membership: a fixed address between joins and leaves)."""
+        """The batch's segment rows of the store's tables, then ``-1`` per pad row's segment:
+        ``[rows * H]`` int32 on the device, the ``segment_index`` of the paged ops (one tensor
+        per batch membership: a fixed address between joins and leaves)."""
         return self._index
 
     def set_bucket(self, bucket: Optional[int]) -> None:
         """Decode forwards carry ``bucket`` rows (>= the batch): the batch, then pad rows
-        (their outputs are 0 and meaningless). ``None``: exactly the batch. Pad sequences are
-        taken (one page per head and layer each, from the pool: ``OutOfPages`` if none) the
-        first time a bucket needs them and kept."""
+        (their outputs are 0 and meaningless; they hold no page). ``None``: exactly the
+        batch. Every bucketed forward uses the segment index (even a full bucket), so it
+        compiles once per bucket."""
         B = len(self.seqs)
         if bucket is not None and bucket < B:
             raise ValueError(f"adakv: bucket {bucket} < the batch of {B} rows")
-        if bucket == self.bucket and bucket is not None and len(self.pads) >= bucket - B:
+        if bucket == self.bucket:
             return
-        st = self.store
-        # at least one pad even for a full bucket: every bucketed forward then has the same
-        # structure (a gathered table, pads reset), so it compiles once per bucket
-        while bucket is not None and len(self.pads) < max(bucket - B, 1):
-            q = st.add_sequence()
-            try:
-                self.call(lambda: st.reserve([q], 1))
-            except Exception:
-                st.free_sequence(q)
-                raise
-            self.pads.append(q)
-        if self.pads:
-            self.pad_index = st.segment_index(self.pads)
-            mark_static(self.pad_index)
         self.bucket = bucket
         self._membership_changed()
 
@@ -121,7 +106,7 @@ class PagedPool:
         q = self.seqs
         if self.bucket is not None and q:
             self._run = None
-            self._index = self.store.segment_index(q + self.pads[:self.bucket - len(q)])
+            self._index = self.store.segment_index(q, pad_to=self.bucket)
             mark_static(self._index)
             return
         ok = bool(q) and q == list(range(q[0], q[0] + len(q)))
@@ -139,6 +124,25 @@ class PagedPool:
         self.seqs = [q for i, q in enumerate(self.seqs) if i not in drop]
         self._membership_changed()
 
+    def fork(self, rows: list[int]) -> list[int]:
+        """New batch rows (``len(seqs) ..``), row ``i`` of them a copy of batch row
+        ``rows[i]`` in pages of its own (``PagedKVStore.fork_sequence``)."""
+        st = self.store
+        if self.settings.max_batch is not None and \
+                st.max_sequences - len(self.seqs) < len(rows):
+            raise RuntimeError(f"adakv: the cache holds {len(self.seqs)} of max_batch="
+                               f"{st.max_sequences} sequences; {len(rows)} more do not fit")
+        new = []
+        try:
+            for r in rows:
+                src = self.seqs[r]
+                new.append(self.call(lambda: st.fork_sequence(src)))
+        finally:
+            self.seqs.extend(new)
+            self._membership_changed()
+            self.mark()
+        return new
+
     def active(self) -> list[int]:
         """The sequences of the forward in flight: the rows being added, or the batch."""
         return self.seqs if self.rows is None else self.rows
@@ -147,7 +151,7 @@ class PagedPool:
         """Take ``n`` more sequences (batch rows ``len(seqs) ..``) for a prefill of new rows."""
         st = self.store
         if self.settings.max_batch is not None and \
-                st.max_sequences - len(self.seqs) - len(self.pads) < n:
+                st.max_sequences - len(self.seqs) < n:
             raise RuntimeError(f"adakv: the cache holds {len(self.seqs)} of max_batch="
                                f"{st.max_sequences} sequences; {n} more do not fit")
         new = [st.add_sequence() for _ in range(n)]
@@ -188,7 +192,7 @@ class PagedPool:
         self._marked = None
         self.seqs = []
         self.rows = None
-        self.bucket, self.pads, self.pad_index = None, [], None
+        self.bucket = None
         self._membership_changed()
 
 
@@ -214,16 +218,15 @@ class PagedLayer(EvictedLayer):
         return self.pool.store
 
     def _views(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """``(page_table [B * H, width], seg_len [B * H], index)`` of this layer's batch. Rows
-        that are a run of consecutive slots: views of the store's own tensors (``index``
-        None). Otherwise (rows left the batch): gathered copies, and ``index`` the segment
-        index to scatter lengths back with."""
+        """``(page_table, seg_len, index)`` for this layer's paged ops. Rows that are a run of
+        consecutive slots: views ``[B * H, ...]`` of the store's own tensors (``index``
+        None). Otherwise (rows left the batch, or a bucket with pad rows): the whole tables
+        and the pool's ``segment_index`` (no gather, the ops write the store in place)."""
         r = self.full_rank
         table, seg_len = self.store.page_table[r], self.store.seg_len[r]
         run = self.pool.slot_run()
         if run is None:
-            idx = self.pool.segment_index()
-            return table.index_select(0, idx), seg_len.index_select(0, idx), idx
+            return table, seg_len, self.pool.segment_index()
         a, b = run
         if a == 0 and b == seg_len.shape[0]:
             return table, seg_len, None
@@ -263,12 +266,21 @@ class PagedLayer(EvictedLayer):
     def _make_room(self, T: int) -> None:
         s = self.settings
         if s.max_growth is not None:
-            if self.free < T and self._reevict(self._views()[1]):
+            if self.free < T and self._reevict(self._batch_tables()[1]):
                 self.free = s.max_growth
             self.free -= T
         st, seqs = self.store, self.pool.seqs
         self.pool.call(lambda: st.reserve(seqs, T, layers=[self.full_rank]))
         st.advance(self.full_rank, seqs, T)
+
+    def _batch_tables(self) -> tuple[Tensor, Tensor]:
+        """``(page_table [B * H, width], seg_len [B * H])`` of the batch (gathered when it is
+        not a run of slots; re-eviction reads them whole)."""
+        table, seg_len, idx = self._views()
+        if idx is None:
+            return table, seg_len
+        idx = idx[:self._batch * self.n_heads]
+        return table.index_select(0, idx), seg_len.index_select(0, idx)
 
     def ensure(self, num_tokens: int) -> None:
         if self.evicted:
@@ -279,25 +291,21 @@ class PagedLayer(EvictedLayer):
         st = self.store
         table, seg_len, idx = self._views()
         _ops.paged_append_(st.k_pages, st.v_pages, table, seg_len, self._expand(key),
-                           self._expand(value))
-        if idx is not None:   # gathered copy: the new lengths go back to the store
-            st.seg_len[self.full_rank].index_copy_(0, idx, seg_len)
-            if self.pool.bucket is not None and self.pool.pad_index is not None:
-                st.seg_len[self.full_rank].index_fill_(0, self.pool.pad_index, 0)  # pads stay empty
+                           self._expand(value), segment_index=idx)
         self.keys, self.values = st.k_pages, st.v_pages
 
     def _decode_attention(self, query: Tensor, scale) -> Tensor:
         st = self.store
-        table, seg_len, _ = self._views()
+        table, seg_len, idx = self._views()
         return _ops.paged_decode_attention(query, st.k_pages, st.v_pages, table, seg_len,
-                                           scale=scale)
+                                           scale=scale, segment_index=idx)
 
     # -- re-eviction --------------------------------------------------------------------------
 
     def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
         st = self.store
         P, D = st.page_size, st.head_dim
-        table = self._views()[0].to(torch.int64)
+        table = self._batch_tables()[0].to(torch.int64)
         S = lens.numel()
         cols = torch.arange(Nmax, device=lens.device, dtype=torch.int64)
         i = cols.unsqueeze(0) - pad.unsqueeze(1)                       # row in the segment
@@ -325,6 +333,14 @@ class PagedLayer(EvictedLayer):
         if st is None:
             return 0
         return st.pages_in_layer(self.full_rank) * st.bytes_per_page
+
+    def _fork_rows(self, rows: list[int]) -> None:
+        """Batch rows ``rows`` are copied to new rows at the end (the pool copies the pages)."""
+        if self.qbuf is not None:
+            self.qbuf = torch.cat([self.qbuf, self.qbuf[torch.tensor(
+                rows, dtype=torch.long, device=self.qbuf.device)]]).contiguous()
+            mark_static(self.qbuf)
+        self._batch += len(rows)
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Only batch rows ``keep`` stay (the pool frees the others' pages)."""
