@@ -102,7 +102,7 @@ def graph_ms(fn, nsets, calls=64, reps=30):
     return statistics.median(times)
 
 
-def build(B, C, P_list, gen, dev):
+def build(B, C, P_list, gen, dev, ordered=False):
     lens = (ada_budgets(B, Hk, C, gen).reshape(-1) + W).to(torch.int64)
     S = B * Hk
     rows = int(lens.sum())
@@ -120,7 +120,7 @@ def build(B, C, P_list, gen, dev):
         npg = (lens + P - 1) // P
         width = int(npg.max())
         num_pages = int(npg.sum())
-        perm = torch.randperm(num_pages, generator=gen)
+        perm = torch.arange(num_pages) if ordered else torch.randperm(num_pages, generator=gen)
         # every (segment, page j) pair, vectorised: pool page perm[o] holds rows [j P, j P + P)
         seg = torch.repeat_interleave(torch.arange(S), npg)
         first = torch.cumsum(npg, 0) - npg
@@ -246,6 +246,9 @@ def main():
                     help="smoke test on CPU: a small layer (Hq 8, Hk 2, D 64, W 8), batch 1 "
                          "(C 64) and 4 (C 120), wall-clock medians, no CUDA graphs")
     ap.add_argument("--quick", action="store_true", help="fewer timed calls (smoke test)")
+    ap.add_argument("--ordered", action="store_true",
+                    help="pages of each segment consecutive in the pool (isolates the cost of "
+                         "scattered pages)")
     ap.add_argument("--no-flex", action="store_true", help="skip the flex_attention peer")
     ap.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer peer")
     ap.add_argument("--tol", type=float, default=2e-2,
@@ -315,7 +318,7 @@ def main():
 
     records, failures = [], []
     for B, C, graph in configs:
-        lay = build(B, C, P_list, gen, dev)
+        lay = build(B, C, P_list, gen, dev, ordered=args.ordered)
         sl, ss = lay["seg_len"], lay["seg_start"]
         nbytes = 2 * lay["rows"] * D * 2 + 2 * B * Hq * D * 2 + 2 * sl.numel() * 4
         sets, ns = lay["sets"], lay["nsets"]

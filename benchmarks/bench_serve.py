@@ -20,9 +20,15 @@ the most KV bytes held (pages in use x bytes per page); and per decode step at t
 batch its time against the roofline (weights minus the embedding table + the kept K/V rows of
 the running requests, at the copy bandwidth measured in the same run).
 
-Not here yet (issue 13): the transformers ``generate_batch`` and one-shot AdaKVCache peers,
-the mixed 8K-128K and decode-heavy (re-eviction) streams, page cloning for full-concurrency
-decode of streams whose prefill would not fit one command.
+Full concurrency (``--fork-to 64,128,256``): prefilling hundreds of 32K prompts (or dozens of
+128K ones) takes longer than one GPU command may run, so this mode prefills ``--requests``
+prompts for real and then fills the batch with ``Engine.fork`` copies of them (each copy's
+pages are a device copy of its source's: the same bytes per sequence as a real request, and
+the decode kernel reads every copy's own pages). At each batch size it decodes ``--warmup``
+steps (graph recording), then ``--steps`` timed steps: step time (median, host work and the
+per-step token read included, as an engine runs), tokens/s, roofline, KV held; ``--profile``
+adds a ``torch.profiler`` breakdown of the device time of 3 steps at the largest batch (GEMMs,
+the paged decode kernel, the append, fused elementwise, the rest) against the step time.
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ def main(argv=None):
                     help="pool size (default: 85%% of the free memory after the weights)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fork-to", default=None,
+                    help="batch sizes reached by forking the prefilled requests, e.g. 64,128")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--peers", type=int, default=0,
+                    help="after the engine: this many prompts of the same length through the "
+                         "peers of serve_peers.py (transformers generate_batch, one-shot "
+                         "AdaKVCache), --peer-new tokens each")
+    ap.add_argument("--peer-new", type=int, default=64)
+    ap.add_argument("--peer-only", default="generate_batch,oneshot")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cpu = args.cpu
@@ -69,7 +86,8 @@ def main(argv=None):
     lo, hi = [int(x) for x in (args.new or ("3,8" if cpu else "256,1024")).split(",")]
     C = args.budget or (8 if cpu else 1024)
     W, P = (4, 8) if cpu else (args.window, args.page_size)
-    max_batch = args.max_batch or (4 if cpu else 256)
+    targets = sorted(int(x) for x in args.fork_to.split(",")) if args.fork_to else []
+    max_batch = args.max_batch or (max(targets) if targets else (4 if cpu else 256))
     dev = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     bw = copy_bandwidth(dev)
@@ -87,6 +105,9 @@ def main(argv=None):
                  compile=args.compile, mode=None if cpu else "reduce-overhead",
                  method="ada_snapkv", budget=C, window=W, page_size=P)
     g = torch.Generator().manual_seed(args.seed)
+    if targets:    # every request outlives the measurement
+        n_buckets = len(targets) + 2
+        lo = hi = n_buckets * (args.warmup + args.steps) + 8
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -95,6 +116,13 @@ def main(argv=None):
               "max_batch": max_batch, "chunk": args.chunk, "compile": args.compile,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
+    if targets:
+        recs = fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
+                         page_bytes, cpu)
+        if args.peers:
+            del eng
+            run_peers(args, model, N, cfg, g, cpu)
+        return recs
     t0 = time.perf_counter()
     rids = []
     for n in news:
@@ -150,6 +178,163 @@ def main(argv=None):
           f"{rec['tok_s_incl_prefill']:.0f} tok/s, TTFT median {rec['ttft_median_s']:.2f} s "
           f"(max {rec['ttft_max_s']:.2f}), KV held max {rec['kv_held_max_gib']:.2f} GiB, step "
           f"at batch {Bmax}: {rec['step_ms_at_max_batch']:.2f} ms")
+
+
+def run_peers(args, model, N, cfg, g, cpu):
+    """The peers of issue 13 on ``--peers`` prompts of ``N`` tokens, ``--peer-new`` new tokens
+    each, after the engine's pool is freed; records appended to ``--out``."""
+    import gc
+
+    from serve_peers import run_generate_batch, run_oneshot_adakv
+    gc.collect()
+    if not cpu:
+        torch.cuda.empty_cache()
+    prompts = [torch.randint(0, cfg.vocab_size, (N,), generator=g).tolist()
+               for _ in range(args.peers)]
+    recs = []
+    for name in args.peer_only.split(","):
+        try:
+            if name == "generate_batch":
+                r = run_generate_batch(model, prompts, args.peer_new)
+            else:
+                r = run_oneshot_adakv(model, prompts, args.peer_new,
+                                      budget=args.budget or (8 if cpu else 1024),
+                                      window=4 if cpu else args.window,
+                                      page_size=8 if cpu else args.page_size,
+                                      compile=args.compile)
+        except Exception as e:  # noqa: BLE001 - a peer that fails is recorded, not fatal
+            r = {"peer": name, "error": f"{type(e).__name__}: {e}"[:500]}
+        r["kind"] = "peer"
+        recs.append(r)
+        print(json.dumps(r), flush=True)
+        gc.collect()
+        if not cpu:
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "a") as fh:
+            for r in recs:
+                fh.write(json.dumps(r) + "\n")
+    for r in recs:
+        print(f"peer {r.get('peer')}: decode {r.get('decode_tok_s') or 0:.0f} tok/s, incl. "
+              f"prefill {r.get('tok_s_incl_prefill') or 0:.0f} tok/s, peak "
+              f"{r.get('peak_gib') or 0:.1f} GiB, concurrent "
+              f"{r.get('max_concurrent', r.get('batch'))}"
+              + (f", ERROR {r['error'][:200]}" if "error" in r else "")
+              + (", OOM" if r.get("oom") else ""))
+    return recs
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    if "decode_split_kernel" in n or "decode_merge" in n:
+        return "paged decode attention"
+    if "append" in n:
+        return "paged append"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")):
+        return "GEMM (cuBLAS)"
+    if n.startswith("triton") or "fused" in n:
+        return "fused elementwise (inductor)"
+    if "memcpy" in n or "memset" in n:
+        return "memcpy / memset"
+    return "other kernels"
+
+
+def profile_steps(eng, n=3):
+    """Device time of ``n`` engine steps by kernel category (ms per step), and the step's wall
+    time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    cats, top = {}, []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        c = _category(ev.key)
+        cats[c] = cats.get(c, 0.0) + t / 1e3 / n
+        top.append((t / 1e3 / n, ev.count // n, ev.key[:90]))
+    top.sort(reverse=True)
+    return {"wall_ms": wall * 1e3, "device_ms": sum(cats.values()),
+            "by_category_ms": dict(sorted(cats.items(), key=lambda x: -x[1])),
+            "top": [{"ms": round(a, 4), "calls": b, "kernel": k} for a, b, k in top[:25]]}
+
+
+def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el, page_bytes,
+              cpu):
+    """Prefill ``--requests`` prompts for real, then fork them up to each batch of ``targets``
+    and time decode steps there."""
+    D = cfg.head_dim
+    recs = []
+    t0 = time.perf_counter()
+    for n in news:
+        eng.add_request(torch.randint(0, cfg.vocab_size, (N,), generator=g).tolist(), n)
+    while eng.queued:
+        eng.step()
+    prefill_wall = time.perf_counter() - t0
+    real = list(eng.running)
+    for B in targets:
+        i = 0
+        while len(eng.running) < B:
+            k = min(B - len(eng.running), -(-(B - len(real)) // len(real)))
+            eng.fork(real[i % len(real)], k)
+            i += 1
+        if not cpu:
+            torch.cuda.synchronize()
+        before = eng.stats["decode_s"]
+        for _ in range(args.warmup):
+            eng.step()
+        warm = eng.stats["decode_s"] - before
+        kv_rows = sum(sum(l.segment_lengths()) for l in eng.cache.adakv_layers)
+        times = []
+        phases = {k: eng.stats[k] for k in ("decode_host_s", "decode_launch_s", "decode_wait_s")}
+        for _ in range(args.steps):
+            b0 = eng.stats["decode_s"]
+            eng.step()
+            times.append(eng.stats["decode_s"] - b0)
+        phases = {k[7:-2] + "_ms": (eng.stats[k] - v) / args.steps * 1e3 for k, v in phases.items()}
+        med = statistics.median(times)
+        kv_read = kv_rows + (args.steps / 2) * B * eng._layers * eng._heads
+        roof = (step_weights + kv_read * 2 * D * el) / bw if not cpu else float("nan")
+        rec = {"kind": "fork_decode", "batch": B, "real_prefills": len(real), "prompt": N,
+               "step_ms": med * 1e3, "tok_s": B / med, "roofline_ms": roof * 1e3,
+               "pct_roofline": roof / med if not cpu else None,
+               "roofline_tok_s": B / roof if not cpu else None,
+               "kv_held_gib": (eng.num_pages - eng.pages_free) * page_bytes / 2**30,
+               "kv_rows": kv_rows, "warmup_s": warm, "prefill_wall_s": prefill_wall,
+               "step_phases_mean": phases,
+               "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
+        if args.profile and not cpu and B == targets[-1]:
+            rec["profile"] = profile_steps(eng)
+        recs.append(rec)
+        print(json.dumps(rec), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            for r in [header] + recs:
+                fh.write(json.dumps(r) + "\n")
+    print(f"\nprompt {N}, {len(real)} real prefills ({prefill_wall:.1f} s), the rest forked")
+    print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'roof ms':>8} {'%roof':>6} {'KV GiB':>7}"
+          f" {'host':>6} {'launch':>6} {'wait':>6}")
+    for r in recs:
+        pct = 100 * r["pct_roofline"] if r["pct_roofline"] else float("nan")
+        ph = r["step_phases_mean"]
+        print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tok_s']:8.0f} {r['roofline_ms']:8.2f} "
+              f"{pct:6.1f} {r['kv_held_gib']:7.2f} {ph['host_ms']:6.2f} {ph['launch_ms']:6.2f} "
+              f"{ph['wait_ms']:6.2f}")
+        if "profile" in r:
+            p = r["profile"]
+            print(f"  profile: wall {p['wall_ms']:.2f} ms/step, device {p['device_ms']:.2f}")
+            for c, ms in p["by_category_ms"].items():
+                print(f"    {c:32s} {ms:8.3f} ms")
+            for t in p["top"][:12]:
+                print(f"    {t['ms']:8.3f} ms x{t['calls']:<4d} {t['kernel']}")
+    return recs
 
 
 if __name__ == "__main__":
