@@ -66,6 +66,10 @@ def main(argv=None):
     ap.add_argument("--num-pages", type=int, default=None,
                     help="pool size (default: 85%% of the free memory after the weights)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--max-growth", type=int, default=None,
+                    help="decode-time re-eviction every this many tokens per head (the "
+                         "decode-heavy stream: e.g. --prompt 4096 --new 8192,8192 "
+                         "--max-growth 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fork-to", default=None,
                     help="batch sizes reached by forking the prefilled requests, e.g. 64,128")
@@ -103,7 +107,8 @@ def main(argv=None):
         pages = 4000 if cpu else int(torch.cuda.mem_get_info()[0] * 0.85 // page_bytes)
     eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
                  compile=args.compile, mode=None if cpu else "reduce-overhead",
-                 method="ada_snapkv", budget=C, window=W, page_size=P)
+                 method="ada_snapkv", budget=C, window=W, page_size=P,
+                 max_growth=args.max_growth)
     g = torch.Generator().manual_seed(args.seed)
     if targets:    # every request outlives the measurement
         n_buckets = len(targets) + 2
@@ -114,6 +119,7 @@ def main(argv=None):
               "requests": R, "prompt": N, "new": [lo, hi], "budget": C, "window": W,
               "page_size": P, "num_pages": pages, "pool_gib": pages * page_bytes / 2**30,
               "max_batch": max_batch, "chunk": args.chunk, "compile": args.compile,
+              "max_growth": args.max_growth,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:

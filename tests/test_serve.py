@@ -216,8 +216,6 @@ def test_engine_rejects_hostile_input_before_any_device_work():
             eng.cancel(bad)
     with pytest.raises(ValueError, match="storage='paged'"):
         Engine(model, num_pages=10, max_batch=2, storage="flat")
-    with pytest.raises(NotImplementedError, match="max_growth"):
-        Engine(model, num_pages=10, max_batch=2, max_growth=8, **KW)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -352,3 +350,55 @@ def test_step_returns_every_token_once_in_order():
     assert eng.result(rids[2]) == ref[:5]
     assert [len(got[r]) for r in rids] == [1, 4, 5, 2]
     assert eng.pages_free == 4000 and eng.stats["decode_steps"] >= 4
+
+
+@pytest.mark.parametrize("family,method", [("llama", "ada_snapkv"), ("qwen2", "ada_pyramid"),
+                                           ("mistral", "snapkv")])
+def test_reeviction_in_the_engine_follows_each_request_alone(family, method):
+    """max_growth: every request re-evicts on its own schedule (per-slot counters and query
+    rings), so requests that join, leave and fork mid-run get exactly the tokens they get
+    alone, and each one's pages stay within the C + window + max_growth bound."""
+    model = make_model(family)
+    kw = dict(KW, method=method, max_growth=6)
+    prompts = _prompts(5, seed=31, lo=14, hi=50)
+    news = [25, 9, 31, 17, 22]
+    eng = Engine(model, num_pages=6000, max_batch=3, chunk_size=8, **kw)
+    rids = [eng.add_request(prompts[i], news[i]) for i in range(2)]
+    for _ in range(5):
+        eng.step()
+    rids += [eng.add_request(prompts[i], news[i]) for i in range(2, 5)]   # join mid-run
+    bound = {r: eng._requests[r].pages_bound for r in rids}
+    most = {r: 0 for r in rids}
+    reevicted = 0                 # (the counters restart when the last request leaves)
+    while eng.has_work():
+        eng.step()
+        for r in eng.running:
+            most[r] = max(most[r], eng.pages_held(r))
+        reevicted = max(reevicted, min(l.n_reevict for l in eng.cache.adakv_layers))
+    assert reevicted >= 3
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, chunk=8, **kw), rid
+        assert 0 < most[rid] <= bound[rid], rid
+    assert eng.pages_free == 6000
+
+
+def test_reeviction_engine_compiled_with_buckets():
+    import torch._dynamo.testing
+
+    model = make_model("llama")
+    kw = dict(KW, max_growth=5)
+    prompts = _prompts(3, seed=33, lo=12, hi=40)
+    news = [14, 6, 19]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    eng = Engine(model, num_pages=4000, max_batch=4, compile=True, backend=counter, **kw)
+    rids = [eng.add_request(p, n) for p, n in zip(prompts[:2], news[:2])]
+    eng.step()
+    eng.step()
+    rids.append(eng.add_request(prompts[2], news[2]))
+    eng.step()
+    copy = eng.fork(rids[0])[0]
+    eng.run()
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, **kw), rid
+    assert eng.result(copy) == eng.result(rids[0])
+    assert counter.frame_count <= 3               # buckets 2 and 4 (and 1 as requests end)

@@ -105,14 +105,15 @@ class Engine:
             so joins and leaves change no shape; ``False``: eager, exact batch.
             ``backend`` is torch.compile's.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
-            ``page_size``, ...); ``max_growth`` is not supported yet.
+            ``page_size``, ``max_growth``, ...). With ``max_growth`` (decode-time
+            re-eviction) each request re-evicts on its own schedule, exactly when it would
+            alone, and its pages are bounded by ``C + window + max_growth`` rows per head
+            whatever ``max_new_tokens`` is (admission counts that bound).
     """
 
     def __init__(self, model, *, num_pages: int, max_batch: int,
                  chunk_size: Optional[int] = None, compile: bool = False,
                  mode: Optional[str] = None, backend: str = "inductor", **cache_kwargs):
-        if cache_kwargs.get("max_growth") is not None:
-            raise NotImplementedError("adakv: the engine does not support max_growth yet")
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         self.model = model
@@ -390,7 +391,10 @@ class Engine:
         else:
             top = s.policy.max_layer_budget
             prefix = min(top, n) if s.rounding == "exact" else min(top + 1, n)
-        rows = H * (prefix + min(s.window, n) + new)   # every head of a layer together
+        # decode rows: all of them, or with re-eviction at most max_growth per head between two
+        # re-evictions (each brings a head back to its share of C + the window)
+        grow = new if s.max_growth is None else min(new, s.max_growth)
+        rows = H * (prefix + min(s.window, n) + grow)  # every head of a layer together
         kept = L * (-(-rows // P) + H)                  # + one partly filled page per head
         chunked = self.chunk_size is not None and self.chunk_size < n
         raw = L * H * -(-n // P) if chunked else 0

@@ -587,7 +587,7 @@ class PagedKVStore:
                             value.contiguous(), kept.kept_idx.contiguous(),
                             kept.kept_count.contiguous(), kept.window, key_start)
         if not is_view:
-            self.seg_len[layer].index_copy_(0, self.segment_index(seq_ids), sl)
+            self.seg_len[layer].index_copy_(0, self.segment_index(seq_ids).long(), sl)
         for s, n in zip(segs, new_lens):
             self._len[layer][s] = n
         for q in seq_ids:

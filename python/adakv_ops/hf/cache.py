@@ -273,7 +273,7 @@ class AdaKVCache(Cache):
         memory is bounded by the chunk.
 
         On a cache that already holds sequences (paged storage, a model without sliding
-        layers, no ``max_growth``), the rows are *added* to its batch as new sequences, each
+        layers), the rows are *added* to its batch as new sequences, each
         with its own length and no padding kept (prompts prefilled one at a time into one
         store): batch row ``b`` of the cache is the ``b``-th prompt row ever prefilled. The
         logical length (``get_seq_length``) becomes the longest prompt; decode forwards must
@@ -290,9 +290,6 @@ class AdaKVCache(Cache):
             if len(self.adakv_layers) != len(self.layers):
                 raise NotImplementedError("adakv: adding rows to a filled cache is not "
                                           "supported with sliding-window layers")
-            if self.settings.max_growth is not None:
-                raise NotImplementedError("adakv: adding rows to a filled cache is not "
-                                          "supported with max_growth")
         N = input_ids.shape[1]
         if chunk_size is None:
             chunk_size = N

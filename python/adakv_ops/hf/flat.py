@@ -9,6 +9,8 @@ storage (:mod:`adakv_ops.hf.paged`) is the one sequences can join and leave.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -143,7 +145,9 @@ class FlatLayer(EvictedLayer):
 
     # -- re-eviction --------------------------------------------------------------------------
 
-    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor,
+                         rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        assert rows is None, "the flat layout re-evicts its whole batch"
         S = lens.numel()
         D = self.k_flat.shape[1]
         cols = torch.arange(Nmax, device=lens.device, dtype=torch.int64)
@@ -156,7 +160,7 @@ class FlatLayer(EvictedLayer):
         vp = (self.v_flat.index_select(0, src).view(S, Nmax, D) * keep).view(B, H, Nmax, D)
         return kp, vp
 
-    def _store_reevicted(self, key, value, kept, key_start) -> None:
+    def _store_reevicted(self, key, value, kept, key_start, rows: Optional[list] = None) -> None:
         self._compact(key, value, kept, self.settings.max_growth, key_start)
 
     # -- inspection / snapshot ----------------------------------------------------------------

@@ -316,12 +316,18 @@ class EvictedLayer(CacheLayerMixin):
     def _store_prompt(self, q_window, key, value, key_start, C, scale) -> None:
         raise NotImplementedError
 
-    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-        """The stored segments right-aligned into ``[B, H, Nmax, D]`` K and V (segment ``s``
-        has ``lens[s]`` rows and ``pad[s] = Nmax - lens[s]`` zero rows in front)."""
+    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor,
+                         rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """The stored segments (of batch rows ``rows``, default all) right-aligned into
+        ``[B', H, Nmax, D]`` K and V (segment ``s`` has ``lens[s]`` rows and
+        ``pad[s] = Nmax - lens[s]`` zero rows in front)."""
         raise NotImplementedError
 
-    def _store_reevicted(self, key, value, kept, key_start) -> None:
+    def _window_queries(self, rows: Optional[list] = None) -> Tensor:
+        """The last ``window`` queries of batch rows ``rows`` (default all), ``[B', Hq, W, D]``."""
+        return self.qbuf
+
+    def _store_reevicted(self, key, value, kept, key_start, rows: Optional[list] = None) -> None:
         """Replace the stored segments by ``kept`` of the right-aligned ``key``/``value``."""
         raise NotImplementedError
 
@@ -346,30 +352,35 @@ class EvictedLayer(CacheLayerMixin):
         else:
             self.qbuf.copy_(torch.cat([self.qbuf[:, :, T:], q], dim=2))
 
-    def _reevict(self, seg_len: Tensor) -> bool:
-        """Evict again from the stored segments with the same policy: the segments are
-        right-aligned into ``[B, H, N', D]`` (per-segment left padding), each scored on its
-        own with the last ``window`` queries (the ring ``qbuf``), then budgets / select at this
-        layer's budget, and the kept rows replace the segments. One host read (the shortest
-        and longest segment) per re-eviction, never per step. Returns False (nothing done)
-        when a segment is shorter than the window."""
+    def _reevict(self, seg_len: Tensor, rows: Optional[list] = None,
+                 budget: Optional[int] = None) -> bool:
+        """Evict again from the stored segments (of batch rows ``rows``, default all;
+        ``seg_len`` holds their lengths) with the same policy: the segments are right-aligned
+        into ``[B', H, N', D]`` (per-segment left padding), each scored on its own with the
+        last ``window`` queries (the ring ``qbuf``), then budgets / select per row at this
+        layer's budget, and the kept rows replace the segments (rows are independent: a row
+        re-evicted with others keeps what it keeps alone). One host read (the shortest and
+        longest segment) per re-eviction, never per step. Returns False (nothing done) when a
+        segment is shorter than the window. ``budget``: the rows' ``C`` (default the layer's).
+        """
         s = self.settings
         policy = s.policy
-        B, H = self._batch, self.n_heads
+        B, H = (self._batch if rows is None else len(rows)), self.n_heads
         S = B * H
         lens = seg_len.to(torch.int64)
         Nmin, Nmax = torch.stack([lens.min(), lens.max()]).tolist()
-        W, C = s.window, self.budget
+        W, C = s.window, (self.budget if budget is None else budget)
         if Nmin < W:
             return False  # a segment shorter than the window (tiny prompt, big append)
         L = Nmax - W
         pad = Nmax - lens                                              # [S]
-        kp, vp = self._gather_segments(Nmax, lens, pad)
+        kp, vp = self._gather_segments(Nmax, lens, pad, rows)
         ks_seg = pad.to(torch.int32)                                   # per-segment padding
         D = kp.shape[-1]
         if policy.needs_queries:
-            Hq = self.qbuf.shape[1]
-            q = self.qbuf.reshape(S, Hq // H, W, D)
+            qb = self._window_queries(rows)
+            Hq = qb.shape[1]
+            q = qb.reshape(S, Hq // H, W, D)
         else:
             q = None
         scores = policy.scores(q, kp.reshape(S, 1, Nmax, D), key_start=ks_seg,
@@ -380,7 +391,7 @@ class EvictedLayer(CacheLayerMixin):
         finite = (L - ks_seg.view(B, H)).clamp(min=0)
         budgets = torch.minimum(budgets, finite).contiguous()
         kept_idx, kept_count = _ops.select(scores.contiguous(), budgets, key_start=ks_row)
-        self._store_reevicted(kp, vp, Kept(kept_idx, kept_count, budgets, W, C), ks_row)
+        self._store_reevicted(kp, vp, Kept(kept_idx, kept_count, budgets, W, C), ks_row, rows)
         self.n_reevict += 1
         return True
 

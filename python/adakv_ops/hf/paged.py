@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import ops as _ops
-from ..store import OutOfPages, PagedKVStore
+from ..store import OutOfPages, PagedKVStore, to_device
 from .layer import INT32_MAX, EvictedLayer
 from .registration import mark_static
 
@@ -41,6 +42,7 @@ class PagedPool:
         self._marked = None
         self._run: Optional[tuple[int, int]] = None     # slot_run(), set on every change
         self._index: Optional[Tensor] = None
+        self._row_slots: Optional[Tensor] = None
         # batch-size buckets (a fixed decode shape across joins and leaves): the forward has
         # `bucket` rows, the batch then pad rows whose segment_index entries are -1 (no
         # storage: the paged ops write nothing for them and output 0)
@@ -101,9 +103,21 @@ class PagedPool:
         self.bucket = bucket
         self._membership_changed()
 
+    def row_slots(self) -> Optional[Tensor]:
+        """The store slot of every forward row, pad rows ``max_sequences`` (the spare row of
+        the layers' per-slot buffers): ``[rows]`` int64 on the device, re-eviction mode only
+        (``None`` otherwise)."""
+        return self._row_slots
+
     def _membership_changed(self) -> None:
         # computed here, eagerly: compiled forwards only read them (no guard flips after a call)
         q = self.seqs
+        self._row_slots = None
+        if q and self.store is not None and self.settings.max_growth is not None:
+            pads = (self.bucket or len(q)) - len(q)
+            self._row_slots = to_device(torch.tensor(q + [self.store.max_sequences] * pads,
+                                                     dtype=torch.int64), self.store.device)
+            mark_static(self._row_slots)
         if self.bucket is not None and q:
             self._run = None
             self._index = self.store.segment_index(q, pad_to=self.bucket)
@@ -198,8 +212,12 @@ class PagedPool:
 
 class PagedLayer(EvictedLayer):
     """An evicted layer stored as the ``full_rank``-th layer of the cache's paged store.
-    Host counter ``free`` (re-eviction mode only): tokens left before the segments pass
-    ``C_l + window + max_growth`` rows."""
+
+    Re-eviction mode (``max_growth``) keeps its state per store slot, so every sequence has its
+    own schedule (it re-evicts exactly when it would alone, whoever joined or left): ``qbuf
+    [slots + 1, Hq, window, D]`` (the last ``window`` queries of each slot; the spare last row
+    takes the pad rows' writes), ``free [slots]`` (tokens left before the slot's segments pass
+    ``C + window + max_growth`` rows) and ``slot_budget [slots]`` (its ``C``)."""
 
     def __init__(self, settings, layer_idx, full_rank, mailbox, control, pool: PagedPool):
         self.pool = pool
@@ -207,7 +225,8 @@ class PagedLayer(EvictedLayer):
 
     def _clear_storage(self) -> None:
         self._evicted = False
-        self.free = 0
+        self.free: Optional[np.ndarray] = None
+        self.slot_budget: Optional[np.ndarray] = None
 
     @property
     def evicted(self) -> bool:
@@ -258,29 +277,82 @@ class PagedLayer(EvictedLayer):
         rows = self.pool.active()
         self.pool.call(lambda: st.write_kept(self.full_rank, rows, key, value, kept, key_start))
         self._evicted = True
-        self.free = s.max_growth or 0
         self.keys, self.values = st.k_pages, st.v_pages
 
     # -- decode -------------------------------------------------------------------------------
 
     def _make_room(self, T: int) -> None:
         s = self.settings
-        if s.max_growth is not None:
-            if self.free < T and self._reevict(self._batch_tables()[1]):
-                self.free = s.max_growth
-            self.free -= T
         st, seqs = self.store, self.pool.seqs
+        if s.max_growth is not None:
+            slots = np.asarray(seqs, dtype=np.int64)
+            due = np.flatnonzero(self.free[slots] < T).tolist()      # batch rows
+            # a row re-evicts once each of its segments holds a window (as alone)
+            due = [r for r in due if min(st.lengths(self.full_rank, seqs[r])) >= s.window]
+            for C in sorted({int(self.slot_budget[seqs[r]]) for r in due}):
+                rows = [r for r in due if int(self.slot_budget[seqs[r]]) == C]
+                if self._reevict(self._rows_tables(rows)[1], rows, C):
+                    self.free[slots[rows]] = s.max_growth
+            self.free[slots] -= T
         self.pool.call(lambda: st.reserve(seqs, T, layers=[self.full_rank]))
         st.advance(self.full_rank, seqs, T)
 
-    def _batch_tables(self) -> tuple[Tensor, Tensor]:
-        """``(page_table [B * H, width], seg_len [B * H])`` of the batch (gathered when it is
-        not a run of slots; re-eviction reads them whole)."""
-        table, seg_len, idx = self._views()
-        if idx is None:
-            return table, seg_len
-        idx = idx[:self._batch * self.n_heads]
-        return table.index_select(0, idx), seg_len.index_select(0, idx)
+    def _rows_tables(self, rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """``(page_table [B' * H, width], seg_len [B' * H])`` of batch rows ``rows`` (default
+        all), gathered (re-eviction reads them whole)."""
+        seqs = self.pool.seqs if rows is None else [self.pool.seqs[r] for r in rows]
+        idx = self.store.segment_index(seqs)
+        r = self.full_rank
+        return (self.store.page_table[r].index_select(0, idx),
+                self.store.seg_len[r].index_select(0, idx))
+
+    def _slot_index(self, rows: Optional[list] = None) -> Tensor:
+        seqs = self.pool.seqs if rows is None else [self.pool.seqs[r] for r in rows]
+        return to_device(torch.tensor(seqs, dtype=torch.int64), self.store.device)
+
+    def _ensure_slot_state(self, Hq: int, D: int, dtype, device) -> None:
+        """Per-slot re-eviction buffers for every slot of the store (grown with its slots)."""
+        n = self.store.max_sequences + 1
+        if self.qbuf is not None and self.qbuf.shape[0] == n:
+            return
+        qbuf = torch.zeros((n, Hq, self.settings.window, D), dtype=dtype, device=device)
+        free = np.zeros(n - 1, dtype=np.int64)
+        budget = np.zeros(n - 1, dtype=np.int64)
+        if self.qbuf is not None:
+            m = min(self.qbuf.shape[0], n) - 1
+            qbuf[:m] = self.qbuf[:m]
+            free[:m], budget[:m] = self.free[:m], self.slot_budget[:m]
+        self.qbuf, self.free, self.slot_budget = qbuf, free, budget
+        mark_static(qbuf)
+
+    def _after_prompt(self, q_window: Tensor) -> None:
+        s = self.settings
+        if s.max_growth is None:
+            self.qbuf = None
+            return
+        B, Hq, W, D = q_window.shape
+        self._ensure_slot_state(Hq, D, q_window.dtype, q_window.device)
+        seqs = self.pool.active()
+        w = q_window.new_zeros((B, Hq, s.window, D))
+        w[:, :, s.window - W:] = q_window
+        idx = to_device(torch.tensor(seqs, dtype=torch.int64), q_window.device)
+        self.qbuf.index_copy_(0, idx, w)
+        self.free[seqs] = s.max_growth
+        self.slot_budget[seqs] = self.budget
+
+    def _after_decode(self, q: Tensor) -> None:
+        if self.qbuf is None:
+            return
+        idx = self.pool.row_slots()
+        T, Wb = q.shape[2], self.qbuf.shape[2]
+        if T >= Wb:
+            new = q[:, :, T - Wb:]
+        else:
+            new = torch.cat([self.qbuf.index_select(0, idx)[:, :, T:], q], dim=2)
+        self.qbuf.index_copy_(0, idx, new.contiguous())
+
+    def _window_queries(self, rows: Optional[list] = None) -> Tensor:
+        return self.qbuf.index_select(0, self._slot_index(rows))
 
     def ensure(self, num_tokens: int) -> None:
         if self.evicted:
@@ -302,10 +374,11 @@ class PagedLayer(EvictedLayer):
 
     # -- re-eviction --------------------------------------------------------------------------
 
-    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+    def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor,
+                         rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
         st = self.store
         P, D = st.page_size, st.head_dim
-        table = self._batch_tables()[0].to(torch.int64)
+        table = self._rows_tables(rows)[0].to(torch.int64)
         S = lens.numel()
         cols = torch.arange(Nmax, device=lens.device, dtype=torch.int64)
         i = cols.unsqueeze(0) - pad.unsqueeze(1)                       # row in the segment
@@ -314,14 +387,15 @@ class PagedLayer(EvictedLayer):
         src = table.gather(1, torch.div(i, P, rounding_mode="floor")) * P + i % P
         src = torch.where(valid, src, torch.zeros_like(src)).view(-1)
         keep = valid.view(S, Nmax, 1)
-        B, H = self._batch, self.n_heads
+        B, H = (self._batch if rows is None else len(rows)), self.n_heads
         kp = (st.k_pages.view(-1, D).index_select(0, src).view(S, Nmax, D) * keep)
         vp = (st.v_pages.view(-1, D).index_select(0, src).view(S, Nmax, D) * keep)
         return kp.view(B, H, Nmax, D), vp.view(B, H, Nmax, D)
 
-    def _store_reevicted(self, key, value, kept, key_start) -> None:
+    def _store_reevicted(self, key, value, kept, key_start, rows: Optional[list] = None) -> None:
         st = self.store
-        self.pool.call(lambda: st.write_kept(self.full_rank, self.pool.seqs, key.contiguous(),
+        seqs = self.pool.seqs if rows is None else [self.pool.seqs[r] for r in rows]
+        self.pool.call(lambda: st.write_kept(self.full_rank, seqs, key.contiguous(),
                                              value.contiguous(), kept, key_start))
         self.keys, self.values = st.k_pages, st.v_pages
 
@@ -336,18 +410,21 @@ class PagedLayer(EvictedLayer):
 
     def _fork_rows(self, rows: list[int]) -> None:
         """Batch rows ``rows`` are copied to new rows at the end (the pool copies the pages)."""
-        if self.qbuf is not None:
-            self.qbuf = torch.cat([self.qbuf, self.qbuf[torch.tensor(
-                rows, dtype=torch.long, device=self.qbuf.device)]]).contiguous()
-            mark_static(self.qbuf)
+        if self.qbuf is not None and rows:
+            _, Hq, _, D = self.qbuf.shape
+            self._ensure_slot_state(Hq, D, self.qbuf.dtype, self.qbuf.device)
+            src = [self.pool.seqs[r] for r in rows]
+            new = self.pool.seqs[len(self.pool.seqs) - len(rows):]
+            dev = self.qbuf.device
+            self.qbuf.index_copy_(0, to_device(torch.tensor(new), dev),
+                                  self.qbuf.index_select(0, to_device(torch.tensor(src), dev)))
+            self.free[new] = self.free[src]
+            self.slot_budget[new] = self.slot_budget[src]
         self._batch += len(rows)
 
     def _keep_rows(self, keep: list[int]) -> None:
-        """Only batch rows ``keep`` stay (the pool frees the others' pages)."""
-        if self.qbuf is not None:
-            self.qbuf = self.qbuf[torch.tensor(keep, dtype=torch.long,
-                                               device=self.qbuf.device)].contiguous()
-            mark_static(self.qbuf)
+        """Only batch rows ``keep`` stay (the pool frees the others' pages; the per-slot
+        re-eviction state of the others is simply not read any more)."""
         self._batch = len(keep)
         if not keep:
             self._clear()
@@ -368,13 +445,16 @@ class PagedLayer(EvictedLayer):
         if not self._evicted:
             raise RuntimeError("adakv: snapshot() before the prompt was processed")
         return (None if self.qbuf is None else (self.qbuf, self.qbuf.clone()),
-                self.seen, self.free, self.budget)
+                self.seen, None if self.free is None else self.free.copy(), self.budget,
+                None if self.slot_budget is None else self.slot_budget.copy())
 
     def _restore(self, st) -> None:
-        qb, seen, free, budget = st
+        qb, seen, free, budget, slot_budget = st
         if qb is not None:
             qb[0].copy_(qb[1])
             self.qbuf = qb[0]
-        self.seen, self.free, self.budget = seen, free, budget
+        self.seen, self.budget = seen, budget
+        self.free = None if free is None else free.copy()
+        self.slot_budget = None if slot_budget is None else slot_budget.copy()
         self._pending, self._prepaid = None, 0
         self.keys, self.values = self.store.k_pages, self.store.v_pages
