@@ -26,7 +26,9 @@ prompts for real and then fills the batch with ``Engine.fork`` copies of them (e
 pages are a device copy of its source's: the same bytes per sequence as a real request, and
 the decode kernel reads every copy's own pages). At each batch size it decodes ``--warmup``
 steps (graph recording), then ``--steps`` timed steps: step time (median, host work and the
-per-step token read included, as an engine runs), tokens/s, roofline, KV held; ``--profile``
+per-step token read included, as an engine runs), tokens/s, roofline, KV held, and the cost
+of one leave (a cancelled request) and one join (a 512-token request admitted: ms of its
+prefill), which should not grow with the batch; ``--profile``
 adds a ``torch.profiler`` breakdown of the device time of 3 steps at the largest batch (GEMMs,
 the paged decode kernel, the append, fused elementwise, the rest) against the step time.
 """
@@ -245,6 +247,27 @@ def _category(name: str) -> str:
     return "other kernels"
 
 
+def join_leave(eng, cfg, g, new, cpu, n_join=512):
+    """At the current batch: the cost of a leave (a forked request cancelled: its pages freed,
+    the tables' rows zeroed, a new segment index) and of a join (a request of ``n_join``
+    prompt tokens admitted by the next step: its prefill and eviction; ``prefill_s`` of the
+    engine's stats), host wall time with the device synchronised. Neither should grow with
+    the batch."""
+    def sync():
+        if not cpu:
+            torch.cuda.synchronize()
+    sync()
+    t0 = time.perf_counter()
+    eng.cancel(eng.running[-1])
+    sync()
+    leave = time.perf_counter() - t0
+    eng.add_request(torch.randint(0, cfg.vocab_size, (n_join,), generator=g).tolist(), new)
+    before = eng.stats["prefill_s"]
+    eng.step()
+    return {"leave_ms": leave * 1e3, "join_prefill_ms": (eng.stats["prefill_s"] - before) * 1e3,
+            "join_prompt": n_join}
+
+
 def profile_steps(eng, n=3):
     """Device time of ``n`` engine steps by kernel category (ms per step), and the step's wall
     time."""
@@ -316,6 +339,7 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "kv_rows": kv_rows, "warmup_s": warm, "prefill_wall_s": prefill_wall,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
+        rec.update(join_leave(eng, cfg, g, news[0], cpu))
         if args.profile and not cpu and B == targets[-1]:
             rec["profile"] = profile_steps(eng)
         recs.append(rec)
@@ -326,13 +350,13 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                 fh.write(json.dumps(r) + "\n")
     print(f"\nprompt {N}, {len(real)} real prefills ({prefill_wall:.1f} s), the rest forked")
     print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'roof ms':>8} {'%roof':>6} {'KV GiB':>7}"
-          f" {'host':>6} {'launch':>6} {'wait':>6}")
+          f" {'host':>6} {'launch':>6} {'wait':>6} {'leave':>7} {'join':>7}")
     for r in recs:
         pct = 100 * r["pct_roofline"] if r["pct_roofline"] else float("nan")
         ph = r["step_phases_mean"]
         print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tok_s']:8.0f} {r['roofline_ms']:8.2f} "
               f"{pct:6.1f} {r['kv_held_gib']:7.2f} {ph['host_ms']:6.2f} {ph['launch_ms']:6.2f} "
-              f"{ph['wait_ms']:6.2f}")
+              f"{ph['wait_ms']:6.2f} {r['leave_ms']:7.2f} {r['join_prefill_ms']:7.1f}")
         if "profile" in r:
             p = r["profile"]
             print(f"  profile: wall {p['wall_ms']:.2f} ms/step, device {p['device_ms']:.2f}")
