@@ -31,6 +31,10 @@ of one leave (a cancelled request) and one join (a 512-token request admitted: m
 prefill), which should not grow with the batch; ``--profile``
 adds a ``torch.profiler`` breakdown of the device time of 3 steps at the largest batch (GEMMs,
 the paged decode kernel, the append, fused elementwise, the rest) against the step time.
+
+Streams: ``--prompt-mix 8192,32768,131072`` draws each request's prompt length from the list
+(the mixed stream); ``--max-growth`` turns on decode-time re-eviction (the decode-heavy
+stream, e.g. ``--prompt 4096 --new 8192,8192 --max-growth 256``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=None)
+    ap.add_argument("--prompt-mix", default=None,
+                    help="the stream's prompt lengths drawn uniformly from this list, e.g. "
+                         "8192,32768,131072 (the mixed stream of issue 13; burst mode only)")
     ap.add_argument("--new", default=None, help="lo,hi new tokens per request")
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--budget", type=int, default=None)
@@ -133,8 +140,10 @@ def main(argv=None):
         return recs
     t0 = time.perf_counter()
     rids = []
-    for n in news:
-        prompt = torch.randint(0, cfg.vocab_size, (N,), generator=g).tolist()
+    mix = [int(x) for x in args.prompt_mix.split(",")] if args.prompt_mix else [N]
+    lens = [mix[int(i)] for i in torch.randint(0, len(mix), (len(news),), generator=g)]
+    for n, n_prompt in zip(news, lens):
+        prompt = torch.randint(0, cfg.vocab_size, (n_prompt,), generator=g).tolist()
         rids.append(eng.add_request(prompt, n))
     first = {}
     max_conc, max_pages = 0, 0
@@ -166,7 +175,7 @@ def main(argv=None):
     kv = statistics.median(s[2] for s in at_max) if at_max else 0
     roof = (step_weights + kv * 2 * D * el) / bw if not cpu else float("nan")
     ttft = sorted(first[r] for r in rids)
-    rec = {"kind": "serve", "max_concurrent": max_conc,
+    rec = {"kind": "serve", "max_concurrent": max_conc, "prompt_lengths": lens,
            "decode_tok_s": (sum(x[0] for x in timed) / max(sum(x[1] for x in timed), 1e-9)
                             if timed else None),
            "warmup_steps": len(warm), "warmup_s": sum(x[1] for x in warm),
