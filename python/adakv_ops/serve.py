@@ -20,7 +20,8 @@ Each :meth:`Engine.step`:
 2. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
    of ``chunk_size``), evicted into pages, and joins the batch with its first token;
 3. launches one decode step for every running request (one forward over the cache's batch,
-   each row at its own position; greedy), fed with the previous step's tokens *on the device*;
+   each row at its own position; greedy or sampled per request), fed with the previous step's
+   tokens *on the device*;
 4. reads the previous step's tokens while the device runs the new one.
 
 So the host's work (page accounting, inputs, joins and leaves, the compiled forward's call)
@@ -37,7 +38,10 @@ short; one that does not fit now waits in the queue.
 
 Semantics: every request gets exactly the greedy tokens it gets alone (tested); positions are
 per request (its prompt length + tokens so far). ``compile=True`` runs the decode forward in
-CUDA graphs per batch-size bucket; sampling other than greedy is not part of this version.
+CUDA graphs per batch-size bucket. Sampling (``temperature`` / ``top_p`` / ``top_k`` per
+request, :mod:`adakv_ops.sampling`) draws from one device generator seeded by ``seed``: the
+tokens are reproducible for the same engine, seed and arrival schedule, not equal to those of
+the request alone.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .hf import AdaKVCache, cache_kwarg
+from .sampling import SamplingParams, select_next
 from .store import to_device
 
 __all__ = ["AdmissionError", "Engine", "Request"]
@@ -75,6 +80,7 @@ class Request:
     pages_bound: int = 0        # worst-case pages once evicted, incl. its max_new_tokens
     raw_pages: int = 0          # pages its chunked prefill holds until the last chunk
     pending: int = 0            # tokens of decode steps launched but not read yet
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
     @property
     def done(self) -> bool:
@@ -90,7 +96,7 @@ class Request:
 
 
 class Engine:
-    """Continuous batching of greedy requests over one paged :class:`AdaKVCache`.
+    """Continuous batching of requests over one paged :class:`AdaKVCache`.
 
     Args:
         model: a transformers causal LM without sliding-window layers (Llama, Mistral, Qwen2,
@@ -103,7 +109,7 @@ class Engine:
             bucket (powers of two up to ``max_batch``): the batch is padded with pad rows
             (``-1`` entries of the paged ops' ``segment_index``: no slot, no page, output 0),
             so joins and leaves change no shape; ``False``: eager, exact batch.
-            ``backend`` is torch.compile's.
+            ``backend`` is torch.compile's. ``seed``: the sampling generator's seed.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ...). With ``max_growth`` (decode-time
             re-eviction) each request re-evicts on its own schedule, exactly when it would
@@ -113,7 +119,8 @@ class Engine:
 
     def __init__(self, model, *, num_pages: int, max_batch: int,
                  chunk_size: Optional[int] = None, compile: bool = False,
-                 mode: Optional[str] = None, backend: str = "inductor", **cache_kwargs):
+                 mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
+                 **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         self.model = model
@@ -133,6 +140,7 @@ class Engine:
         self._running: List[Request] = []       # batch row order of the cache
         self._requests: Dict[int, Request] = {}
         self._inflight = None                   # (next-token ids on the device, requests)
+        self._gen = torch.Generator(device=self._device).manual_seed(seed)
         self._next_id = 0
         self._vocab = cfg.vocab_size
         #: cumulative timings (host wall time; each part ends with a device read, so it is
@@ -152,9 +160,16 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: Sequence[int], max_new_tokens: int,
-                    eos_token_id: Optional[int] = None) -> int:
+                    eos_token_id: Optional[int] = None, *, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0) -> int:
         """Queue a request; returns its id. Raises :class:`AdmissionError` if it can never
-        fit this engine."""
+        fit this engine. ``temperature`` (0: greedy), ``top_p``, ``top_k`` (0: no limit):
+        the request's sampling (:mod:`adakv_ops.sampling`; the engine's ``seed`` seeds one
+        device generator for all requests)."""
+        try:
+            sampling = SamplingParams(temperature, top_p, top_k)
+        except ValueError as e:
+            raise AdmissionError(str(e)) from None
         if isinstance(prompt, Tensor):
             prompt = prompt.reshape(-1).tolist()
         prompt = [int(t) for t in prompt]
@@ -166,7 +181,7 @@ class Engine:
                 or max_new_tokens < 1:
             raise AdmissionError(f"adakv: max_new_tokens must be an int >= 1, got "
                                  f"{max_new_tokens!r}")
-        req = Request(self._next_id, prompt, max_new_tokens, eos_token_id)
+        req = Request(self._next_id, prompt, max_new_tokens, eos_token_id, sampling=sampling)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
         need = max(req.pages_bound, req.raw_pages)
         if need > self.num_pages:
@@ -208,7 +223,8 @@ class Engine:
         out = []
         for _ in range(n):
             c = Request(self._next_id, req.prompt, req.max_new_tokens, req.eos_token_id,
-                        list(req.tokens), "running", req.pages_bound, req.raw_pages)
+                        list(req.tokens), "running", req.pages_bound, req.raw_pages,
+                        sampling=req.sampling)
             self._next_id += 1
             self._requests[c.rid] = c
             self._running.append(c)
@@ -347,12 +363,23 @@ class Engine:
                 torch.compiler.cudagraph_mark_step_begin()
         logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
                                **cache_kwarg(self.cache), use_cache=True).logits
-        ids = logits[:B, -1].argmax(-1)        # a new tensor: the next replay keeps it
+        ids = self._next_tokens(logits[:B, -1], rows)   # a new tensor: the next replay keeps it
         for r in rows:
             r.pending += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += B
         return ids, rows
+
+    def _next_tokens(self, logits: Tensor, rows: List[Request]) -> Tensor:
+        """Next token of each row (device work only): argmax when every row is greedy."""
+        if all(r.sampling.greedy for r in rows):
+            return logits.argmax(-1)
+        sp = [r.sampling for r in rows]
+        t = to_device(torch.tensor([0.0 if x.top_k == 1 else x.temperature for x in sp]),
+                      self._device)
+        p = to_device(torch.tensor([x.top_p for x in sp]), self._device)
+        k = to_device(torch.tensor([x.top_k for x in sp]), self._device)
+        return select_next(logits, t, p, k, generator=self._gen)
 
     def _drain(self) -> None:
         """Read the step in flight now (fork needs every token of its source)."""
@@ -417,7 +444,7 @@ class Engine:
     def _admit(self, req: Request) -> int:
         ids = torch.tensor([req.prompt], device=self._device)
         out = self.cache.prefill(ids, chunk_size=self.chunk_size)   # joins as the last row
-        first = int(out.logits[0, -1].argmax())
+        first = int(self._next_tokens(out.logits[:, -1], [req])[0])
         req.tokens.append(first)
         req.state = "running"
         self._running.append(req)
