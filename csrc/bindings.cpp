@@ -7,6 +7,10 @@
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
 //   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
+//   defensive_score       cpu/followups.cpp      (none yet)              "
+//   value_norm            cpu/followups.cpp      (none yet)              "
+//   (the last two: building blocks of SPEC 7.1 / 7.2; their CPU impls have a block of their own,
+//   outside what _C_cuda compiles)
 //
 // Everything goes through PyTorch's stable ABI (csrc/torch_api.h), so one binary serves every
 // torch from 2.11 on. The file is compiled into both libraries: _C (schemas, CPU kernels) and,
@@ -62,6 +66,22 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "paged_decode_attention_lse(Tensor query, Tensor k_pages, Tensor v_pages, "
       "Tensor page_table, Tensor seg_len, float? scale=None, Tensor? segment_index=None) "
       "-> (Tensor, Tensor)");
+  // The authors' follow-up methods (SPEC 7.1, 7.2): DefensiveKV steps 1-3 plus the SnapKV mean
+  // and the window masses of step 5 -> (scores, snap_mean, window_mass); the CriticalKV value
+  // norm (DefensiveKV step 4). CPU kernels only so far.
+  m.def(
+      "defensive_score(Tensor q_window, Tensor key, int kernel_size=5, Tensor? key_start=None, "
+      "float? scale=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "value_norm(Tensor value, Tensor o_proj_weight, bool normalize=False, int? length=None) "
+      "-> Tensor");
+}
+
+// Ops with a CPU kernel only (no CUDA kernel yet): registered here, outside the block below
+// that _C_cuda compiles for its CUDA kernels.
+STABLE_TORCH_LIBRARY_IMPL(adakv, CPU, m) {
+  m.impl("defensive_score", TORCH_BOX(&adakv::cpu::defensive_score));
+  m.impl("value_norm", TORCH_BOX(&adakv::cpu::value_norm));
 }
 
 

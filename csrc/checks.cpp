@@ -437,6 +437,35 @@ void check_segment_index_values(const char* op, const std::optional<Tensor>& seg
   }
 }
 
+ValueNormShape validate_value_norm(const Tensor& value, const Tensor& o_proj_weight,
+                                   const std::optional<int64_t>& length) {
+  check_kv(value, "value [B, Hk, N, D]", 4);
+  check_kv(o_proj_weight, "o_proj_weight [hidden, Hq * D]", 2);
+  check_same_device(value, o_proj_weight, "value", "o_proj_weight");
+  check_same_dtype(value, o_proj_weight, "value", "o_proj_weight");
+  ValueNormShape s;
+  s.B = value.size(0);
+  s.Hk = value.size(1);
+  s.N = value.size(2);
+  s.D = value.size(3);
+  s.hidden = o_proj_weight.size(0);
+  ADAKV_CHECK(s.Hk >= 1, "adakv: value must have at least one KV head (Hk >= 1), got shape ",
+              shape_str(value));
+  ADAKV_CHECK(s.D >= 1, "adakv: value must have a head dim D >= 1, got shape ",
+              shape_str(value));
+  const int64_t width = o_proj_weight.size(1);
+  s.Hq = width / s.D;
+  ADAKV_CHECK(width % s.D == 0 && s.Hq >= 1 && s.Hq % s.Hk == 0,
+              "adakv: o_proj_weight must be [hidden, Hq * D] with D = ", s.D,
+              " (value's head dim) and Hq a positive multiple of Hk = ", s.Hk, ", got shape ",
+              shape_str(o_proj_weight));
+  s.length = length.value_or(s.N);
+  ADAKV_CHECK(s.length >= 0 && s.length <= s.N, "adakv: length must be in [0, N = ", s.N,
+              "], got ", s.length);
+  checked_mul(checked_mul(s.B, s.Hk, "B * Hk (value)"), s.length, "B * Hk * length");
+  return s;
+}
+
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N) {
   if (!key_start.has_value()) return;
   ADAKV_CHECK(key_start->is_cpu(), "adakv: internal error: key_start range check on ",

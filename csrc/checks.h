@@ -103,6 +103,16 @@ void check_paged_unique(const char* op, const int32_t* page_table, const PagedSh
 void check_segment_index_values(const char* op, const std::optional<Tensor>& segment_index,
                                 int64_t table_rows, bool distinct);
 
+// ---- the follow-up methods' building blocks (SPEC 7.1, 7.2; docs/semantics.md)
+// defensive_score validates with validate_score (same arguments as score).
+//
+// value_norm: value [B, Hk, N, D] (Hk >= 1, D >= 1), o_proj_weight [hidden, Hq * D] of value's
+// dtype and device with Hq a positive multiple of Hk, length in [0, N] (default N);
+// B * Hk * length checked for overflow.
+struct ValueNormShape { int64_t B, Hk, N, D, Hq, hidden, length; };
+ValueNormShape validate_value_norm(const Tensor& value, const Tensor& o_proj_weight,
+                                   const std::optional<int64_t>& length);
+
 // Data-dependent: key_start values in [0, N] (CPU only).
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N);
 

@@ -57,6 +57,15 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 namespace cpu {
 ADAKV_DECLARE_BACKEND_OPS
+
+// CPU only so far (no CUDA kernel yet): the building blocks of the authors' follow-up methods
+// (SPEC 7.1, 7.2), csrc/cpu/followups.cpp. Returns (scores, snap_mean, window_mass).
+std::tuple<Tensor, Tensor, Tensor> defensive_score(const Tensor& q_window, const Tensor& key,
+                                                   int64_t kernel_size,
+                                                   const OptTensor& key_start,
+                                                   std::optional<double> scale);
+Tensor value_norm(const Tensor& value, const Tensor& o_proj_weight, bool normalize,
+                  std::optional<int64_t> length);
 }  // namespace cpu
 
 namespace cuda {

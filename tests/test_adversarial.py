@@ -19,7 +19,6 @@ Plus the fake kernels (torch.compile tracing gives the C++ errors) and the HF la
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -49,6 +48,10 @@ RAISE = "raise"   # both backends raise (shape / dtype / size checks)
 CLAMP = "clamp"   # CPU raises; CUDA raises the same error or runs without a fault
 CUDA_ONLY = "cuda_only"  # device-mismatch cases (need a second device)
 
+# Ops with a CPU kernel only so far (defensive_score, value_norm): their cases (names starting
+# with these prefixes) are skipped on CUDA. Their behaviours are those a CUDA kernel will need.
+CPU_ONLY_PREFIXES = ("defensive_", "vnorm_")
+
 
 def i32(*v):
     return torch.tensor(v, dtype=torch.int32)
@@ -64,7 +67,8 @@ def base(dev: str) -> dict:
     g = torch.Generator().manual_seed(3)
     t = dict(q=q, k=k, v=v, s=s, bud=bud, idx=idx, cnt=cnt, kf=kf, vf=vf, ss=ss, sl=sl,
              kn=torch.randn(B, Hk, 1, D, generator=g), vn=torch.randn(B, Hk, 1, D, generator=g),
-             qd=torch.randn(B, Hq, 1, D, generator=g))
+             qd=torch.randn(B, Hq, 1, D, generator=g),
+             o=torch.randn(12, Hq * D, generator=torch.Generator().manual_seed(6)))
     t.update(_paged_base(kf, vf, ss, sl))
     t = {n: x.to(dev) for n, x in t.items()}
     t["dev"] = dev
@@ -482,6 +486,75 @@ for _lse in (False, True):
             t, l, seg_len=with_(t["psl"], 2, -4), segment_index=_sidx(t, 0, 1, 2, -1)),
          r"adakv: .*seg_len\[2\]", CLAMP),
     ]
+# ---- the follow-up building blocks (CPU kernels only so far; CPU_ONLY_PREFIXES)
+CASES += [
+    ("defensive_q_rank", lambda t: ops.defensive_score(t["q"][0], t["k"]), r"adakv: .*q_window", RAISE),
+    ("defensive_key_rank", lambda t: ops.defensive_score(t["q"], t["k"][0]), r"adakv: .*key", RAISE),
+    ("defensive_q_int", lambda t: ops.defensive_score(t["q"].int(), t["k"].int()),
+     r"adakv: .*q_window.*float", RAISE),
+    ("defensive_dtype_mismatch", lambda t: ops.defensive_score(t["q"], t["k"].bfloat16()),
+     r"adakv: key has dtype", RAISE),
+    ("defensive_key_noncontiguous", lambda t: ops.defensive_score(t["q"], _noncontig(t["k"])),
+     r"adakv: key.*contiguous", RAISE),
+    ("defensive_q_noncontiguous", lambda t: ops.defensive_score(_noncontig(t["q"]), t["k"]),
+     r"adakv: q_window.*contiguous", RAISE),
+    ("defensive_heads", lambda t: ops.defensive_score(t["q"][:, :3].contiguous(), t["k"]),
+     r"adakv: .*multiple of KV heads", RAISE),
+    ("defensive_Hk0", lambda t: ops.defensive_score(t["q"], t["k"][:, :0].contiguous()),
+     r"adakv: .*KV heads", RAISE),
+    ("defensive_batch", lambda t: ops.defensive_score(t["q"][:1].contiguous(), t["k"]),
+     r"adakv: key has batch", RAISE),
+    ("defensive_head_dim", lambda t: ops.defensive_score(t["q"][..., :-1].contiguous(), t["k"]),
+     r"adakv: key has head dim", RAISE),
+    ("defensive_W0", lambda t: ops.defensive_score(t["q"][:, :, :0].contiguous(), t["k"]),
+     r"adakv: .*W = 0", RAISE),
+    ("defensive_W_gt_N", lambda t: ops.defensive_score(torch.zeros(B, Hq, N + 1, D, device=t["dev"]), t["k"]),
+     r"adakv: .*window W", RAISE),
+    ("defensive_kernel_even", lambda t: ops.defensive_score(t["q"], t["k"], kernel_size=4),
+     r"adakv: .*kernel_size", RAISE),
+    ("defensive_kernel_zero", lambda t: ops.defensive_score(t["q"], t["k"], kernel_size=0),
+     r"adakv: .*kernel_size", RAISE),
+    ("defensive_kernel_neg", lambda t: ops.defensive_score(t["q"], t["k"], kernel_size=-5),
+     r"adakv: .*kernel_size", RAISE),
+    ("defensive_kernel_over_int64", lambda t: ops.defensive_score(t["q"], t["k"], kernel_size=2**63 + 1),
+     r"adakv: .*kernel_size", RAISE),
+    ("defensive_ks_dtype", lambda t: ops.defensive_score(t["q"], t["k"], key_start=i32(0, 0).long().to(t["dev"])),
+     r"adakv: .*key_start.*int32", RAISE),
+    ("defensive_ks_shape", lambda t: ops.defensive_score(t["q"], t["k"], key_start=i32(0, 0, 0).to(t["dev"])),
+     r"adakv: .*key_start", RAISE),
+    ("defensive_ks_gt_N", lambda t: ops.defensive_score(t["q"], t["k"], key_start=i32(0, N + 1).to(t["dev"])),
+     r"adakv: key_start\[1\] = 25 is outside", CLAMP),
+    ("defensive_ks_neg", lambda t: ops.defensive_score(t["q"], t["k"], key_start=i32(-1, 0).to(t["dev"])),
+     r"adakv: key_start\[0\] = -1 is outside", CLAMP),
+    ("defensive_ks_int32_max", lambda t: ops.defensive_score(t["q"], t["k"], key_start=i32(0, I32).to(t["dev"])),
+     r"adakv: key_start\[1\]", CLAMP),
+    # legal sizes whose outputs (2^48 * L floats) exceed any address space: a clear allocation
+    # error before any work
+    ("defensive_alloc_fail", lambda t: ops.defensive_score(*_nodata_qkv(t["dev"], 2**24, 2**24)[:2]),
+     r"adakv: defensive_score: could not allocate \d+ bytes for the scores", RAISE),
+    ("vnorm_value_rank", lambda t: ops.value_norm(t["v"][0], t["o"]), r"adakv: value .*dimensions", RAISE),
+    ("vnorm_o_rank", lambda t: ops.value_norm(t["v"], t["o"].view(-1)), r"adakv: o_proj_weight .*dimensions", RAISE),
+    ("vnorm_value_int", lambda t: ops.value_norm(t["v"].int(), t["o"].int()), r"adakv: value.*float", RAISE),
+    ("vnorm_value_f64", lambda t: ops.value_norm(t["v"].double(), t["o"].double()), r"adakv: value.*float", RAISE),
+    ("vnorm_dtype_mismatch", lambda t: ops.value_norm(t["v"], t["o"].half()),
+     r"adakv: o_proj_weight has dtype", RAISE),
+    ("vnorm_value_noncontiguous", lambda t: ops.value_norm(_noncontig(t["v"]), t["o"]),
+     r"adakv: value.*contiguous", RAISE),
+    ("vnorm_o_noncontiguous", lambda t: ops.value_norm(t["v"], t["o"].t().contiguous().t()),
+     r"adakv: o_proj_weight.*contiguous", RAISE),
+    ("vnorm_heads_not_multiple", lambda t: ops.value_norm(t["v"], t["o"][:, : 3 * D].contiguous()),
+     r"adakv: o_proj_weight must be \[hidden, Hq \* D\] .*Hk = 2", RAISE),
+    ("vnorm_width_not_multiple_of_D", lambda t: ops.value_norm(t["v"], t["o"][:, :-1].contiguous()),
+     r"adakv: o_proj_weight must be \[hidden, Hq \* D\]", RAISE),
+    ("vnorm_width0", lambda t: ops.value_norm(t["v"], t["o"][:, :0].contiguous()),
+     r"adakv: o_proj_weight must be", RAISE),
+    ("vnorm_D0", lambda t: ops.value_norm(t["v"][..., :0].contiguous(), t["o"]), r"adakv: value .*head dim", RAISE),
+    ("vnorm_Hk0", lambda t: ops.value_norm(t["v"][:, :0].contiguous(), t["o"]), r"adakv: value .*KV head", RAISE),
+    ("vnorm_length_neg", lambda t: ops.value_norm(t["v"], t["o"], length=-1), r"adakv: length must be in \[0, N = 24\]", RAISE),
+    ("vnorm_length_gt_N", lambda t: ops.value_norm(t["v"], t["o"], length=N + 1), r"adakv: length", RAISE),
+    ("vnorm_length_huge", lambda t: ops.value_norm(t["v"], t["o"], length=2**62), r"adakv: length", RAISE),
+    ("vnorm_length_over_int64", lambda t: ops.value_norm(t["v"], t["o"], length=2**64), r"adakv: length", RAISE),
+]
 CASE_NAMES = [c[0] for c in CASES]
 assert len(set(CASE_NAMES)) == len(CASE_NAMES)
 _BY_NAME = {c[0]: c for c in CASES}
@@ -498,7 +571,7 @@ def _child(dev: str, names: list) -> None:
     for name in names:
         _, fn, _, beh = _BY_NAME[name]
         print(f"@@START {name}", flush=True)
-        if beh == CUDA_ONLY and dev == "cpu":
+        if (beh == CUDA_ONLY and dev == "cpu") or (dev != "cpu" and name.startswith(CPU_ONLY_PREFIXES)):
             res = {"status": "skip"}
         else:
             try:
@@ -549,6 +622,8 @@ def test_bad_input_raises_clear_error(name, dev):
     _, _, rx, beh = _BY_NAME[name]
     if beh == CUDA_ONLY and dev == "cpu":
         pytest.skip("needs a second device")
+    if dev != "cpu" and name.startswith(CPU_ONLY_PREFIXES):
+        pytest.skip("no CUDA kernel yet")
     r = _results(dev).get(name, {"status": "missing"})
     assert r["status"] != "crash", f"{name} on {dev} CRASHED the process: {r}"
     if dev != "cpu" and beh == CLAMP and r["status"] == "ok":
@@ -1004,6 +1079,38 @@ def test_fake_compact_and_score_checks():
             torch.ops.adakv.score(f["q"], f["k"], 4, "max", "mean", "mean", None, None)
         with pytest.raises(RuntimeError, match=r"adakv: .*budget"):
             torch.ops.adakv.allocate(f["s"], -1, 0.2, True, "exact", None)
+
+
+def test_fake_followup_checks():
+    """defensive_score / value_norm fake kernels: the C++ errors, and the output shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = base("cpu")
+    with FakeTensorMode() as mode:
+        f = {n: mode.from_tensor(x) for n, x in t.items() if isinstance(x, torch.Tensor)}
+        with pytest.raises(RuntimeError, match=r"adakv: .*kernel_size"):
+            torch.ops.adakv.defensive_score(f["q"], f["k"], 4, None, None)
+        with pytest.raises(RuntimeError, match=r"adakv: .*window W"):
+            torch.ops.adakv.defensive_score(f["q"], f["k"][:, :, :2], 5, None, None)
+        s, m, wm = torch.ops.adakv.defensive_score(f["q"], f["k"], 5, None, None)
+        assert s.shape == m.shape == (B, Hk, L) and wm.shape == (B, 2)
+        assert s.dtype == m.dtype == wm.dtype == torch.float32
+        for n in (-1, N + 1):
+            with pytest.raises(RuntimeError, match=r"adakv: length must be in \[0, N = 24\]"):
+                torch.ops.adakv.value_norm(f["v"], f["o"], False, n)
+        with pytest.raises(RuntimeError, match=r"adakv: o_proj_weight must be"):
+            torch.ops.adakv.value_norm(f["v"], f["o"][:, :-1], False, None)
+        with pytest.raises(RuntimeError, match=r"adakv: o_proj_weight must be"):
+            torch.ops.adakv.value_norm(f["v"], f["o"][:, : 3 * D], False, None)
+        assert torch.ops.adakv.value_norm(f["v"], f["o"], True, None).shape == (B, Hk, N)
+        out = torch.ops.adakv.value_norm(f["v"], f["o"], False, L)
+        assert out.shape == (B, Hk, L) and out.dtype == torch.float32
+    torch._dynamo.reset()
+    fn = torch.compile(lambda v, o: ops.value_norm(v, o, length=N + 1), backend="eager",
+                       fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"adakv: length"):
+        fn(t["v"], t["o"])
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------

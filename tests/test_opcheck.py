@@ -197,3 +197,31 @@ def test_opcheck_paged_segment_index(device, B, Hq, Hk, D, T, dtype, P):
         opcheck(A.paged_decode_attention.default, (q, kp, vp, table, ln2, scale, idx))
         opcheck(A.paged_decode_attention_lse.default, (q, kp, vp, table, ln2, scale),
                 dict(segment_index=idx))
+
+
+# defensive_score / value_norm (SPEC 7.1 / 7.2 building blocks): CPU kernels only so far, so the
+# CUDA variants are skipped even with a GPU.
+CPU_ONLY_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skip(
+    reason="defensive_score / value_norm have no CUDA kernel yet"))]
+
+
+@pytest.mark.parametrize("device", CPU_ONLY_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_defensive_score(device, shape, dtype):
+    q, k, v, ks = inputs(shape, 21, device, dtype)
+    opcheck(A.defensive_score.default, (q, k), dict(kernel_size=5, key_start=ks, scale=None))
+    opcheck(A.defensive_score.default, (q, k, 3, ks, 0.2))
+    opcheck(A.defensive_score.default, (q, k))
+
+
+@pytest.mark.parametrize("device", CPU_ONLY_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_value_norm(device, shape, dtype):
+    B, Hq, Hk, N, W, D, C, padded = shape
+    q, k, v, ks = inputs(shape, 22, device, dtype)
+    o = to(device, randn((24, Hq * D), 23, dtype))
+    opcheck(A.value_norm.default, (v, o))
+    opcheck(A.value_norm.default, (v, o), dict(normalize=True, length=N - W))
+    opcheck(A.value_norm.default, (v, o, False, 0))

@@ -3,6 +3,7 @@
 // softmax math:
 //   * compact_segment_len / for_each_compact_row: which source tokens a segment stores, in
 //     which order (kept prefix in kept_idx order, then the window), and how many;
+//   * window_softmax: one window query's softmax (score and defensive_score);
 //   * decode_rows: the one-pass online-softmax decode over the rows of every segment, with the
 //     address of row n of segment s given by a functor `row(s, n) -> row index` into K/V.
 // Only the CPU library (_C) includes this header.
@@ -18,6 +19,30 @@
 
 namespace adakv {
 namespace cpu {
+
+// The window softmax of one observation-window query (SPEC section 1), shared by the score
+// and defensive_score kernels so both run literally the same fp32 arithmetic: q_row [D] (the
+// query, scaled by `scale` into qt [D]) against the fp32 keys kf [N, D], visible columns
+// [ks, pos]; leaves exp(logit - max) in p[ks..pos] and returns 1 / (their sum).
+template <typename scalar_t>
+inline float window_softmax(const scalar_t* q_row, float scale, const float* kf, int64_t D,
+                            int64_t ks, int64_t pos, float* qt, float* p) {
+  for (int64_t d = 0; d < D; ++d) qt[d] = static_cast<float>(q_row[d]) * scale;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t n = ks; n <= pos; ++n) {
+    const float* kn = kf + n * D;
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += qt[d] * kn[d];
+    p[n] = acc;
+    mx = std::max(mx, acc);
+  }
+  float sum = 0.f;
+  for (int64_t n = ks; n <= pos; ++n) {
+    p[n] = std::exp(p[n] - mx);
+    sum += p[n];
+  }
+  return 1.0f / sum;
+}
 
 // memcpy of n bytes; nothing for n == 0 (a D = 0 tensor has a null data pointer, and memcpy
 // with a null pointer is undefined even for 0 bytes: UBSan flags it).

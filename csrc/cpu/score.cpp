@@ -13,6 +13,7 @@
 
 #include "allocation_rules.h"
 #include "checks.h"
+#include "kernels.h"
 #include "ops.h"
 
 namespace adakv {
@@ -38,21 +39,8 @@ void score_kernel(const scalar_t* q, const scalar_t* k, const int32_t* key_start
         for (int64_t t = 0; t < W; ++t) {
           const int64_t pos = L + t;  // position of this window query
           if (pos < ks) continue;     // a padding query contributes nothing
-          for (int64_t d = 0; d < D; ++d) qt[d] = static_cast<float>(qg[t * D + d]) * scale;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t n = ks; n <= pos; ++n) {
-            const float* kn = kf.data() + n * D;
-            float acc = 0.f;
-            for (int64_t d = 0; d < D; ++d) acc += qt[d] * kn[d];
-            logits[n] = acc;
-            mx = std::max(mx, acc);
-          }
-          float sum = 0.f;
-          for (int64_t n = ks; n <= pos; ++n) {
-            logits[n] = std::exp(logits[n] - mx);
-            sum += logits[n];
-          }
-          const float inv = 1.0f / sum;
+          const float inv = window_softmax(qg + t * D, scale, kf.data(), D, ks, pos, qt.data(),
+                                           logits.data());
           const int64_t last = std::min(pos + 1, L);  // only prefix columns are scored
           if (aggregate == Reduce::kMean) {
             for (int64_t n = ks; n < last; ++n) agg[n] += logits[n] * inv;

@@ -67,18 +67,25 @@ def _load_libraries() -> None:
 _load_libraries()
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
+from . import _composite  # noqa: E402
+
+#: Ops whose CUDA kernel is, for now, the torch-op implementation of ``adakv_ops._composite``
+#: (no native kernel yet): registered on a CUDA build of torch.
+composite_cuda_ops = _composite.register() if torch.version.cuda else []
 from .budgets import pyramid_budgets  # noqa: E402
 from .ops import (  # noqa: E402
     allocate,
     append_,
     compact,
     decode_attention,
+    defensive_score,
     evict,
     paged_append_,
     paged_compact_,
     paged_decode_attention,
     score,
     select,
+    value_norm,
 )
 
 __version__ = "0.1.0"
@@ -94,5 +101,7 @@ __all__ = [
     "paged_compact_",
     "paged_append_",
     "paged_decode_attention",
+    "defensive_score",
+    "value_norm",
     "pyramid_budgets",
 ]

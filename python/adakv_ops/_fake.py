@@ -45,9 +45,8 @@ def _flat_rows(n_rows_hint):
     return ctx.new_dynamic_size() if n_rows_hint is None else n_rows_hint
 
 
-@torch.library.register_fake("adakv::score")
-def _score_fake(q_window, key, kernel_size=7, pooling="max", aggregate="mean",
-                gqa_reduce="mean", key_start=None, scale=None):
+def _window_shape(q_window, key, kernel_size):
+    """The checks of validate_score that need no data (score, defensive_score): (B, Hk, N, W)."""
     torch._check(q_window.dim() == 4 and key.dim() == 4, lambda: "adakv: q_window and key must be 4-D")
     B, Hk, N, _ = key.shape
     W = q_window.shape[2]
@@ -55,6 +54,13 @@ def _score_fake(q_window, key, kernel_size=7, pooling="max", aggregate="mean",
     _check(W <= N, lambda: f"adakv: window W = {W} is longer than the prompt N = {N}")
     _check(kernel_size >= 1 and kernel_size % 2 == 1,
            lambda: f"adakv: kernel_size must be odd and >= 1, got {kernel_size}")
+    return B, Hk, N, W
+
+
+@torch.library.register_fake("adakv::score")
+def _score_fake(q_window, key, kernel_size=7, pooling="max", aggregate="mean",
+                gqa_reduce="mean", key_start=None, scale=None):
+    B, Hk, N, W = _window_shape(q_window, key, kernel_size)
     return q_window.new_empty((B, Hk, N - W), dtype=torch.float32)
 
 
@@ -149,3 +155,29 @@ def _paged_decode_fake(query, k_pages, v_pages, page_table, seg_len, scale=None,
 def _paged_decode_lse_fake(query, k_pages, v_pages, page_table, seg_len, scale=None,
                            segment_index=None):
     return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("adakv::defensive_score")
+def _defensive_score_fake(q_window, key, kernel_size=5, key_start=None, scale=None):
+    B, Hk, N, W = _window_shape(q_window, key, kernel_size)
+    scores = q_window.new_empty((B, Hk, N - W), dtype=torch.float32)
+    return scores, torch.empty_like(scores), q_window.new_empty((B, 2), dtype=torch.float32)
+
+
+@torch.library.register_fake("adakv::value_norm")
+def _value_norm_fake(value, o_proj_weight, normalize=False, length=None):
+    _check(value.dim() == 4, lambda: f"adakv: value [B, Hk, N, D] must have 4 dimensions, got "
+                                     f"shape {list(value.shape)}")
+    _check(o_proj_weight.dim() == 2, lambda: f"adakv: o_proj_weight [hidden, Hq * D] must have 2 "
+                                             f"dimensions, got shape {list(o_proj_weight.shape)}")
+    B, Hk, N, D = value.shape
+    _check(Hk >= 1, lambda: f"adakv: value must have at least one KV head (Hk >= 1), got shape "
+                            f"{list(value.shape)}")
+    _check(D >= 1, lambda: f"adakv: value must have a head dim D >= 1, got shape {list(value.shape)}")
+    width = o_proj_weight.shape[1]
+    _check(width % D == 0 and width // D >= 1 and (width // D) % Hk == 0, lambda: (
+        f"adakv: o_proj_weight must be [hidden, Hq * D] with D = {D} (value's head dim) and Hq a "
+        f"positive multiple of Hk = {Hk}, got shape {list(o_proj_weight.shape)}"))
+    n = N if length is None else length
+    _check(0 <= n <= N, lambda: f"adakv: length must be in [0, N = {N}], got {n}")
+    return value.new_empty((B, Hk, n), dtype=torch.float32)

@@ -27,6 +27,7 @@ _INT_RANGES = {
     "rows": "[0, 2^31)",
     "window": "[0, N]",
     "kernel_size": "odd values >= 1",
+    "length": "[0, N]",
 }
 
 
@@ -60,6 +61,59 @@ def score(q_window: Tensor, key: Tensor, kernel_size: int = 7, pooling: str = "m
     _check_ints(kernel_size=kernel_size)
     return torch.ops.adakv.score(q_window, key, kernel_size, pooling, aggregate, gqa_reduce,
                                  key_start, scale)
+
+
+def defensive_score(q_window: Tensor, key: Tensor, kernel_size: int = 5,
+                    key_start: Optional[Tensor] = None,
+                    scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """DefensiveKV scores before the value weight (SPEC 7.2 steps 1-3), with the plain SnapKV
+    mean and the window masses that its stage-1 floor (step 5) needs. CPU only so far.
+
+    Args:
+        q_window: ``[B, Hq, W, D]`` the last ``W`` queries (after RoPE); fp32/fp16/bf16.
+        key: ``[B, Hk, N, D]`` keys (after RoPE), same dtype.
+        kernel_size: odd ``avg_pool1d`` width (``count_include_pad``), default 5 (the authors').
+        key_start: ``[B]`` int32 first non-padding position per row (left padding).
+        scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(scores, snap_mean, window_mass)``: ``scores [B, Hk, L]`` float32, per window query
+        the prefix row pooled over the row's valid prefix and rescaled to its prefix mass, the
+        max over the group's query heads and the window, then ``max(R, mean R)``;
+        ``snap_mean [B, Hk, L]`` float32, the unpooled mean over the group and the window
+        (equal to :func:`score` with ``pooling="none"``, mean/mean); padding columns of both
+        ``-inf``, and a row with no valid prefix token all ``-inf``. ``window_mass [B, 2]``
+        float32: per row the mean over its ``Hq * W`` window queries of the mass on the window
+        columns ``[L, N)`` (``[:, 0]``, the intended ``window_bias``) and on the last ``W``
+        prefix columns (``[:, 1]``, the authors' slip; average it over rows to reproduce
+        them); 0 for a row with no valid prefix. The value weight (:func:`value_norm` with
+        ``normalize=True, length=L``) and the stage-1 floor are the caller's.
+    """
+    _check_ints(kernel_size=kernel_size)
+    return torch.ops.adakv.defensive_score(q_window, key, kernel_size, key_start, scale)
+
+
+def value_norm(value: Tensor, o_proj_weight: Tensor, normalize: bool = False,
+               length: Optional[int] = None) -> Tensor:
+    """CriticalKV value norm (SPEC 7.1; DefensiveKV step 4). CPU only so far.
+
+    ``out[b, h, i]`` = mean over the group's query heads ``j`` of
+    ``|| value[b, h, i] @ W_o[j] ||_1`` with ``W_o = o_proj_weight^T`` viewed as
+    ``[Hq, D, hidden]`` (products accumulated in float32).
+
+    Args:
+        value: ``[B, Hk, N, D]``; fp32/fp16/bf16.
+        o_proj_weight: ``[hidden, Hq * D]`` (the attention output projection's weight), same
+            dtype; ``Hq`` must be a positive multiple of ``Hk``.
+        normalize: divide each token's norms by their sum over the ``Hk`` KV heads (no epsilon:
+            a token whose norm is 0 in every head gives NaN).
+        length: only tokens ``[0, length)`` (default ``N``; e.g. ``L`` for the prefix).
+
+    Returns:
+        ``[B, Hk, length]`` float32.
+    """
+    _check_ints(length=length)
+    return torch.ops.adakv.value_norm(value, o_proj_weight, normalize, length)
 
 
 def allocate(scores: Tensor, budget: int, floor_alpha: float = 0.2, adaptive: bool = True,

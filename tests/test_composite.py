@@ -1,0 +1,66 @@
+"""adakv_ops._composite (the interim torch-op CUDA implementations of defensive_score and
+value_norm) equals the C++ CPU kernels, run on CPU tensors: random shapes, GQA, padding (a row
+whose valid tokens all lie in the window, key_start == N), W == N, every dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAVE_OPS, make_key_start, make_qkv, randn
+
+pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
+
+if HAVE_OPS:
+    from adakv_ops import _composite
+
+SHAPES = [  # B, Hq, Hk, N, W, D, kernel
+    (1, 2, 1, 37, 4, 16, 5),
+    (3, 4, 2, 61, 8, 16, 3),
+    (2, 8, 2, 50, 5, 32, 7),
+    (2, 4, 4, 9, 9, 16, 5),        # W == N: no prefix
+    (3, 6, 3, 40, 1, 16, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_defensive_score_composite_matches_the_cpu_kernel(shape, dtype):
+    B, Hq, Hk, N, W, D, kernel = shape
+    q, k, _ = make_qkv(B, Hq, Hk, N, W, D, N + D)
+    q, k = q.to(dtype), k.to(dtype)
+    for ks in (None, make_key_start(B, N, N, max_pad=N)):
+        if ks is not None and B > 1:
+            ks[-1] = N - W // 2          # valid tokens in the window only
+        want = torch.ops.adakv.defensive_score(q, k, kernel, ks, None)
+        got = _composite.defensive_score(q, k, kernel, ks, None)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hk,N,D,hidden", [(1, 4, 1, 33, 16, 24), (3, 6, 2, 20, 8, 40),
+                                                 (2, 2, 2, 5, 16, 8)])
+def test_value_norm_composite_matches_the_cpu_kernel(B, Hq, Hk, N, D, hidden, dtype):
+    v = randn((B, Hk, N, D), N).to(dtype)
+    v[0, :, 2] = 0                                        # a token with no value: NaN normalised
+    w = randn((hidden, Hq * D), hidden).to(dtype)
+    for normalize in (False, True):
+        for length in (None, 0, N // 2):
+            want = torch.ops.adakv.value_norm(v, w, normalize, length)
+            got = _composite.value_norm(v, w, normalize, length)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_composite_checks_its_arguments():
+    q, k, v = make_qkv(1, 4, 2, 20, 4, 16, 0)
+    with pytest.raises(RuntimeError, match="adakv: q_window .* same dtype"):
+        _composite.defensive_score(q.half(), k)
+    with pytest.raises(RuntimeError, match="adakv: .*multiple of Hk"):
+        _composite.defensive_score(q[:, :3], k)
+    with pytest.raises(RuntimeError, match="adakv: key_start"):
+        _composite.defensive_score(q, k, key_start=torch.zeros(1, dtype=torch.int64))
+    w = randn((8, 4 * 16), 1)
+    with pytest.raises(RuntimeError, match="adakv: length"):
+        _composite.value_norm(v, w, length=21)
+    with pytest.raises(RuntimeError, match="adakv: value .* same dtype"):
+        _composite.value_norm(v, w.half())
