@@ -176,9 +176,10 @@ def test_cli_smoke(tmp_path):
             "--text-segments", "1", "--out", str(out), "--no-progress"]
     assert eval_main(args) == 0
     res = json.loads(out.read_text())
-    assert len(res["records"]) == len(TASKS) * 2 * 2 * (1 + 5 * 2)
+    n_methods = len(METHODS_ALL) - 1                    # every method but full, 2 budgets
+    assert len(res["records"]) == len(TASKS) * 2 * 2 * (1 + n_methods * 2)
     assert res["aggregates"]["accuracy"]["aware"]["full@1"]["n"] == len(TASKS) * 2
-    assert len(res["text_records"]) == 1 + 5 * 2
+    assert len(res["text_records"]) == 1 + n_methods * 2
     assert out.with_suffix(".md").exists()
     try:
         import matplotlib  # noqa: F401
@@ -240,7 +241,7 @@ def test_cli_local_model_directory(tmp_path):
                       "--no-plots"]) == 0
     res = json.loads(out.read_text())
     assert res["model"]["name"] == "my-model" and res["model"]["chat"] is False
-    assert len(res["records"]) == 2 * (1 + 5)
+    assert len(res["records"]) == 2 * len(METHODS_ALL)
 
 
 def test_default_text_fallback_files_exist():

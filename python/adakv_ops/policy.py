@@ -14,6 +14,33 @@ the most recent ones (StreamingLLM as a score pattern); ``snapkv`` / ``pyramid``
 observation window and keep ``C_l`` per head; ``ada_snapkv`` / ``ada_pyramid`` also allocate
 the layer's ``Hk * C_l`` adaptively across heads (Ada-KV). Pyramid methods spread ``budget``
 over the layers with :func:`adakv_ops.pyramid_budgets`.
+
+The Ada-KV authors' follow-ups (SPEC section 7; the fp64 oracle and its decisions D1-D13 are
+:mod:`adakv_ops.reference_followups`), in their default form (the window always kept, the
+budget ``C`` counting prefix tokens only, as every method here):
+
+* ``criticalkv`` / ``ada_criticalkv`` (7.1): the kvpress SnapKV base score (``score`` with
+  ``avg`` pooling, kernel 5: mean over the window, pool, mean over the group, D3) and the value
+  weight ``n = mean_g || v_i W_o[g] ||_1`` (``value_norm``). Stage 1 forces each head's top
+  ``int(0.5 C_h) - W`` prefix tokens by base score (the window occupies the first ``W`` of the
+  authors' ``int(0.5 C_h)``), stage 2 fills to the head's budget by ``(score + 1e-4) * n``.
+  ``ada_criticalkv`` first marks each head's safeguard (``int(0.2 (C + W)) - W`` prefix
+  tokens) and takes the per-head budgets from one global top ``Hk C`` over the layer, marked
+  tokens first (``allocate`` with no floor); ``criticalkv`` gives every head ``C``.
+* ``defensivekv`` (7.2): the defensive score (``defensive_score``: pooled per window query,
+  rescaled to its prefix mass, max over the group and the window, the mean floor) times the
+  value weight normalised across the layer's KV heads, the stage-1 floor (the tokens holding
+  ``0.9 - window_bias`` of the plain SnapKV mass, clamped, raised to the row's maximum) and one
+  global top ``Hk C`` over the layer's prefix tokens with no floor (``allocate`` with
+  ``floor_alpha=0``).
+* ``layer_defensivekv`` (7.3): the same scores, one global top ``n_layers Hk C`` over every
+  layer's prefix tokens, with bounded memory (:class:`adakv_ops.cascade.LayerCascade`: after
+  each layer only what can still win is kept, which re-trims earlier layers). Per-layer sizes
+  vary with the data (not a static flat-cache size). :meth:`EvictionPolicy.keep_layer`.
+
+Every selection is device work with no host read; the ``[B, H, L]`` ranking tensors are the
+only temporaries. Those methods need the layer's values and its ``o_proj`` weight
+(:meth:`EvictionPolicy.keep` takes both).
 """
 
 from __future__ import annotations
@@ -27,9 +54,17 @@ from torch import Tensor
 from . import ops as _ops
 from .budgets import pyramid_budgets
 
-__all__ = ["EvictionPolicy", "Kept", "METHODS", "streaming_scores"]
+__all__ = ["EvictionPolicy", "Kept", "METHODS", "VALUE_METHODS", "streaming_scores"]
 
-METHODS = ("full", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "streaming")
+CRITICAL_EPS = 1e-4        # SPEC 7.1 stage-2 epsilon
+CRITICAL_SAFEGUARD = 0.2   # SPEC 7.1 AdaCriticalKV safeguard share of C + W
+DEFENSIVE_MASS = 0.9       # SPEC 7.2 step 5 target mass
+FOLLOWUP_KERNEL = 5        # SPEC 7.1 / 7.2 avg_pool1d kernel
+
+METHODS = ("full", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "streaming", "criticalkv",
+           "ada_criticalkv", "defensivekv", "layer_defensivekv")
+#: methods that rank with the value weight (they need ``value`` and ``o_proj_weight``)
+VALUE_METHODS = ("criticalkv", "ada_criticalkv", "defensivekv", "layer_defensivekv")
 _ADAPTIVE = {"ada_snapkv": True, "ada_pyramid": True, "snapkv": False, "pyramid": False}
 
 
@@ -86,11 +121,18 @@ class EvictionPolicy:
         return self.method not in ("full", "streaming")
 
     @property
+    def needs_values(self) -> bool:
+        """Whether the selection reads the layer's values and ``o_proj`` weight."""
+        return self.method in VALUE_METHODS
+
+    @property
     def fixed_size(self) -> bool:
         """Whether every head's budget is exactly ``C`` or the layer total is ``H * C``
         (a static flat-cache size): true except for adaptive allocation with official
         rounding."""
-        return self.rounding == "exact" or self.method in ("streaming", "snapkv", "pyramid")
+        if self.method == "layer_defensivekv":
+            return False
+        return self.rounding == "exact" or self.method not in ("ada_snapkv", "ada_pyramid")
 
     @property
     def max_layer_budget(self) -> int:
@@ -132,16 +174,138 @@ class EvictionPolicy:
                              rounding=self.rounding, key_start=key_start)
 
     def keep(self, q_window: Optional[Tensor], key: Tensor, C: int,
-             key_start: Optional[Tensor] = None, scale: Optional[float] = None) -> Kept:
+             key_start: Optional[Tensor] = None, scale: Optional[float] = None,
+             value: Optional[Tensor] = None, o_proj_weight: Optional[Tensor] = None) -> Kept:
         """The whole selection for ``key [B, H, N, D]`` at layer budget ``C``: scores, budgets,
-        top-``budget`` per head; ``full`` keeps every valid row (as its "window")."""
+        top-``budget`` per head; ``full`` keeps every valid row (as its "window"). The
+        :data:`VALUE_METHODS` also need ``value [B, H, N, D]`` and the layer's
+        ``o_proj_weight [hidden, Hq * D]``."""
         B, H, N, _ = key.shape
         dev = key.device
         if self.method == "full":
             z = torch.zeros((B, H), device=dev, dtype=torch.int32)
             return Kept(torch.empty((B, H, 0), device=dev, dtype=torch.int32), z, z, N, N)
         W = q_window.shape[2] if q_window is not None else min(self.window, N)
+        if self.needs_values:
+            if value is None or o_proj_weight is None:
+                raise ValueError(f"adakv: method {self.method!r} needs the layer's values and "
+                                 f"o_proj weight")
+            if self.method == "layer_defensivekv":
+                raise ValueError("adakv: layer_defensivekv selects across layers: use "
+                                 "keep_layer() with a LayerCascade")
+            if self.method == "defensivekv":
+                scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start,
+                                               scale)
+                budgets = _ops.allocate(scores, C, floor_alpha=0.0, adaptive=True,
+                                        key_start=key_start)
+                kept_idx, kept_count = _ops.select(scores, budgets, key_start=key_start)
+                return Kept(kept_idx, kept_count, budgets, W, C)
+            return self._keep_critical(q_window, key, value, o_proj_weight, C, key_start, scale)
         s = self.scores(q_window, key, key_start, scale).contiguous()
         budgets = self.budgets(s, C, key_start)
         kept_idx, kept_count = _ops.select(s, budgets, key_start=key_start)
         return Kept(kept_idx, kept_count, budgets, W, C)
+
+    # -- the follow-up methods (SPEC section 7, default forms) --------------------------------
+
+    def _keep_critical(self, q_window, key, value, o_proj_weight, C, key_start, scale) -> Kept:
+        B, H, N, _ = key.shape
+        W = q_window.shape[2]
+        L = N - W
+        base = _ops.score(q_window, key, kernel_size=FOLLOWUP_KERNEL, pooling="avg",
+                          aggregate="mean", gqa_reduce="mean", key_start=key_start,
+                          scale=scale)                                      # [B, H, L]
+        vn = _ops.value_norm(value, o_proj_weight, length=L)               # [B, H, L]
+        if self.method == "ada_criticalkv":
+            # safeguard: each head's top int(0.2 (C + W)) by base score, the window first
+            marked = max(int((C + W) * CRITICAL_SAFEGUARD) - W, 0)
+            mark = _top_mask(base, _full(B, H, marked, key), key_start)
+            budgets = _ops.allocate(_raise(base, mark), C, floor_alpha=0.0, adaptive=True,
+                                    key_start=key_start)                    # prefix C_h
+            # stage 1: int(0.5 C_h) with C_h = budget + window (>= the safeguard)
+            forced = torch.clamp((budgets + W) // 2 - W, min=marked).to(torch.int32)
+        else:
+            budgets = _full(B, H, C, key)
+            forced = _full(B, H, max(int(0.5 * (C + W)) - W, 0), key)
+        stage1 = _top_mask(base, forced, key_start)
+        rank = _raise((base + CRITICAL_EPS) * vn, stage1)
+        kept_idx, kept_count = _ops.select(rank, budgets, key_start=key_start)
+        return Kept(kept_idx, kept_count, budgets, W, C)
+
+    def keep_layer(self, cascade, q_window: Tensor, key: Tensor, value: Tensor,
+                   o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
+                   scale: Optional[float] = None):
+        """``layer_defensivekv``: this layer's defensive scores merged into ``cascade`` (a
+        :class:`adakv_ops.cascade.LayerCascade` of the prefill). Returns ``(Kept, retrim)``:
+        what this layer keeps now, and for every earlier layer of the cascade ``None`` or the
+        mask of its retained prefix rows that stay (:meth:`LayerCascade.add`)."""
+        W = q_window.shape[2]
+        scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start, scale)
+        kept_idx, kept_count, retrim = cascade.add(scores, key_start)
+        return Kept(kept_idx, kept_count, kept_count, W, C), retrim
+
+    def defensive_scores(self, q_window: Tensor, key: Tensor, value: Tensor,
+                         o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
+                         scale: Optional[float] = None) -> Tensor:
+        """DefensiveKV's ranking scores ``[B, H, L]`` float32 (SPEC 7.2 steps 1-5, default
+        form): the defensive score times the normalised value weight, the stage-1 tokens
+        raised to the row's maximum; padding columns ``-inf``."""
+        B, H, N, _ = key.shape
+        W = q_window.shape[2]
+        L = N - W
+        dev = key.device
+        R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
+                                              key_start=key_start, scale=scale)
+        weight = _ops.value_norm(value, o_proj_weight, normalize=True, length=L)
+        ks = (key_start.to(torch.int64) if key_start is not None
+              else torch.zeros(B, device=dev, dtype=torch.int64))
+        col = torch.arange(L, device=dev)
+        valid = (col >= ks.view(B, 1, 1))                                  # [B, 1, L]
+        neg_inf = torch.tensor(float("-inf"), device=dev)
+        R = torch.where(valid, R * weight, neg_inf)
+        # stage-1 floor (7.2 step 5; D9): the tokens before the one whose cumulative share of
+        # the head's plain SnapKV mass reaches 0.9 - window_bias, at most the clamp
+        mass = torch.where(valid, snap, torch.zeros((), device=dev))
+        share = mass / mass.sum(dim=-1, keepdim=True)
+        # descending, ties to the lower token; NaN then padding last (ranked lowest, D2)
+        key_ = torch.where(valid, share.nan_to_num(nan=-1.0, posinf=2.0), torch.tensor(-2.0,
+                                                                                        device=dev))
+        sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
+        cum = sorted_share.clamp(min=0).cumsum(dim=-1)
+        threshold = (DEFENSIVE_MASS - wmass[:, 0]).view(B, 1, 1)
+        reached = cum >= threshold
+        count = torch.where(reached.any(dim=-1), reached.to(torch.int8).argmax(dim=-1),
+                            torch.zeros((), device=dev, dtype=torch.int64))  # [B, H]
+        L_b, N_b = L - ks, N - ks
+        clamp = torch.clamp(torch.div(L_b * (C + W), N_b.clamp(min=1), rounding_mode="floor")
+                            - W, min=0)
+        count = torch.minimum(count, clamp.view(B, 1))
+        rank = torch.arange(L, device=dev).view(1, 1, L)
+        forced = torch.zeros(B, H, L, device=dev, dtype=torch.bool).scatter(
+            -1, order, rank < count.unsqueeze(-1))
+        # the row's maximum, NaN ignored (D8); NaN when every score is NaN
+        finite = torch.where(R.isnan(), neg_inf, R).amax(dim=(1, 2), keepdim=True)
+        top = torch.where((~R.isnan() & valid).any(dim=-1).any(dim=-1).view(B, 1, 1), finite,
+                          torch.tensor(float("nan"), device=dev))
+        return torch.where(forced, top, R).contiguous()
+
+
+def _full(B: int, H: int, n: int, like: Tensor) -> Tensor:
+    return torch.full((B, H), n, device=like.device, dtype=torch.int32)
+
+
+def _top_mask(scores: Tensor, counts: Tensor, key_start: Optional[Tensor]) -> Tensor:
+    """``[B, H, L]`` bool: each head's top ``counts[b, h]`` valid tokens (``select``'s order)."""
+    idx, _ = _ops.select(scores.contiguous(), counts.contiguous(), key_start=key_start)
+    hit = torch.zeros(scores.shape[0], scores.shape[1], scores.shape[2] + 1,
+                      device=scores.device, dtype=torch.bool)
+    # kept_idx is -1 filled: those land in the spare last column
+    hit.scatter_(-1, torch.where(idx < 0, scores.shape[2], idx).to(torch.int64), True)
+    return hit[..., :-1]
+
+
+def _raise(scores: Tensor, mask: Tensor) -> Tensor:
+    """``scores`` with the ``mask``ed tokens above every other (their own order is not needed:
+    they are all kept)."""
+    return torch.where(mask, torch.tensor(float("inf"), device=scores.device),
+                       scores).contiguous()

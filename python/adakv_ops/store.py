@@ -494,8 +494,8 @@ class PagedKVStore:
                        pooling: str = "max", kernel_size: int = 7, gqa_reduce: str = "mean",
                        aggregate: str = "mean", rounding: str = "exact", n_sink: int = 4,
                        pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
-                       layer_budget: Optional[int] = None, scale: Optional[float] = None
-                       ) -> Dict[str, object]:
+                       layer_budget: Optional[int] = None, scale: Optional[float] = None,
+                       o_proj_weight: Optional[Tensor] = None) -> Dict[str, object]:
         """Score and evict the sequence's prompt in ``layer``, exactly as the one-shot path.
 
         ``q_window [1, Hq, W, D]``: the last ``W = min(window, N)`` prompt queries (after RoPE;
@@ -505,7 +505,9 @@ class PagedKVStore:
         ``streaming`` the first ``n_sink`` prefix tokens + most recent (``budget`` prefix
         tokens) + window; ``snapkv`` / ``ada_snapkv`` / ``pyramid`` / ``ada_pyramid`` run
         ``score -> allocate -> select`` (pyramid: ``budget`` spread over the store's layers by
-        ``pyramid_budgets``; ``layer_budget`` overrides ``C_l``). The kept rows are then written
+        ``pyramid_budgets``; ``layer_budget`` overrides ``C_l``); ``criticalkv`` /
+        ``ada_criticalkv`` / ``defensivekv`` also weigh the values and need the layer's
+        ``o_proj_weight [hidden, Hq * D]``. The kept rows are then written
         with ``paged_compact_`` (:meth:`write_kept`) into fresh pages; the transient prompt
         pages are freed first (the prompt was gathered into a contiguous copy), so this never
         needs more pages than the prompt held. One device->host read (``kept_count``).
@@ -539,7 +541,9 @@ class PagedKVStore:
             pyramid_exact_mean=pyramid_exact_mean)
         C = (layer_budget if layer_budget is not None and method != "full"
              else policy.layer_budget(layer, self.num_layers, N, W))
-        kept = policy.keep(q_window if policy.needs_queries else None, key, C, scale=scale)
+        kept = policy.keep(q_window if policy.needs_queries else None, key, C, scale=scale,
+                           value=value if policy.needs_values else None,
+                           o_proj_weight=o_proj_weight)
         lens = self.write_kept(layer, [seq_id], key, value, kept)
         return {"budget": kept.C, "window": W, "lengths": lens}
 

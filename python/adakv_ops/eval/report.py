@@ -13,8 +13,13 @@ from pathlib import Path
 
 __all__ = ["aggregate", "compact_record", "dumps", "markdown", "plot", "write_report"]
 
-_ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
-_PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"))
+_ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "criticalkv",
+          "ada_criticalkv", "defensivekv", "layer_defensivekv")
+# paired comparisons (A vs B): Ada vs its uniform method, and each of the authors' follow-ups
+# (SPEC 7) vs ada_snapkv, the issue's reference point
+_PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"), ("criticalkv", "ada_snapkv"),
+          ("ada_criticalkv", "ada_snapkv"), ("defensivekv", "ada_snapkv"),
+          ("layer_defensivekv", "ada_snapkv"))
 
 
 def _mean(xs):
@@ -173,12 +178,12 @@ def markdown(result: dict) -> str:
                     cells.append(fmt.format(e["mean"]) if e else "-")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if agg.get("ada_vs_uniform"):
-        lines.append("\n**Ada vs uniform (paired samples)**\n")
+        lines.append("\n**Paired comparisons, A vs B (Ada vs uniform; the follow-ups vs "
+                     "ada_snapkv)**\n")
         lines.append("p: two-sided exact sign test on the paired samples that differ (McNemar's "
                      "exact test for accuracy).\n")
-        lines.append("| setting | budget | pair | n | acc ada | acc uniform | ada-only correct | "
-                     "uniform-only correct | acc p | L1 ada | L1 uniform | "
-                     "lower L1 ada / uniform | L1 p |")
+        lines.append("| setting | budget | pair (A vs B) | n | acc A | acc B | A-only correct | "
+                     "B-only correct | acc p | L1 A | L1 B | lower L1 A / B | L1 p |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in agg["ada_vs_uniform"]:
             lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | {r['ada']} vs "

@@ -41,7 +41,8 @@ from .tasks import Sample
 
 __all__ = ["PromptBuilder", "run_sample", "run_text", "METHODS_ALL", "SETTINGS"]
 
-METHODS_ALL = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid")
+METHODS_ALL = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "criticalkv",
+               "ada_criticalkv", "defensivekv", "layer_defensivekv")
 SETTINGS = ("aware", "agnostic")
 
 

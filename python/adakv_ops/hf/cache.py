@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from ..policy import METHODS, EvictionPolicy
+from ..policy import METHODS, VALUE_METHODS, EvictionPolicy
 from .flat import FlatLayer
 from .layer import INT32_MAX, EvictedLayer, LayerSettings, PrefillControl
 from .paged import PagedLayer, PagedPool
-from .registration import attention_modules, cache_kwarg, install, skip_prompt_masks
+from .registration import (attention_modules, cache_kwarg, install, o_proj_weight,
+                           skip_prompt_masks)
 
 __all__ = ["AdaKVCache", "CacheSnapshot", "STORAGES", "generate_chunked"]
 
@@ -44,8 +45,10 @@ class AdaKVCache(Cache):
             implementation must be ``"sdpa"`` or ``"eager"`` (what prefill and every non-AdaKV
             cache keep using).
         method: ``"ada_snapkv"`` (default), ``"snapkv"``, ``"ada_pyramid"``, ``"pyramid"``,
-            ``"streaming"`` (first ``n_sink`` tokens + most recent) or ``"full"`` (no eviction,
-            flat layout).
+            ``"streaming"`` (first ``n_sink`` tokens + most recent), the Ada-KV authors'
+            follow-ups ``"criticalkv"``, ``"ada_criticalkv"`` and ``"defensivekv"`` (value-aware,
+            SPEC section 7; :mod:`adakv_ops.policy`; not with ``max_growth`` yet) or ``"full"``
+            (no eviction, flat layout).
         budget: ``C``, the average number of kept prefix tokens per head (window not counted);
             pyramid methods spread it over the full-attention layers
             (``adakv_ops.pyramid_budgets``).
@@ -107,6 +110,9 @@ class AdaKVCache(Cache):
         if max_growth is not None:
             if method == "full":
                 raise ValueError("adakv: max_growth (re-eviction) needs an evicting method")
+            if method in VALUE_METHODS:
+                raise NotImplementedError(f"adakv: max_growth (re-eviction) with {method!r} is "
+                                          f"not supported yet (docs/hf.md)")
             if (not isinstance(max_growth, int) or isinstance(max_growth, bool)
                     or not window <= max_growth <= INT32_MAX):
                 raise ValueError(f"adakv: max_growth must be an int in [window ({window}), "
@@ -423,6 +429,7 @@ class AdaKVCache(Cache):
             raise ValueError(f"adakv: full cache has {len(full_cache.layers)} layers, this cache "
                              f"{len(self.layers)}")
         scales = {m.layer_idx: getattr(m, "scaling", None) for m in attention_modules(model)}
+        o_projs = {m.layer_idx: o_proj_weight(m) for m in attention_modules(model)}
         for i, (layer, src) in enumerate(zip(self.layers, full_cache.layers)):
             if not isinstance(layer, EvictedLayer):
                 if getattr(src, "is_initialized", False):
@@ -452,7 +459,7 @@ class AdaKVCache(Cache):
             layer.lazy_initialization(key, value)
             layer.seen = N
             layer._evict_prompt(q[:, :, q.shape[2] - W:], key.contiguous(), value.contiguous(),
-                                ks, scales.get(i))
+                                ks, scales.get(i), o_projs.get(i))
 
     def snapshot(self) -> CacheSnapshot:
         """Record the current state (cheap: segment lengths are cloned, tensors referenced)."""

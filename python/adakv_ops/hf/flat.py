@@ -66,8 +66,7 @@ class FlatLayer(EvictedLayer):
             self._check_rows(B * H, N, 0, R, "the prompt length N")
         else:
             self._check_rows(B * H, C, q_window.shape[2], R)
-        kept = s.policy.keep(q_window if s.policy.needs_queries else None, key, C,
-                             key_start=key_start, scale=scale)
+        kept = self._keep(q_window, key, value, key_start, C, scale)
         self._held_kv = None
         self._compact(key, value, kept, R, key_start)
         self.free = self.reserve_total = R
@@ -161,7 +160,13 @@ class FlatLayer(EvictedLayer):
         return kp, vp
 
     def _store_reevicted(self, key, value, kept, key_start, rows: Optional[list] = None) -> None:
-        self._compact(key, value, kept, self.settings.max_growth, key_start)
+        s = self.settings
+        self._compact(key, value, kept, s.max_growth if s.max_growth is not None else self.free,
+                      key_start)
+
+    def _seg_lens(self, rows: Optional[list] = None) -> Tensor:
+        assert rows is None, "the flat layout holds one batch"
+        return self.seg_len
 
     # -- inspection / snapshot ----------------------------------------------------------------
 

@@ -33,8 +33,9 @@ from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops as _ops
+from ..cascade import LayerCascade
 from ..policy import EvictionPolicy, Kept
-from .registration import is_compiling, key_start_from_mask, mark_static
+from .registration import is_compiling, key_start_from_mask, mark_static, o_proj_weight
 
 __all__ = ["EvictedLayer", "LayerSettings", "PrefillControl"]
 
@@ -69,6 +70,7 @@ class PrefillControl:
     lower_right: bool = False  # chunks attend with causal_lower_right (no mask was built)
     adding: bool = False      # the forward prefills new batch rows into an evicted cache
     chunk_queries: dict = field(default_factory=dict)  # layer_idx -> last window queries
+    cascade: Optional[tuple] = None  # layer_defensivekv: (LayerCascade, layers so far)
 
 
 def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale) -> tuple[Tensor, None]:
@@ -119,6 +121,7 @@ class EvictedLayer(CacheLayerMixin):
         self._batch: Optional[int] = None
         self._scale: Optional[float] = None
         self._pending = None      # (key, value, chunked) of the prompt forward in flight
+        self._o_proj: Optional[Tensor] = None   # the o_proj weight seen at prefill
         self._prepaid = 0
         self.n_grow = 0
         self.n_reevict = 0
@@ -241,7 +244,8 @@ class EvictedLayer(CacheLayerMixin):
                 q_window = qs.pop(self.layer_idx)[:, :, -W:]
             else:
                 q_window = query[:, :, N - W:]
-            self._evict_prompt(q_window, k, v, key_start_from_mask(attention_mask, B, N), scale)
+            self._evict_prompt(q_window, k, v, key_start_from_mask(attention_mask, B, N), scale,
+                               o_proj_weight(module))
             return out
         if getattr(module, "attn_logit_softcapping", None) is not None:
             raise NotImplementedError("adakv: attention logit softcapping is not supported")
@@ -251,9 +255,12 @@ class EvictedLayer(CacheLayerMixin):
         return out.transpose(1, 2), None
 
     def _evict_prompt(self, q_window: Tensor, key: Tensor, value: Tensor,
-                      key_start: Optional[Tensor], scale) -> None:
+                      key_start: Optional[Tensor], scale,
+                      o_proj: Optional[Tensor] = None) -> None:
         """Evict the whole prompt ``key``/``value [B, Hk, N, D]`` of this layer with the window
-        queries ``q_window [B, Hq, W, D]`` (the last ``W = min(window, N)`` prompt tokens)."""
+        queries ``q_window [B, Hq, W, D]`` (the last ``W = min(window, N)`` prompt tokens);
+        ``o_proj``: the attention module's output projection weight (the methods that weigh
+        values need it)."""
         s = self.settings
         B, Hk, N, D = key.shape
         Hq, W = q_window.shape[1], q_window.shape[2]
@@ -263,6 +270,10 @@ class EvictedLayer(CacheLayerMixin):
         key, value = self._expand(key), self._expand(value)
         C = s.policy.layer_budget(self.full_rank, s.n_full_layers, N, W)
         q_window = q_window.contiguous()
+        if s.policy.needs_values and o_proj is None:
+            raise ValueError(f"adakv: method {s.method!r} needs the o_proj weight of layer "
+                             f"{self.layer_idx}'s attention module (no o_proj found)")
+        self._o_proj = o_proj
         self._store_prompt(q_window, key, value, key_start, C, scale)
         self.budget, self.window, self._scale = C, W, scale
         self.held = 0
@@ -316,12 +327,71 @@ class EvictedLayer(CacheLayerMixin):
     def _store_prompt(self, q_window, key, value, key_start, C, scale) -> None:
         raise NotImplementedError
 
+    def _keep(self, q_window, key, value, key_start, C, scale) -> Kept:
+        """The policy's selection for a prompt ``key``/``value [B, H, N, D]`` of this layer.
+        ``layer_defensivekv``: merged into the prefill's cascade, whose re-trims of the earlier
+        layers are applied here, before this layer writes (so the rows held never exceed the
+        final cache plus this layer's prompt)."""
+        p = self.settings.policy
+        if p.method == "layer_defensivekv":
+            ctl = self._control
+            if self.full_rank == 0 or ctl.cascade is None:
+                ctl.cascade = (LayerCascade(self.settings.n_full_layers, C), [])
+            cascade, earlier = ctl.cascade
+            kept, retrim = p.keep_layer(cascade, q_window, key, value, self._o_proj, C,
+                                        key_start, scale)
+            rows = self._prefill_rows()
+            for layer, keep in zip(earlier, retrim):
+                if keep is not None:
+                    layer._retrim(keep, rows)
+            earlier.append(self)
+            if len(earlier) == self.settings.n_full_layers:
+                ctl.cascade = None
+            return kept
+        return p.keep(q_window if p.needs_queries else None, key, C, key_start=key_start,
+                      scale=scale, value=value if p.needs_values else None,
+                      o_proj_weight=self._o_proj)
+
     def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor,
                          rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
         """The stored segments (of batch rows ``rows``, default all) right-aligned into
         ``[B', H, Nmax, D]`` K and V (segment ``s`` has ``lens[s]`` rows and
         ``pad[s] = Nmax - lens[s]`` zero rows in front)."""
         raise NotImplementedError
+
+    def _prefill_rows(self) -> Optional[list]:
+        """The batch rows of the prompt being evicted (``None``: the whole batch)."""
+        return None
+
+    def _seg_lens(self, rows: Optional[list] = None) -> Tensor:
+        """``seg_len`` of the segments of batch rows ``rows`` (default all), batch-major."""
+        raise NotImplementedError
+
+    def _retrim(self, keep: Tensor, rows: Optional[list] = None) -> None:
+        """Keep only the prefix rows ``keep [B', H, w]`` (over each segment's prefix rows, in
+        ascending token order) of the segments of batch rows ``rows`` (default all); the
+        window rows stay. Layer-DefensiveKV's cascade calls it on earlier layers."""
+        lens = self._seg_lens(rows).to(torch.int64)
+        Bp, H, w = keep.shape
+        W = self.window
+        Nmax = int(lens.max())                                         # one host read
+        pad = Nmax - lens
+        kp, vp = self._gather_segments(Nmax, lens, pad, rows)
+        L = max(Nmax - W, 0)
+        p = torch.arange(w, device=keep.device)
+        cols = pad.view(Bp, H, 1) + p                                  # right-aligned columns
+        big = torch.full_like(cols, Nmax)
+        cols = torch.where(keep, cols, big).sort(dim=-1).values
+        kept_idx = torch.full((Bp, H, L), -1, device=keep.device, dtype=torch.int32)
+        n = min(w, L)
+        if n:
+            head = cols[..., :n]
+            kept_idx[..., :n] = torch.where(head < Nmax, head, torch.full_like(head, -1)).to(
+                torch.int32)
+        kept_count = keep.sum(dim=-1).to(torch.int32)
+        ks_row = pad.view(Bp, H).amin(dim=1).to(torch.int32).contiguous()
+        self._store_reevicted(kp, vp, Kept(kept_idx, kept_count, kept_count, W, self.budget),
+                              ks_row, rows)
 
     def _window_queries(self, rows: Optional[list] = None) -> Tensor:
         """The last ``window`` queries of batch rows ``rows`` (default all), ``[B', Hq, W, D]``."""

@@ -272,8 +272,7 @@ class PagedLayer(EvictedLayer):
         R = s.max_growth if s.max_growth is not None else min(s.reserve, s.page_size)
         prefix = N if s.method == "full" else min(C, N)
         st = self.pool.open(B, prefix + q_window.shape[2] + R, key.dtype, key.device)
-        kept = s.policy.keep(q_window if s.policy.needs_queries else None, key, C,
-                             key_start=key_start, scale=scale)
+        kept = self._keep(q_window, key, value, key_start, C, scale)
         rows = self.pool.active()
         self.pool.call(lambda: st.write_kept(self.full_rank, rows, key, value, kept, key_start))
         self._evicted = True
@@ -305,6 +304,15 @@ class PagedLayer(EvictedLayer):
         r = self.full_rank
         return (self.store.page_table[r].index_select(0, idx),
                 self.store.seg_len[r].index_select(0, idx))
+
+    def _seg_lens(self, rows: Optional[list] = None) -> Tensor:
+        return self._rows_tables(rows)[1]
+
+    def _prefill_rows(self) -> Optional[list]:
+        if self.pool.rows is None:
+            return None
+        n = len(self.pool.seqs)
+        return list(range(n - len(self.pool.rows), n))
 
     def _slot_index(self, rows: Optional[list] = None) -> Tensor:
         seqs = self.pool.seqs if rows is None else [self.pool.seqs[r] for r in rows]

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["CACHE_KWARG", "QueryRecorder", "attention_modules", "cache_kwarg", "install",
+__all__ = ["CACHE_KWARG", "QueryRecorder", "attention_modules", "cache_kwarg", "install", "o_proj_weight",
            "key_start_from_mask", "original_attn_implementation", "restore_attention"]
 
 SUPPORTED_ORIGINALS = ("sdpa", "eager")
@@ -165,6 +165,14 @@ def restore_attention(model) -> None:
     impl = model.config._attn_implementation or ""
     if impl.startswith(_PREFIX):
         model.set_attn_implementation(impl[len(_PREFIX):])
+
+
+def o_proj_weight(module) -> Optional[Tensor]:
+    """The output projection weight ``[hidden, Hq * D]`` of an attention module (``o_proj`` in
+    every supported family), or ``None``."""
+    proj = getattr(module, "o_proj", None)
+    w = getattr(proj, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
 
 
 def attention_modules(model):

@@ -1,0 +1,188 @@
+"""The follow-up methods of the eviction policy (criticalkv, ada_criticalkv, defensivekv; SPEC 7)
+against the fp64 oracle adakv_ops.reference_followups: the same kept sets on random inputs of
+many shapes (GQA, padding, rows that evict nothing, budget 0), and the methods end to end in
+the Hugging Face cache (generate on every family, flat == paged storage)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import HAVE_OPS, make_key_start, make_qkv, randn
+
+pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
+
+if HAVE_OPS:
+    from adakv_ops.policy import EvictionPolicy
+
+rf = importlib.import_module("adakv_ops.reference_followups")
+
+SHAPES = [  # B, Hq, Hk, N, W, D, C
+    (1, 2, 1, 37, 4, 16, 8),
+    (3, 4, 2, 61, 8, 16, 12),
+    (2, 8, 2, 50, 5, 32, 0),
+    (3, 4, 4, 29, 3, 16, 30),      # N <= C + W: nothing evicted
+    (2, 6, 3, 80, 16, 16, 20),
+]
+
+
+def _policy_sets(kept, key_start, B, H, N):
+    """Kept columns of every segment over all N positions (prefix kept + the valid window)."""
+    L = N - kept.window
+    out = []
+    for b in range(B):
+        ks = 0 if key_start is None else int(key_start[b])
+        win = list(range(max(ks, L), N))
+        for h in range(H):
+            n = int(kept.kept_count[b, h])
+            out.append(sorted(kept.kept_idx[b, h, :n].tolist() + win))
+    return out
+
+
+def _ref_sets(kept_idx, kept_count):
+    flat_i = kept_idx.reshape(-1, kept_idx.shape[-1])
+    flat_c = kept_count.reshape(-1)
+    return [flat_i[s, : int(flat_c[s])].tolist() for s in range(flat_c.numel())]
+
+
+def _inputs(shape, seed, padded):
+    B, Hq, Hk, N, W, D, C = shape
+    q, k, v = make_qkv(B, Hq, Hk, N, W, D, seed)
+    wo = randn((24, Hq * D), seed + 1)
+    ks = make_key_start(B, N, seed) if padded else None
+    return q, k, v, wo, ks
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["criticalkv", "ada_criticalkv", "defensivekv"])
+def test_policy_keeps_the_reference_sets(method, shape, padded):
+    B, Hq, Hk, N, W, D, C = shape
+    for seed in range(3):
+        q, k, v, wo, ks = _inputs(shape, 100 * seed + N, padded)
+        kept = EvictionPolicy(method=method, budget=C, window=W).keep(
+            q, k, C, key_start=ks, value=v, o_proj_weight=wo)
+        if method == "defensivekv":
+            want = rf.defensivekv_ref(q, k, v, wo, C, key_start=ks)
+        else:
+            want = rf.criticalkv_ref(q, k, v, wo, C, adaptive=method == "ada_criticalkv",
+                                     key_start=ks)
+        got = _policy_sets(kept, ks, B, Hk, N)
+        assert got == _ref_sets(*want), (method, shape, seed)
+        # the segment capacities sum to Hk * C per row: a static flat-cache size
+        assert kept.budgets.sum(dim=1).tolist() == [Hk * C] * B
+
+
+def test_policy_needs_values_and_o_proj():
+    q, k, v = make_qkv(1, 2, 1, 20, 4, 16, 0)
+    for method in ("criticalkv", "ada_criticalkv", "defensivekv"):
+        p = EvictionPolicy(method=method, budget=4, window=4)
+        assert p.needs_values and p.fixed_size
+        with pytest.raises(ValueError, match="needs the layer's values and o_proj"):
+            p.keep(q, k, 4, value=v)
+
+
+# -- the Hugging Face cache -------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["criticalkv", "ada_criticalkv", "defensivekv",
+                                    "layer_defensivekv"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_generate_with_the_followup_methods(family, method):
+    pytest.importorskip("transformers")
+    from test_hf import generate, make_batch, make_model
+
+    from adakv_ops.hf import AdaKVCache
+    model = make_model(family)
+    ids, mask = make_batch(3, 44)
+    outs = {}
+    for storage in ("flat", "paged"):
+        cache = AdaKVCache(model, method=method, budget=8, window=4, storage=storage)
+        outs[storage] = generate(model, ids, mask, cache, n=6)
+        lens = [l.segment_lengths() for l in cache.adakv_layers]
+        outs[storage + "_lens"] = lens
+    assert torch.equal(outs["flat"], outs["paged"])
+    assert outs["flat_lens"] == outs["paged_lens"]
+    with pytest.raises(NotImplementedError, match="max_growth"):
+        AdaKVCache(model, method=method, budget=8, window=4, max_growth=16)
+
+
+def test_cache_keeps_the_reference_rows():
+    """One layer of a real forward: the rows the cache keeps are the oracle's."""
+    pytest.importorskip("transformers")
+    from test_hf import make_batch, make_model
+    from transformers import DynamicCache
+
+    from adakv_ops.hf import AdaKVCache, QueryRecorder, cache_kwarg
+    model = make_model("llama")
+    ids, mask = make_batch(2, 40, pads=(0, 6))
+    full = DynamicCache()
+    with torch.no_grad(), QueryRecorder(model, window=4) as rec:
+        model(input_ids=ids, attention_mask=mask, **cache_kwarg(full), use_cache=True)
+    ks = (mask == 0).sum(-1).to(torch.int32)
+    for method in ("ada_criticalkv", "defensivekv"):
+        cache = AdaKVCache(model, method=method, budget=7, window=4, storage="paged")
+        cache.evict_from(full, rec.windows, attention_mask=mask)
+        for i, layer in enumerate(cache.adakv_layers):
+            k, v = full.layers[i].keys, full.layers[i].values
+            wo = model.model.layers[i].self_attn.o_proj.weight.detach()
+            q = rec.windows[i][:, :, -4:]
+            if method == "defensivekv":
+                want = rf.defensivekv_ref(q, k, v, wo, 7, key_start=ks)
+            else:
+                want = rf.criticalkv_ref(q, k, v, wo, 7, key_start=ks)
+            sets = _ref_sets(*want)
+            for s, cols in enumerate(sets):
+                got_k, _ = layer.segment_kv(s)
+                torch.testing.assert_close(got_k, k[s // k.shape[1], s % k.shape[1], cols],
+                                           atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["flat", "paged"])
+def test_layer_defensivekv_keeps_the_global_top_k(storage):
+    """The cascade in the cache (re-trims of earlier layers included) keeps exactly the
+    unbounded global top-k over all layers of the oracle, for one-shot and chunked prefill."""
+    pytest.importorskip("transformers")
+    from test_hf import make_batch, make_model, positions
+    from transformers import DynamicCache
+
+    from adakv_ops.hf import AdaKVCache, QueryRecorder, cache_kwarg
+    model = make_model("llama")
+    ids, mask = make_batch(2, 40, pads=(0, 6))
+    full = DynamicCache()
+    with torch.no_grad(), QueryRecorder(model, window=4) as rec:   # prefill's positions
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+              **cache_kwarg(full), use_cache=True)
+    ks = (mask == 0).sum(-1).to(torch.int32)
+    C = 5
+    layer_scores = []
+    for i in range(len(full.layers)):
+        k, v = full.layers[i].keys, full.layers[i].values
+        wo = model.model.layers[i].self_attn.o_proj.weight.detach()
+        layer_scores.append(rf.defensive_scores_ref(rec.windows[i][:, :, -4:], k, v, wo, C,
+                                                    key_start=ks))
+    want = rf.layer_defensive_select_ref(layer_scores, C, 4, key_start=ks)
+    caches = []
+    one = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    one.evict_from(full, rec.windows, attention_mask=mask)
+    caches.append(one)
+    pre = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    pre.prefill(ids, mask)
+    caches.append(pre)
+    ch = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    ch.prefill(ids, mask, chunk_size=9)
+    caches.append(ch)
+    H = full.layers[0].keys.shape[1]
+    for cache in caches:
+        total = 0
+        for i, layer in enumerate(cache.adakv_layers):
+            k = full.layers[i].keys
+            sets = _ref_sets(want.kept_idx[i], want.kept_count[i])
+            assert layer.segment_lengths() == [len(c) for c in sets]
+            for s, cols in enumerate(sets):
+                got_k, _ = layer.segment_kv(s)
+                torch.testing.assert_close(got_k, k[s // H, s % H, cols], atol=1e-5, rtol=1e-5)
+            total += sum(len(c) for c in sets)
+        # every row keeps n_layers * H * C prefix rows + its windows
+        n_l = len(cache.adakv_layers)
+        assert total == sum(n_l * H * (C + min(4, 40 - int(k0))) for k0 in ks)
