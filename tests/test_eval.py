@@ -138,8 +138,9 @@ def test_run_sample_records(tiny):
     s = make_samples("passkey", 300, 1, tok)[0]
     p = PromptBuilder(tok, info["chat"]).build(s)
     fracs = [0.1, 0.3]
-    recs = run_sample(model, p, METHODS_ALL, fracs, window=8)
-    assert len(recs) == 2 * (1 + (len(METHODS_ALL) - 1) * len(fracs))
+    methods = METHODS_ALL + ("defensivekv:as_written",)
+    recs = run_sample(model, p, methods, fracs, window=8)
+    assert len(recs) == 2 * (1 + (len(methods) - 1) * len(fracs))
     for r in recs:
         types = (getattr(model.config, "layer_types", None)
                  or ["full_attention"] * model.config.num_hidden_layers)

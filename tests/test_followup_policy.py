@@ -54,24 +54,32 @@ def _inputs(shape, seed, padded):
     return q, k, v, wo, ks
 
 
+def _oracle(method, q, k, v, wo, C, ks, as_written):
+    if method == "defensivekv":   # as_written in float64: the logic, not the bf16 rounding
+        s = rf.defensive_scores_ref(q, k, v, wo, C, key_start=ks, as_written=as_written,
+                                    compute_dtype=torch.float64)
+        return rf.defensive_select_ref(s, C, q.shape[2], key_start=ks, as_written=as_written)
+    return rf.criticalkv_ref(q, k, v, wo, C, adaptive=method == "ada_criticalkv", key_start=ks,
+                             as_written=as_written)
+
+
+@pytest.mark.parametrize("as_written", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", ["criticalkv", "ada_criticalkv", "defensivekv"])
-def test_policy_keeps_the_reference_sets(method, shape, padded):
+def test_policy_keeps_the_reference_sets(method, shape, padded, as_written):
     B, Hq, Hk, N, W, D, C = shape
     for seed in range(3):
         q, k, v, wo, ks = _inputs(shape, 100 * seed + N, padded)
-        kept = EvictionPolicy(method=method, budget=C, window=W).keep(
+        kept = EvictionPolicy(method=method, budget=C, window=W, as_written=as_written).keep(
             q, k, C, key_start=ks, value=v, o_proj_weight=wo)
-        if method == "defensivekv":
-            want = rf.defensivekv_ref(q, k, v, wo, C, key_start=ks)
-        else:
-            want = rf.criticalkv_ref(q, k, v, wo, C, adaptive=method == "ada_criticalkv",
-                                     key_start=ks)
+        want = _oracle(method, q, k, v, wo, C, ks, as_written)
         got = _policy_sets(kept, ks, B, Hk, N)
         assert got == _ref_sets(*want), (method, shape, seed)
-        # the segment capacities sum to Hk * C per row: a static flat-cache size
-        assert kept.budgets.sum(dim=1).tolist() == [Hk * C] * B
+        # the segment capacities sum to Hk * C (Hk * (C + W) as written) per row: a static
+        # flat-cache size
+        assert kept.budgets.sum(dim=1).tolist() == [Hk * (C + (W if as_written else 0))] * B
+        assert kept.window == (0 if as_written else W)
 
 
 def test_policy_needs_values_and_o_proj():
@@ -138,8 +146,9 @@ def test_cache_keeps_the_reference_rows():
                                            atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("as_written", [False, True])
 @pytest.mark.parametrize("storage", ["flat", "paged"])
-def test_layer_defensivekv_keeps_the_global_top_k(storage):
+def test_layer_defensivekv_keeps_the_global_top_k(storage, as_written):
     """The cascade in the cache (re-trims of earlier layers included) keeps exactly the
     unbounded global top-k over all layers of the oracle, for one-shot and chunked prefill."""
     pytest.importorskip("transformers")
@@ -160,16 +169,19 @@ def test_layer_defensivekv_keeps_the_global_top_k(storage):
         k, v = full.layers[i].keys, full.layers[i].values
         wo = model.model.layers[i].self_attn.o_proj.weight.detach()
         layer_scores.append(rf.defensive_scores_ref(rec.windows[i][:, :, -4:], k, v, wo, C,
-                                                    key_start=ks))
-    want = rf.layer_defensive_select_ref(layer_scores, C, 4, key_start=ks)
+                                                    key_start=ks, as_written=as_written,
+                                                    compute_dtype=torch.float64))
+    want = rf.layer_defensive_select_ref(layer_scores, C, 4, key_start=ks, as_written=as_written)
     caches = []
-    one = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    kw = dict(method="layer_defensivekv", budget=C, window=4, storage=storage,
+              as_written=as_written)
+    one = AdaKVCache(model, **kw)
     one.evict_from(full, rec.windows, attention_mask=mask)
     caches.append(one)
-    pre = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    pre = AdaKVCache(model, **kw)
     pre.prefill(ids, mask)
     caches.append(pre)
-    ch = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage)
+    ch = AdaKVCache(model, **kw)
     ch.prefill(ids, mask, chunk_size=9)
     caches.append(ch)
     H = full.layers[0].keys.shape[1]
@@ -183,6 +195,26 @@ def test_layer_defensivekv_keeps_the_global_top_k(storage):
                 got_k, _ = layer.segment_kv(s)
                 torch.testing.assert_close(got_k, k[s // H, s % H, cols], atol=1e-5, rtol=1e-5)
             total += sum(len(c) for c in sets)
-        # every row keeps n_layers * H * C prefix rows + its windows
+        # every row keeps n_layers * H * C prefix rows + its windows (n_layers * H * (C + W)
+        # rows in all, as written)
         n_l = len(cache.adakv_layers)
         assert total == sum(n_l * H * (C + min(4, 40 - int(k0))) for k0 in ks)
+        if not as_written:     # every head keeps its window: no segment empty
+            assert min(min(l.segment_lengths()) for l in cache.adakv_layers) >= 4
+
+
+def test_generate_as_written_forms():
+    """The authors' forms run end to end (flat == paged); as_written refused elsewhere."""
+    pytest.importorskip("transformers")
+    from test_hf import generate, make_batch, make_model
+
+    from adakv_ops.hf import AdaKVCache
+    model = make_model("qwen2")
+    ids, mask = make_batch(2, 38)
+    for method in ("criticalkv", "ada_criticalkv", "defensivekv", "layer_defensivekv"):
+        outs = [generate(model, ids, mask, AdaKVCache(model, method=method, budget=6, window=4,
+                                                      storage=st, as_written=True), n=5)
+                for st in ("flat", "paged")]
+        assert torch.equal(outs[0], outs[1]), method
+    with pytest.raises(ValueError, match="as_written applies to"):
+        AdaKVCache(model, method="ada_snapkv", as_written=True)

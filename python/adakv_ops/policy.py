@@ -110,10 +110,14 @@ class EvictionPolicy:
     n_sink: int = 4
     pyramid_beta: int = 20
     pyramid_exact_mean: bool = False
+    as_written: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"adakv: method must be one of {METHODS}, got {self.method!r}")
+        if self.as_written and self.method not in VALUE_METHODS:
+            raise ValueError(f"adakv: as_written applies to {VALUE_METHODS}, not "
+                             f"{self.method!r}")
 
     @property
     def needs_queries(self) -> bool:
@@ -196,41 +200,57 @@ class EvictionPolicy:
             if self.method == "defensivekv":
                 scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start,
                                                scale)
-                budgets = _ops.allocate(scores, C, floor_alpha=0.0, adaptive=True,
+                Wf, Cs = self._competition(C, W)
+                budgets = _ops.allocate(scores, Cs, floor_alpha=0.0, adaptive=True,
                                         key_start=key_start)
                 kept_idx, kept_count = _ops.select(scores, budgets, key_start=key_start)
-                return Kept(kept_idx, kept_count, budgets, W, C)
+                return Kept(kept_idx, kept_count, budgets, Wf, Cs)
             return self._keep_critical(q_window, key, value, o_proj_weight, C, key_start, scale)
         s = self.scores(q_window, key, key_start, scale).contiguous()
         budgets = self.budgets(s, C, key_start)
         kept_idx, kept_count = _ops.select(s, budgets, key_start=key_start)
         return Kept(kept_idx, kept_count, budgets, W, C)
 
-    # -- the follow-up methods (SPEC section 7, default forms) --------------------------------
+    # -- the follow-up methods (SPEC section 7) -----------------------------------------------
+    #
+    # Default form: the window is kept outright and the prefix competes for C per head on
+    # average. as_written (the authors' code, D6 / D9-D12): every valid column, window
+    # included, competes for C + W per head (the window at its row's or the batch's maximum):
+    # the selection then runs over all N columns with no fixed window (Kept.window = 0).
+
+    def _competition(self, C: int, W: int) -> tuple[int, int]:
+        """``(window kept outright, slots per head competed for)``."""
+        return (0, C + W) if self.as_written else (W, C)
+
+    def cascade_slots(self, C: int, W: int) -> int:
+        """Per-head slots of ``layer_defensivekv``'s :class:`LayerCascade`."""
+        return self._competition(C, W)[1]
 
     def _keep_critical(self, q_window, key, value, o_proj_weight, C, key_start, scale) -> Kept:
         B, H, N, _ = key.shape
         W = q_window.shape[2]
-        L = N - W
         base = _ops.score(q_window, key, kernel_size=FOLLOWUP_KERNEL, pooling="avg",
                           aggregate="mean", gqa_reduce="mean", key_start=key_start,
                           scale=scale)                                      # [B, H, L]
-        vn = _ops.value_norm(value, o_proj_weight, length=L)               # [B, H, L]
+        Wf, Cs = self._competition(C, W)
+        if self.as_written:   # the window columns compete at the row's maximum (D3)
+            base = torch.cat([base, _window_columns(base, key_start, N, W, "row")], dim=2)
+        vn = _ops.value_norm(value, o_proj_weight, length=N - Wf)
         if self.method == "ada_criticalkv":
-            # safeguard: each head's top int(0.2 (C + W)) by base score, the window first
-            marked = max(int((C + W) * CRITICAL_SAFEGUARD) - W, 0)
+            # safeguard: each head's top int(0.2 (C + W)) by base score (the window first)
+            marked = max(int((C + W) * CRITICAL_SAFEGUARD) - Wf, 0)
             mark = _top_mask(base, _full(B, H, marked, key), key_start)
-            budgets = _ops.allocate(_raise(base, mark), C, floor_alpha=0.0, adaptive=True,
-                                    key_start=key_start)                    # prefix C_h
-            # stage 1: int(0.5 C_h) with C_h = budget + window (>= the safeguard)
-            forced = torch.clamp((budgets + W) // 2 - W, min=marked).to(torch.int32)
+            budgets = _ops.allocate(_raise(base, mark), Cs, floor_alpha=0.0, adaptive=True,
+                                    key_start=key_start)
+            # stage 1: int(0.5 C_h), C_h with the window (>= the safeguard)
+            forced = torch.clamp((budgets + Wf) // 2 - Wf, min=marked).to(torch.int32)
         else:
-            budgets = _full(B, H, C, key)
-            forced = _full(B, H, max(int(0.5 * (C + W)) - W, 0), key)
+            budgets = _full(B, H, Cs, key)
+            forced = _full(B, H, max(int(0.5 * (C + W)) - Wf, 0), key)
         stage1 = _top_mask(base, forced, key_start)
         rank = _raise((base + CRITICAL_EPS) * vn, stage1)
         kept_idx, kept_count = _ops.select(rank, budgets, key_start=key_start)
-        return Kept(kept_idx, kept_count, budgets, W, C)
+        return Kept(kept_idx, kept_count, budgets, Wf, Cs)
 
     def keep_layer(self, cascade, q_window: Tensor, key: Tensor, value: Tensor,
                    o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
@@ -239,17 +259,20 @@ class EvictionPolicy:
         :class:`adakv_ops.cascade.LayerCascade` of the prefill). Returns ``(Kept, retrim)``:
         what this layer keeps now, and for every earlier layer of the cascade ``None`` or the
         mask of its retained prefix rows that stay (:meth:`LayerCascade.add`)."""
-        W = q_window.shape[2]
+        Wf, Cs = self._competition(C, q_window.shape[2])
         scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start, scale)
         kept_idx, kept_count, retrim = cascade.add(scores, key_start)
-        return Kept(kept_idx, kept_count, kept_count, W, C), retrim
+        return Kept(kept_idx, kept_count, kept_count, Wf, Cs), retrim
 
     def defensive_scores(self, q_window: Tensor, key: Tensor, value: Tensor,
                          o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
                          scale: Optional[float] = None) -> Tensor:
         """DefensiveKV's ranking scores ``[B, H, L]`` float32 (SPEC 7.2 steps 1-5, default
         form): the defensive score times the normalised value weight, the stage-1 tokens
-        raised to the row's maximum; padding columns ``-inf``."""
+        raised to the row's maximum; padding columns ``-inf``. ``as_written``: ``[B, H, N]``,
+        the window columns at the maximum too, with the authors' ``window_bias`` (the last
+        ``W`` prefix columns, averaged over the batch), their batch-wide maximum and their
+        clamp ``int(L (1 - r) - W)`` with its negative slice (D9, D10; float32, not bf16)."""
         B, H, N, _ = key.shape
         W = q_window.shape[2]
         L = N - W
@@ -272,22 +295,63 @@ class EvictionPolicy:
                                                                                         device=dev))
         sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
         cum = sorted_share.clamp(min=0).cumsum(dim=-1)
-        threshold = (DEFENSIVE_MASS - wmass[:, 0]).view(B, 1, 1)
+        has = ks < L                                                        # a valid prefix
+        if self.as_written:   # one window_bias for the batch: rows with a prefix (D10)
+            bias = (torch.where(has, wmass[:, 1], torch.zeros((), device=dev)).sum()
+                    / has.sum().clamp(min=1)).expand(B)
+        else:
+            bias = wmass[:, 0]
+        threshold = (DEFENSIVE_MASS - bias).view(B, 1, 1)
         reached = cum >= threshold
         count = torch.where(reached.any(dim=-1), reached.to(torch.int8).argmax(dim=-1),
                             torch.zeros((), device=dev, dtype=torch.int64))  # [B, H]
         L_b, N_b = L - ks, N - ks
-        clamp = torch.clamp(torch.div(L_b * (C + W), N_b.clamp(min=1), rounding_mode="floor")
-                            - W, min=0)
+        if self.as_written:   # int(L (1 - r) - W), truncated toward zero; may be negative
+            num = L_b * (C + W) - W * N_b
+            clamp = torch.div(num, N_b.clamp(min=1), rounding_mode="trunc")
+        else:
+            clamp = torch.clamp(torch.div(L_b * (C + W), N_b.clamp(min=1),
+                                          rounding_mode="floor") - W, min=0)
         count = torch.minimum(count, clamp.view(B, 1))
+        # sorted[:count], Python slice semantics (a negative count drops the last |count|)
+        count = torch.where(count < 0, (L_b.view(B, 1) + count).clamp(min=0), count)
         rank = torch.arange(L, device=dev).view(1, 1, L)
         forced = torch.zeros(B, H, L, device=dev, dtype=torch.bool).scatter(
             -1, order, rank < count.unsqueeze(-1))
-        # the row's maximum, NaN ignored (D8); NaN when every score is NaN
+        # the row's maximum (the batch's, as_written), NaN ignored (D8); NaN when every
+        # score is NaN
         finite = torch.where(R.isnan(), neg_inf, R).amax(dim=(1, 2), keepdim=True)
-        top = torch.where((~R.isnan() & valid).any(dim=-1).any(dim=-1).view(B, 1, 1), finite,
-                          torch.tensor(float("nan"), device=dev))
-        return torch.where(forced, top, R).contiguous()
+        real = (~R.isnan() & valid).any(dim=-1).any(dim=-1).view(B, 1, 1)
+        if self.as_written:
+            finite = finite.amax(dim=0, keepdim=True).expand(B, 1, 1)
+            real = real.any(dim=0, keepdim=True).expand(B, 1, 1)
+        top = torch.where(real, finite, torch.tensor(float("nan"), device=dev))
+        scores = torch.where(forced, top, R)
+        if self.as_written:   # the window columns compete at that maximum
+            win = _window_columns(top.view(B, 1, 1).expand(B, H, 1), key_start, N, W, "value")
+            scores = torch.cat([scores, win], dim=2)
+        return scores.contiguous()
+
+
+def _window_columns(x: Tensor, key_start: Optional[Tensor], N: int, W: int,
+                    what: str) -> Tensor:
+    """The ``W`` window columns ``[B, H, W]`` of an ``as_written`` score: ``what="row"``: the
+    maximum over the row's valid prefix scores ``x [B, H, L]`` of all heads (0 when there is
+    none, D3); ``"value"``: ``x [B, H, 1]`` itself. Padding columns are ``-inf``."""
+    B, H = x.shape[0], x.shape[1]
+    L = N - W
+    dev = x.device
+    if what == "row":
+        v = x.amax(dim=(1, 2)) if L > 0 else torch.zeros(B, device=dev)
+        v = torch.where(torch.isinf(v) & (v < 0), torch.zeros((), device=dev), v)
+        v = v.view(B, 1, 1).expand(B, H, W)
+    else:
+        v = x.expand(B, H, W)
+    ks = (key_start.to(torch.int64) if key_start is not None
+          else torch.zeros(B, device=dev, dtype=torch.int64))
+    col = L + torch.arange(W, device=dev)
+    return torch.where(col.view(1, 1, W) >= ks.view(B, 1, 1), v,
+                       torch.tensor(float("-inf"), device=dev))
 
 
 def _full(B: int, H: int, n: int, like: Tensor) -> Tensor:

@@ -495,7 +495,8 @@ class PagedKVStore:
                        aggregate: str = "mean", rounding: str = "exact", n_sink: int = 4,
                        pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
                        layer_budget: Optional[int] = None, scale: Optional[float] = None,
-                       o_proj_weight: Optional[Tensor] = None) -> Dict[str, object]:
+                       o_proj_weight: Optional[Tensor] = None,
+                       as_written: bool = False) -> Dict[str, object]:
         """Score and evict the sequence's prompt in ``layer``, exactly as the one-shot path.
 
         ``q_window [1, Hq, W, D]``: the last ``W = min(window, N)`` prompt queries (after RoPE;
@@ -507,7 +508,8 @@ class PagedKVStore:
         ``score -> allocate -> select`` (pyramid: ``budget`` spread over the store's layers by
         ``pyramid_budgets``; ``layer_budget`` overrides ``C_l``); ``criticalkv`` /
         ``ada_criticalkv`` / ``defensivekv`` also weigh the values and need the layer's
-        ``o_proj_weight [hidden, Hq * D]``. The kept rows are then written
+        ``o_proj_weight [hidden, Hq * D]`` (``as_written``: the authors' forms). The kept rows
+        are then written
         with ``paged_compact_`` (:meth:`write_kept`) into fresh pages; the transient prompt
         pages are freed first (the prompt was gathered into a contiguous copy), so this never
         needs more pages than the prompt held. One device->host read (``kept_count``).
@@ -538,7 +540,10 @@ class PagedKVStore:
             method=method, budget=budget if budget is not None else 0, window=W, alpha=alpha,
             pooling=pooling, kernel_size=kernel_size, gqa_reduce=gqa_reduce,
             aggregate=aggregate, rounding=rounding, n_sink=n_sink, pyramid_beta=pyramid_beta,
-            pyramid_exact_mean=pyramid_exact_mean)
+            pyramid_exact_mean=pyramid_exact_mean, as_written=as_written)
+        if policy.method == "layer_defensivekv":
+            raise ValueError("adakv: layer_defensivekv selects across layers; finish_prefill "
+                             "evicts one layer (use AdaKVCache)")
         C = (layer_budget if layer_budget is not None and method != "full"
              else policy.layer_budget(layer, self.num_layers, N, W))
         kept = policy.keep(q_window if policy.needs_queries else None, key, C, scale=scale,

@@ -14,7 +14,8 @@ from pathlib import Path
 __all__ = ["aggregate", "compact_record", "dumps", "markdown", "plot", "write_report"]
 
 _ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "criticalkv",
-          "ada_criticalkv", "defensivekv", "layer_defensivekv")
+          "ada_criticalkv", "defensivekv", "layer_defensivekv", "criticalkv:as_written",
+          "ada_criticalkv:as_written", "defensivekv:as_written", "layer_defensivekv:as_written")
 # paired comparisons (A vs B): Ada vs its uniform method, and each of the authors' follow-ups
 # (SPEC 7) vs ada_snapkv, the issue's reference point
 _PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"), ("criticalkv", "ada_snapkv"),

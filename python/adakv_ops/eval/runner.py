@@ -29,20 +29,23 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .. import ops as _ops
 from ..hf import AdaKVCache, QueryRecorder, cache_kwarg
 from .tasks import Sample
 
-__all__ = ["PromptBuilder", "run_sample", "run_text", "METHODS_ALL", "SETTINGS"]
+__all__ = ["PromptBuilder", "run_sample", "run_text", "METHODS_ALL", "METHODS_AS_WRITTEN",
+           "SETTINGS"]
 
 METHODS_ALL = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid", "criticalkv",
                "ada_criticalkv", "defensivekv", "layer_defensivekv")
+#: the follow-up methods as the authors' code runs them (``AdaKVCache(as_written=True)``), for
+#: comparison; not in the default run
+METHODS_AS_WRITTEN = ("criticalkv:as_written", "ada_criticalkv:as_written",
+                      "defensivekv:as_written", "layer_defensivekv:as_written")
 SETTINGS = ("aware", "agnostic")
 
 
@@ -129,8 +132,9 @@ def _budget(frac: float, n: int) -> int:
 
 
 def _make_cache(model, method: str, C: int, window: int, reserve: int, alpha: float):
-    return AdaKVCache(model, method=method, budget=C, window=window, alpha=alpha,
-                      reserve=reserve)
+    name, _, form = method.partition(":")
+    return AdaKVCache(model, method=name, budget=C, window=window, alpha=alpha,
+                      reserve=reserve, as_written=form == "as_written")
 
 
 @torch.no_grad()

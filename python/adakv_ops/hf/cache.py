@@ -63,6 +63,9 @@ class AdaKVCache(Cache):
             ``budget + window + max_growth`` tokens. Must be ``>= window``.
         n_sink: attention sinks kept by ``"streaming"``.
         pyramid_beta, pyramid_exact_mean: pyramid schedule (see ``pyramid_budgets``).
+        as_written: the follow-up methods as the authors' code runs them (the window competes
+            for ``budget + window`` slots per head, their ``window_bias`` and clamp; for
+            comparison, docs/followups.md); default: the fixed forms.
         storage: ``"paged"`` (default): every evicted layer in one per-head paged store
             (:mod:`adakv_ops.store`), pages handed out on the host, a chunked prefill keeps the
             prompt in pages until its last chunk; ``"flat"``: the head-flattened contiguous
@@ -81,6 +84,7 @@ class AdaKVCache(Cache):
                  gqa_reduce: str = "mean", rounding: str = "exact", per_query_head: bool = False,
                  reserve: int = 64, max_growth: Optional[int] = None, n_sink: int = 4,
                  pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
+                 as_written: bool = False,
                  storage: str = "paged", page_size: int = 64, num_pages: Optional[int] = None,
                  max_batch: Optional[int] = None):
         if method not in METHODS:
@@ -151,7 +155,7 @@ class AdaKVCache(Cache):
                 method=method, budget=budget, window=window, alpha=float(alpha),
                 pooling=pooling, kernel_size=kernel_size, gqa_reduce=gqa_reduce,
                 rounding=rounding, n_sink=n_sink, pyramid_beta=pyramid_beta,
-                pyramid_exact_mean=pyramid_exact_mean),
+                pyramid_exact_mean=pyramid_exact_mean, as_written=bool(as_written)),
             per_query_head=bool(per_query_head), reserve=reserve, max_growth=max_growth,
             n_full_layers=max(n_full, 1), storage=storage, page_size=page_size,
             num_pages=num_pages, max_batch=max_batch)

@@ -122,6 +122,7 @@ class EvictedLayer(CacheLayerMixin):
         self._scale: Optional[float] = None
         self._pending = None      # (key, value, chunked) of the prompt forward in flight
         self._o_proj: Optional[Tensor] = None   # the o_proj weight seen at prefill
+        self._kept_window = 0     # layer_defensivekv: rows kept outright after the prefix
         self._prepaid = 0
         self.n_grow = 0
         self.n_reevict = 0
@@ -336,10 +337,12 @@ class EvictedLayer(CacheLayerMixin):
         if p.method == "layer_defensivekv":
             ctl = self._control
             if self.full_rank == 0 or ctl.cascade is None:
-                ctl.cascade = (LayerCascade(self.settings.n_full_layers, C), [])
+                slots = p.cascade_slots(C, q_window.shape[2])
+                ctl.cascade = (LayerCascade(self.settings.n_full_layers, slots), [])
             cascade, earlier = ctl.cascade
             kept, retrim = p.keep_layer(cascade, q_window, key, value, self._o_proj, C,
                                         key_start, scale)
+            self._kept_window = kept.window
             rows = self._prefill_rows()
             for layer, keep in zip(earlier, retrim):
                 if keep is not None:
@@ -373,7 +376,7 @@ class EvictedLayer(CacheLayerMixin):
         window rows stay. Layer-DefensiveKV's cascade calls it on earlier layers."""
         lens = self._seg_lens(rows).to(torch.int64)
         Bp, H, w = keep.shape
-        W = self.window
+        W = self._kept_window         # the rows kept outright after the prefix (0: as_written)
         Nmax = int(lens.max())                                         # one host read
         pad = Nmax - lens
         kp, vp = self._gather_segments(Nmax, lens, pad, rows)
