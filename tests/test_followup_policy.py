@@ -218,3 +218,26 @@ def test_generate_as_written_forms():
         assert torch.equal(outs[0], outs[1]), method
     with pytest.raises(ValueError, match="as_written applies to"):
         AdaKVCache(model, method="ada_snapkv", as_written=True)
+
+
+def test_layer_defensivekv_prefill_holds_at_most_the_final_cache():
+    """Bounded memory (SPEC 7.3): during a one-shot prefill the store never holds more rows
+    than the final cache (pages: + one partly filled page per segment), far below the
+    unbounded version's every layer's full cache; defensivekv holds the same."""
+    pytest.importorskip("transformers")
+    from test_hf import make_batch, make_model
+
+    from adakv_ops.hf import AdaKVCache
+    model = make_model("llama")                     # 4 layers, 2 KV heads
+    ids, mask = make_batch(2, 90, pads=(0, 9))
+    P = 4
+    for method in ("layer_defensivekv", "defensivekv"):
+        cache = AdaKVCache(model, method=method, budget=6, window=4, page_size=P)
+        cache.prefill(ids, mask)
+        st = cache.pool.store
+        segments = sum(len(l.segment_lengths()) for l in cache.adakv_layers)
+        rows = sum(sum(l.segment_lengths()) for l in cache.adakv_layers)
+        assert st.pages_used <= rows / P + segments
+        assert st.peak_pages_used <= rows / P + segments, (method, st.peak_pages_used)
+        full_pages = segments * -(-90 // P)
+        assert st.peak_pages_used < full_pages / 4

@@ -135,6 +135,7 @@ class PagedKVStore:
         self.v_pages = torch.zeros_like(self.k_pages)
         # free list: a stack, lowest page index handed out first
         self._free: List[int] = list(range(num_pages - 1, -1, -1))
+        self._peak = 0
         self._width = max_pages_per_segment if self._fixed_width else min(num_pages, 16)
         self._slots = max_sequences if self._fixed_slots else 4
         S = self._slots * num_kv_heads
@@ -163,6 +164,18 @@ class PagedKVStore:
     @property
     def pages_used(self) -> int:
         return self.num_pages - len(self._free)
+
+    @property
+    def peak_pages_used(self) -> int:
+        """The most pages held at once since the store was built or :meth:`reset_peak`
+        (measured after every hand-out)."""
+        return self._peak
+
+    def reset_peak(self) -> None:
+        self._peak = self.pages_used
+
+    def _note_peak(self) -> None:
+        self._peak = max(self._peak, self.pages_used)
 
     @property
     def bytes_per_page(self) -> int:
@@ -272,6 +285,7 @@ class PagedKVStore:
                 self._len[l][d] = self._len[l][s]
             self._push_rows(l, dst)
             self.seg_len[l][dst[0]:dst[-1] + 1].copy_(self.seg_len[l][src[0]:src[-1] + 1])
+        self._note_peak()
         if new:
             o = torch.tensor(old, dtype=torch.int64).to(self.device, non_blocking=True)
             n = torch.tensor(new, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -318,6 +332,7 @@ class PagedKVStore:
         # hand out: the free list is a stack (pop order = reversed tail)
         take = self._free[len(self._free) - needed:][::-1]
         del self._free[len(self._free) - needed:]
+        self._note_peak()
         ends = np.cumsum(n)
         starts = ends - n
         for l, s_, a, e in zip(L_.tolist(), S_.tolist(), starts.tolist(), ends.tolist()):
@@ -590,6 +605,7 @@ class PagedKVStore:
             self._set_pages(layer, s, [])
         for s, n in zip(segs, want):
             self._set_pages(layer, s, [self._free.pop() for _ in range(n)])
+        self._note_peak()
         self._push_rows(layer, segs)
         table, sl, is_view = self._batch(layer, seq_ids)
         _ops.paged_compact_(self.k_pages, self.v_pages, table, sl, key.contiguous(),
