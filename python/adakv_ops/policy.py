@@ -169,21 +169,28 @@ class EvictionPolicy:
                           aggregate=self.aggregate, gqa_reduce=self.gqa_reduce,
                           key_start=key_start, scale=scale)
 
-    def budgets(self, scores: Tensor, C: int, key_start: Optional[Tensor] = None) -> Tensor:
-        """Per-head budgets ``[B, H]`` int32 for layer budget ``C``."""
+    def budgets(self, scores: Tensor, C: int, key_start: Optional[Tensor] = None,
+                shards=None) -> Tensor:
+        """Per-head budgets ``[B, H]`` int32 for layer budget ``C``; ``shards``
+        (:class:`adakv_ops.distributed.HeadShards`): ``scores`` are this rank's heads and the
+        budgets are the single-device ones of those heads."""
         if self.method == "streaming":
             B, H, _ = scores.shape
             return torch.full((B, H), C, device=scores.device, dtype=torch.int32)
-        return _ops.allocate(scores, C, floor_alpha=self.alpha, adaptive=_ADAPTIVE[self.method],
-                             rounding=self.rounding, key_start=key_start)
+        return _allocate(scores, C, key_start, shards, floor_alpha=self.alpha,
+                         adaptive=_ADAPTIVE[self.method], rounding=self.rounding)
 
     def keep(self, q_window: Optional[Tensor], key: Tensor, C: int,
              key_start: Optional[Tensor] = None, scale: Optional[float] = None,
-             value: Optional[Tensor] = None, o_proj_weight: Optional[Tensor] = None) -> Kept:
+             value: Optional[Tensor] = None, o_proj_weight: Optional[Tensor] = None,
+             shards=None) -> Kept:
         """The whole selection for ``key [B, H, N, D]`` at layer budget ``C``: scores, budgets,
         top-``budget`` per head; ``full`` keeps every valid row (as its "window"). The
         :data:`VALUE_METHODS` also need ``value [B, H, N, D]`` and the layer's
-        ``o_proj_weight [hidden, Hq * D]``."""
+        ``o_proj_weight [hidden, Hq * D]``. ``shards``
+        (:class:`adakv_ops.distributed.HeadShards`, tensor parallelism): the tensors hold this
+        rank's heads (``o_proj_weight`` its columns) and the result is the single-device
+        selection of those heads (SPEC 8)."""
         B, H, N, _ = key.shape
         dev = key.device
         if self.method == "full":
@@ -199,15 +206,15 @@ class EvictionPolicy:
                                  "keep_layer() with a LayerCascade")
             if self.method == "defensivekv":
                 scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start,
-                                               scale)
+                                               scale, shards)
                 Wf, Cs = self._competition(C, W)
-                budgets = _ops.allocate(scores, Cs, floor_alpha=0.0, adaptive=True,
-                                        key_start=key_start)
+                budgets = _allocate(scores, Cs, key_start, shards)
                 kept_idx, kept_count = _ops.select(scores, budgets, key_start=key_start)
                 return Kept(kept_idx, kept_count, budgets, Wf, Cs)
-            return self._keep_critical(q_window, key, value, o_proj_weight, C, key_start, scale)
+            return self._keep_critical(q_window, key, value, o_proj_weight, C, key_start, scale,
+                                       shards)
         s = self.scores(q_window, key, key_start, scale).contiguous()
-        budgets = self.budgets(s, C, key_start)
+        budgets = self.budgets(s, C, key_start, shards)
         kept_idx, kept_count = _ops.select(s, budgets, key_start=key_start)
         return Kept(kept_idx, kept_count, budgets, W, C)
 
@@ -226,7 +233,8 @@ class EvictionPolicy:
         """Per-head slots of ``layer_defensivekv``'s :class:`LayerCascade`."""
         return self._competition(C, W)[1]
 
-    def _keep_critical(self, q_window, key, value, o_proj_weight, C, key_start, scale) -> Kept:
+    def _keep_critical(self, q_window, key, value, o_proj_weight, C, key_start, scale,
+                       shards=None) -> Kept:
         B, H, N, _ = key.shape
         W = q_window.shape[2]
         base = _ops.score(q_window, key, kernel_size=FOLLOWUP_KERNEL, pooling="avg",
@@ -234,14 +242,14 @@ class EvictionPolicy:
                           scale=scale)                                      # [B, H, L]
         Wf, Cs = self._competition(C, W)
         if self.as_written:   # the window columns compete at the row's maximum (D3)
-            base = torch.cat([base, _window_columns(base, key_start, N, W, "row")], dim=2)
+            base = torch.cat([base, _window_columns(base, key_start, N, W, "row", shards)],
+                             dim=2)
         vn = _ops.value_norm(value, o_proj_weight, length=N - Wf)
         if self.method == "ada_criticalkv":
             # safeguard: each head's top int(0.2 (C + W)) by base score (the window first)
             marked = max(int((C + W) * CRITICAL_SAFEGUARD) - Wf, 0)
             mark = _top_mask(base, _full(B, H, marked, key), key_start)
-            budgets = _ops.allocate(_raise(base, mark), Cs, floor_alpha=0.0, adaptive=True,
-                                    key_start=key_start)
+            budgets = _allocate(_raise(base, mark), Cs, key_start, shards)
             # stage 1: int(0.5 C_h), C_h with the window (>= the safeguard)
             forced = torch.clamp((budgets + Wf) // 2 - Wf, min=marked).to(torch.int32)
         else:
@@ -254,19 +262,27 @@ class EvictionPolicy:
 
     def keep_layer(self, cascade, q_window: Tensor, key: Tensor, value: Tensor,
                    o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
-                   scale: Optional[float] = None):
+                   scale: Optional[float] = None, shards=None):
         """``layer_defensivekv``: this layer's defensive scores merged into ``cascade`` (a
         :class:`adakv_ops.cascade.LayerCascade` of the prefill). Returns ``(Kept, retrim)``:
         what this layer keeps now, and for every earlier layer of the cascade ``None`` or the
-        mask of its retained prefix rows that stay (:meth:`LayerCascade.add`)."""
+        mask of its retained prefix rows that stay (:meth:`LayerCascade.add`). ``shards``: the
+        cascade runs on every rank over all heads' scores (gathered), each rank keeps its own
+        heads' part."""
         Wf, Cs = self._competition(C, q_window.shape[2])
-        scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start, scale)
-        kept_idx, kept_count, retrim = cascade.add(scores, key_start)
+        scores = self.defensive_scores(q_window, key, value, o_proj_weight, C, key_start, scale,
+                                       shards)
+        if shards is None:
+            kept_idx, kept_count, retrim = cascade.add(scores, key_start)
+        else:
+            kept_idx, kept_count, retrim = cascade.add(shards.gather_heads(scores), key_start)
+            kept_idx, kept_count = shards.own(kept_idx), shards.own(kept_count)
+            retrim = [None if k is None else shards.own(k) for k in retrim]
         return Kept(kept_idx, kept_count, kept_count, Wf, Cs), retrim
 
     def defensive_scores(self, q_window: Tensor, key: Tensor, value: Tensor,
                          o_proj_weight: Tensor, C: int, key_start: Optional[Tensor] = None,
-                         scale: Optional[float] = None) -> Tensor:
+                         scale: Optional[float] = None, shards=None) -> Tensor:
         """DefensiveKV's ranking scores ``[B, H, L]`` float32 (SPEC 7.2 steps 1-5, default
         form): the defensive score times the normalised value weight, the stage-1 tokens
         raised to the row's maximum; padding columns ``-inf``. ``as_written``: ``[B, H, N]``,
@@ -279,7 +295,10 @@ class EvictionPolicy:
         dev = key.device
         R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
                                               key_start=key_start, scale=scale)
-        weight = _ops.value_norm(value, o_proj_weight, normalize=True, length=L)
+        # the value weight normalised across the layer's KV heads (all ranks' heads)
+        n = _ops.value_norm(value, o_proj_weight, length=L)
+        total = (n if shards is None else shards.gather_heads(n)).sum(dim=1, keepdim=True)
+        weight = n / total
         ks = (key_start.to(torch.int64) if key_start is not None
               else torch.zeros(B, device=dev, dtype=torch.int64))
         col = torch.arange(L, device=dev)
@@ -296,6 +315,8 @@ class EvictionPolicy:
         sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
         cum = sorted_share.clamp(min=0).cumsum(dim=-1)
         has = ks < L                                                        # a valid prefix
+        if shards is not None:   # the mean over all query heads: each rank's over its own
+            wmass = shards.mean_of_ranks(wmass)
         if self.as_written:   # one window_bias for the batch: rows with a prefix (D10)
             bias = (torch.where(has, wmass[:, 1], torch.zeros((), device=dev)).sum()
                     / has.sum().clamp(min=1)).expand(B)
@@ -322,6 +343,9 @@ class EvictionPolicy:
         # score is NaN
         finite = torch.where(R.isnan(), neg_inf, R).amax(dim=(1, 2), keepdim=True)
         real = (~R.isnan() & valid).any(dim=-1).any(dim=-1).view(B, 1, 1)
+        if shards is not None:   # over all heads: the maximum is exact in any order
+            finite = shards.max(finite)
+            real = shards.max(real.to(torch.int32)).to(torch.bool)
         if self.as_written:
             finite = finite.amax(dim=0, keepdim=True).expand(B, 1, 1)
             real = real.any(dim=0, keepdim=True).expand(B, 1, 1)
@@ -333,8 +357,18 @@ class EvictionPolicy:
         return scores.contiguous()
 
 
+def _allocate(scores: Tensor, C: int, key_start: Optional[Tensor], shards=None,
+              floor_alpha: float = 0.0, adaptive: bool = True, rounding: str = "exact") -> Tensor:
+    """``allocate`` (no floor by default: the follow-ups' global top-k); with ``shards`` over
+    every rank's heads (gathered), this rank's heads' budgets returned."""
+    full = scores if shards is None else shards.gather_heads(scores)
+    b = _ops.allocate(full.contiguous(), C, floor_alpha=floor_alpha, adaptive=adaptive,
+                      rounding=rounding, key_start=key_start)
+    return b if shards is None else shards.own(b)
+
+
 def _window_columns(x: Tensor, key_start: Optional[Tensor], N: int, W: int,
-                    what: str) -> Tensor:
+                    what: str, shards=None) -> Tensor:
     """The ``W`` window columns ``[B, H, W]`` of an ``as_written`` score: ``what="row"``: the
     maximum over the row's valid prefix scores ``x [B, H, L]`` of all heads (0 when there is
     none, D3); ``"value"``: ``x [B, H, 1]`` itself. Padding columns are ``-inf``."""
@@ -343,6 +377,8 @@ def _window_columns(x: Tensor, key_start: Optional[Tensor], N: int, W: int,
     dev = x.device
     if what == "row":
         v = x.amax(dim=(1, 2)) if L > 0 else torch.zeros(B, device=dev)
+        if shards is not None:
+            v = shards.max(v)
         v = torch.where(torch.isinf(v) & (v < 0), torch.zeros((), device=dev), v)
         v = v.view(B, 1, 1).expand(B, H, W)
     else:

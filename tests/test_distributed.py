@@ -1,0 +1,164 @@
+"""Tensor parallelism (SPEC 8, issue 15) on CPU: 2 and 4 gloo processes, each holding a
+contiguous block of the heads (and its o_proj columns), give exactly the single-process kept
+sets for every method that allocates across heads (Ada-KV, Ada-Pyramid, AdaCriticalKV,
+DefensiveKV in both forms, Layer-DefensiveKV across layers), plus the per-head methods; a
+world size that does not divide the heads is a clear error."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import HAVE_OPS
+
+pytestmark = pytest.mark.skipif(not HAVE_OPS or not dist.is_available(),
+                                reason="adakv_ops extension or torch.distributed missing")
+
+TESTS = Path(__file__).resolve().parent
+B, Hq, Hk, N, W, D, HIDDEN = 3, 8, 4, 57, 6, 16, 24
+CASES = [  # (method, as_written, budget)
+    ("ada_snapkv", False, 9), ("snapkv", False, 9), ("ada_pyramid", False, 9),
+    ("streaming", False, 9), ("criticalkv", False, 9), ("ada_criticalkv", False, 9),
+    ("ada_criticalkv", True, 9), ("defensivekv", False, 9), ("defensivekv", True, 9),
+    ("ada_snapkv", False, 0), ("defensivekv", False, 60),
+]
+N_LAYERS = 3
+
+
+def _inputs(seed):
+    from conftest import make_key_start, make_qkv, randn
+    layers = []
+    for layer in range(N_LAYERS):
+        q, k, v = make_qkv(B, Hq, Hk, N, W, D, seed + layer)
+        wo = randn((HIDDEN, Hq * D), seed + 100 + layer)
+        layers.append((q, k, v, wo))
+    return layers, make_key_start(B, N, seed)
+
+
+def _shard(t, dim, rank, world):
+    n = t.shape[dim] // world
+    return t.narrow(dim, rank * n, n).contiguous()
+
+
+def _select(policy, layers, ks, C, shards, rank, world):
+    """Kept (idx, count) of every layer (cascade for layer_defensivekv)."""
+    from adakv_ops.cascade import LayerCascade
+    out = []
+    cascade = None
+    if policy.method == "layer_defensivekv":
+        cascade = LayerCascade(N_LAYERS, policy.cascade_slots(C, W))
+    for li, (q, k, v, wo) in enumerate(layers):
+        if shards is not None:
+            q, k, v = (_shard(x, 1, rank, world) for x in (q, k, v))
+            wo = _shard(wo, 1, rank, world)
+        Cl = policy.layer_budget(li, N_LAYERS, N, W)
+        if cascade is not None:
+            kept, retrim = policy.keep_layer(cascade, q, k, v, wo, Cl, ks, shards=shards)
+            for j, keep in enumerate(retrim):
+                if keep is None:
+                    continue
+                idx, cnt = out[j]
+                rows = []
+                for b in range(idx.shape[0]):
+                    for h in range(idx.shape[1]):
+                        cols = idx[b, h, :int(cnt[b, h])].tolist()
+                        rows.append([c for p, c in enumerate(cols) if bool(keep[b, h, p])])
+                new_idx = torch.full_like(idx, -1)
+                new_cnt = torch.zeros_like(cnt)
+                for s, cols in enumerate(rows):
+                    b, h = divmod(s, idx.shape[1])
+                    new_idx[b, h, :len(cols)] = torch.tensor(cols, dtype=new_idx.dtype)
+                    new_cnt[b, h] = len(cols)
+                out[j] = (new_idx, new_cnt)
+        else:
+            kept = policy.keep(q, k, Cl, key_start=ks, value=v, o_proj_weight=wo, shards=shards)
+        out.append((kept.kept_idx.clone(), kept.kept_count.clone()))
+    return out
+
+
+def _cases():
+    return CASES + [("layer_defensivekv", False, 9), ("layer_defensivekv", True, 9)]
+
+
+def _worker(rank, world, port, result_dir):
+    sys.path.insert(0, str(TESTS))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import adakv_ops  # noqa: F401
+        from adakv_ops.distributed import HeadShards
+        from adakv_ops.policy import EvictionPolicy
+        shards = HeadShards()
+        assert shards.check_heads(Hq, Hk) == (Hq // world, Hk // world)
+        layers, ks = _inputs(7)
+        res = {}
+        for method, aw, C in _cases():
+            pol = EvictionPolicy(method=method, budget=C, window=W, as_written=aw)
+            res[(method, aw, C)] = _select(pol, layers, ks, C, shards, rank, world)
+        torch.save(res, Path(result_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_heads_keep_the_single_device_sets(world, tmp_path):
+    from adakv_ops.policy import EvictionPolicy
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    layers, ks = _inputs(7)
+    for method, aw, C in _cases():
+        pol = EvictionPolicy(method=method, budget=C, window=W, as_written=aw)
+        want = _select(pol, layers, ks, C, None, 0, 1)
+        for li in range(N_LAYERS):
+            idx = torch.cat([p[(method, aw, C)][li][0] for p in parts], dim=1)
+            cnt = torch.cat([p[(method, aw, C)][li][1] for p in parts], dim=1)
+            assert torch.equal(cnt, want[li][1]), (method, aw, C, li)
+            assert torch.equal(idx, want[li][0]), (method, aw, C, li)
+
+
+def _bad_worker(rank, world, port, result_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from adakv_ops.distributed import HeadShards
+        try:
+            HeadShards().check_heads(8, 2)
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+        (Path(result_dir) / f"err{rank}.txt").write_text(msg)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_heads_not_divisible_by_the_world_size(tmp_path):
+    mp.spawn(_bad_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    for r in range(4):
+        msg = (tmp_path / f"err{r}.txt").read_text()
+        assert "num_key_value_heads = 2 is not divisible by the tensor-parallel world size 4" \
+            in msg
+
+
+def test_head_shards_needs_an_initialised_group():
+    from adakv_ops.distributed import HeadShards
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        HeadShards()
