@@ -162,3 +162,80 @@ def test_head_shards_needs_an_initialised_group():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
         HeadShards()
+
+
+# -- the Hugging Face cache under transformers' tensor parallelism (tp_plan="auto") -----------
+
+HF_METHODS = [("ada_snapkv", False), ("ada_criticalkv", False), ("defensivekv", False),
+              ("layer_defensivekv", False), ("defensivekv", True)]
+
+
+def _tiny(family, path):
+    import transformers
+    from test_hf import COMMON, FAMILIES
+    cfg_name, model_name, extra = FAMILIES[family]
+    kw = dict(COMMON, num_attention_heads=8, num_key_value_heads=4)
+    cfg = getattr(transformers, cfg_name)(**kw, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(cfg).eval()
+    model.save_pretrained(path)
+
+
+def _hf_run(model, storage):
+    from test_hf import make_batch
+
+    from adakv_ops.hf import AdaKVCache, cache_kwarg
+    ids, mask = make_batch(2, 48, pads=(0, 5))
+    out = {}
+    for method, aw in HF_METHODS:
+        cache = AdaKVCache(model, method=method, budget=7, window=4, storage=storage,
+                           as_written=aw)
+        with torch.no_grad():
+            toks = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                  max_new_tokens=6, min_new_tokens=6, **cache_kwarg(cache))
+        out[(method, aw)] = (toks, [l.segment_lengths() for l in cache.adakv_layers],
+                             cache.settings.shards is not None)
+    return out
+
+
+def _hf_worker(rank, world, port, path, result_dir, storage):
+    sys.path.insert(0, str(TESTS))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto",
+                                                     attn_implementation="sdpa").eval()
+        torch.save(_hf_run(model, storage), Path(result_dir) / f"hf{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family,world,storage", [("llama", 2, "paged"), ("qwen2", 2, "flat"),
+                                                  ("llama", 4, "paged")])
+def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
+    """Each rank's cache holds its own heads; greedy tokens and every head's kept length equal
+    the single-process run."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+    path = str(tmp_path / "model")
+    _tiny(family, path)
+    mp.spawn(_hf_worker, args=(world, _free_port(), path, str(tmp_path), storage),
+             nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"hf{r}.pt") for r in range(world)]
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    want = _hf_run(model, storage)
+    for key, (toks, lens, tp) in want.items():
+        assert not tp
+        for r, p in enumerate(parts):
+            r_toks, r_lens, r_tp = p[key]
+            assert r_tp
+            assert torch.equal(r_toks, toks), (key, r)
+            for li, (one, mine) in enumerate(zip(lens, r_lens)):
+                H = len(one) // 2                               # 2 batch rows
+                hk = H // world                                 # this rank's heads
+                own = [one[b * H + r * hk + h] for b in range(2) for h in range(hk)]
+                assert mine == own, (key, r, li)

@@ -19,8 +19,9 @@ from ..policy import METHODS, VALUE_METHODS, EvictionPolicy
 from .flat import FlatLayer
 from .layer import INT32_MAX, EvictedLayer, LayerSettings, PrefillControl
 from .paged import PagedLayer, PagedPool
+from ..distributed import HeadShards
 from .registration import (attention_modules, cache_kwarg, install, o_proj_weight,
-                           skip_prompt_masks)
+                           skip_prompt_masks, tensor_parallel_group)
 
 __all__ = ["AdaKVCache", "CacheSnapshot", "STORAGES", "generate_chunked"]
 
@@ -63,6 +64,11 @@ class AdaKVCache(Cache):
             ``budget + window + max_growth`` tokens. Must be ``>= window``.
         n_sink: attention sinks kept by ``"streaming"``.
         pyramid_beta, pyramid_exact_mean: pyramid schedule (see ``pyramid_budgets``).
+        tensor_parallel: an :class:`adakv_ops.distributed.HeadShards` for a model whose heads
+            are split across ranks; default: detected from a model loaded with transformers'
+            tensor parallelism (``tp_plan="auto"``, its ``o_proj`` weights DTensors), whose
+            tensor-parallel group then allocates across all ranks' heads exactly as one device
+            (SPEC 8); each rank's cache holds its own heads.
         as_written: the follow-up methods as the authors' code runs them (the window competes
             for ``budget + window`` slots per head, their ``window_bias`` and clamp; for
             comparison, docs/followups.md); default: the fixed forms.
@@ -84,7 +90,7 @@ class AdaKVCache(Cache):
                  gqa_reduce: str = "mean", rounding: str = "exact", per_query_head: bool = False,
                  reserve: int = 64, max_growth: Optional[int] = None, n_sink: int = 4,
                  pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
-                 as_written: bool = False,
+                 as_written: bool = False, tensor_parallel=None,
                  storage: str = "paged", page_size: int = 64, num_pages: Optional[int] = None,
                  max_batch: Optional[int] = None):
         if method not in METHODS:
@@ -149,6 +155,14 @@ class AdaKVCache(Cache):
                 raise NotImplementedError(f"adakv: layer type {t!r} is not supported")
         n_full = sum(t == "full_attention" for t in layer_types)
 
+        shards = tensor_parallel
+        if shards is None:
+            group = tensor_parallel_group(model)
+            shards = HeadShards(group) if group is not None else None
+        Hq_all = config.num_attention_heads
+        Hk_all = getattr(config, "num_key_value_heads", None) or Hq_all
+        if shards is not None:
+            shards.check_heads(Hq_all, Hk_all)
         orig, mailbox = install(model)
         self.settings = LayerSettings(
             policy=EvictionPolicy(
@@ -158,13 +172,14 @@ class AdaKVCache(Cache):
                 pyramid_exact_mean=pyramid_exact_mean, as_written=bool(as_written)),
             per_query_head=bool(per_query_head), reserve=reserve, max_growth=max_growth,
             n_full_layers=max(n_full, 1), storage=storage, page_size=page_size,
-            num_pages=num_pages, max_batch=max_batch)
+            num_pages=num_pages, max_batch=max_batch, shards=shards)
         self._control = PrefillControl()
         self.pool = None
         if storage == "paged":
-            Hq = config.num_attention_heads
-            Hk = getattr(config, "num_key_value_heads", None) or Hq
+            Hq, Hk = Hq_all, Hk_all
             D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+            if shards is not None:      # this rank's heads
+                Hq, Hk = shards.check_heads(Hq, Hk)
             self.pool = PagedPool(self.settings, max(n_full, 1), Hq if per_query_head else Hk, D)
         layers = []
         rank = 0

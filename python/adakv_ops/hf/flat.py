@@ -76,7 +76,10 @@ class FlatLayer(EvictedLayer):
         when the policy's budgets sum to ``H * C``)."""
         B, H = key.shape[0], key.shape[1]
         prefix = 0 if self.settings.method == "full" else kept.C   # full keeps its rows as W
-        rows = B * H * (prefix + kept.window + R) if self.settings.policy.fixed_size else None
+        # a static size when the budgets sum to H * C; under tensor parallelism a rank's heads
+        # get a data-dependent share of the layer's H * C
+        fixed = self.settings.policy.fixed_size and self.settings.shards is None
+        rows = B * H * (prefix + kept.window + R) if fixed else None
         self._set_flat(*_ops.compact(key.contiguous(), value.contiguous(), kept.kept_idx,
                                      kept.kept_count, kept.budgets, kept.window, reserve=R,
                                      rows=rows, key_start=key_start))

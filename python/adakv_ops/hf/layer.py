@@ -55,6 +55,7 @@ class LayerSettings:
     page_size: int
     num_pages: Optional[int]
     max_batch: Optional[int] = None
+    shards: Optional[object] = None   # adakv_ops.distributed.HeadShards (tensor parallelism)
 
     def __getattr__(self, name):  # method, budget, window, alpha, ... read through
         if name != "policy" and "policy" in self.__dict__:
@@ -341,7 +342,7 @@ class EvictedLayer(CacheLayerMixin):
                 ctl.cascade = (LayerCascade(self.settings.n_full_layers, slots), [])
             cascade, earlier = ctl.cascade
             kept, retrim = p.keep_layer(cascade, q_window, key, value, self._o_proj, C,
-                                        key_start, scale)
+                                        key_start, scale, shards=self.settings.shards)
             self._kept_window = kept.window
             rows = self._prefill_rows()
             for layer, keep in zip(earlier, retrim):
@@ -353,7 +354,7 @@ class EvictedLayer(CacheLayerMixin):
             return kept
         return p.keep(q_window if p.needs_queries else None, key, C, key_start=key_start,
                       scale=scale, value=value if p.needs_values else None,
-                      o_proj_weight=self._o_proj)
+                      o_proj_weight=self._o_proj, shards=self.settings.shards)
 
     def _gather_segments(self, Nmax: int, lens: Tensor, pad: Tensor,
                          rows: Optional[list] = None) -> tuple[Tensor, Tensor]:
@@ -441,7 +442,10 @@ class EvictedLayer(CacheLayerMixin):
         B, H = (self._batch if rows is None else len(rows)), self.n_heads
         S = B * H
         lens = seg_len.to(torch.int64)
-        Nmin, Nmax = torch.stack([lens.min(), lens.max()]).tolist()
+        ext = torch.stack([-lens.min(), lens.max()])
+        if s.shards is not None:   # every rank re-evicts at the same shape (its heads differ)
+            ext = s.shards.max(ext)
+        Nmin, Nmax = (-ext[0]).item(), ext[1].item()
         W, C = s.window, (self.budget if budget is None else budget)
         if Nmin < W:
             return False  # a segment shorter than the window (tiny prompt, big append)
@@ -459,7 +463,9 @@ class EvictedLayer(CacheLayerMixin):
         scores = policy.scores(q, kp.reshape(S, 1, Nmax, D), key_start=ks_seg,
                                scale=self._scale).reshape(B, H, L)
         ks_row = ks_seg.view(B, H).amin(dim=1).contiguous()
-        budgets = policy.budgets(scores.contiguous(), C, key_start=ks_row)
+        if s.shards is not None:   # the row's padding as on one device: over all heads
+            ks_row = (-s.shards.max(-ks_row.to(torch.int64))).to(torch.int32)
+        budgets = policy.budgets(scores.contiguous(), C, key_start=ks_row, shards=s.shards)
         # A head never keeps more prefix tokens than it has (its padding columns are -inf).
         finite = (L - ks_seg.view(B, H)).clamp(min=0)
         budgets = torch.minimum(budgets, finite).contiguous()

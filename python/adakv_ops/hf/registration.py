@@ -24,6 +24,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 __all__ = ["CACHE_KWARG", "QueryRecorder", "attention_modules", "cache_kwarg", "install", "o_proj_weight",
+           "tensor_parallel_group",
            "key_start_from_mask", "original_attn_implementation", "restore_attention"]
 
 SUPPORTED_ORIGINALS = ("sdpa", "eager")
@@ -172,7 +173,21 @@ def o_proj_weight(module) -> Optional[Tensor]:
     every supported family), or ``None``."""
     proj = getattr(module, "o_proj", None)
     w = getattr(proj, "weight", None)
+    if hasattr(w, "to_local"):       # a tensor-parallel DTensor: this rank's columns
+        w = w.to_local()
     return w if isinstance(w, torch.Tensor) else None
+
+
+def tensor_parallel_group(model):
+    """The process group of a model loaded with transformers' tensor parallelism (its
+    ``o_proj`` weights are DTensors on a 1-D device mesh), or ``None``."""
+    for m in attention_modules(model):
+        w = getattr(getattr(m, "o_proj", None), "weight", None)
+        mesh = getattr(w, "device_mesh", None)
+        if mesh is not None and mesh.size() > 1:
+            return mesh.get_group()
+        return None
+    return None
 
 
 def attention_modules(model):
