@@ -205,9 +205,14 @@ def _hf_worker(rank, world, port, path, result_dir, storage):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        import transformers
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto",
-                                                     attn_implementation="sdpa").eval()
+        if hasattr(transformers, "DistributedConfig"):     # newer transformers
+            tp = dict(distributed_config=transformers.DistributedConfig(tp_plan="auto"))
+        else:
+            tp = dict(tp_plan="auto")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                     **tp).eval()
         torch.save(_hf_run(model, storage), Path(result_dir) / f"hf{rank}.pt")
         dist.barrier()
     finally:
