@@ -241,3 +241,27 @@ def test_layer_defensivekv_prefill_holds_at_most_the_final_cache():
         assert st.peak_pages_used <= rows / P + segments, (method, st.peak_pages_used)
         full_pages = segments * -(-90 // P)
         assert st.peak_pages_used < full_pages / 4
+
+
+@pytest.mark.parametrize("method", ["ada_criticalkv", "defensivekv", "layer_defensivekv"])
+def test_engine_serves_the_followup_methods(method):
+    """Continuous batching with the follow-ups: requests joining mid-run (prefilled alone into
+    the shared store; layer_defensivekv re-trims only the joining row's earlier layers) get
+    exactly the greedy tokens they get alone; every page comes back."""
+    pytest.importorskip("transformers")
+    from test_hf import make_model
+    from test_serve import _alone, _prompts
+
+    from adakv_ops.serve import Engine
+    model = make_model("llama")
+    prompts = _prompts(5, seed=4, lo=15, hi=45)
+    news = [6, 3, 8, 5, 4]
+    kw = dict(method=method, budget=6, window=4, page_size=4)
+    eng = Engine(model, num_pages=4000, max_batch=3, chunk_size=8, **kw)
+    rids = [eng.add_request(prompts[i], news[i]) for i in range(2)]
+    eng.step()
+    rids += [eng.add_request(prompts[i], news[i]) for i in range(2, 5)]
+    eng.run()
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, chunk=8, **kw), (method, rid)
+    assert eng.pages_free == 4000
