@@ -244,3 +244,55 @@ def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
                 hk = H // world                                 # this rank's heads
                 own = [one[b * H + r * hk + h] for b in range(2) for h in range(hk)]
                 assert mine == own, (key, r, li)
+
+
+def _engine_run(model):
+    from test_serve import _prompts
+
+    from adakv_ops.serve import Engine
+    prompts = _prompts(5, seed=2, lo=12, hi=40)
+    news = [5, 2, 7, 4, 3]
+    out = {}
+    for method in ("ada_snapkv", "defensivekv"):
+        eng = Engine(model, num_pages=3000, max_batch=3, chunk_size=8, method=method, budget=6,
+                     window=4, page_size=4)
+        rids = [eng.add_request(prompts[i], news[i]) for i in range(2)]
+        eng.step()
+        rids += [eng.add_request(prompts[i], news[i]) for i in range(2, 5)]
+        eng.run()
+        out[method] = [eng.result(r) for r in rids]
+    return out
+
+
+def _engine_worker(rank, world, port, path, result_dir):
+    sys.path.insert(0, str(TESTS))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+        tp = (dict(distributed_config=transformers.DistributedConfig(tp_plan="auto"))
+              if hasattr(transformers, "DistributedConfig") else dict(tp_plan="auto"))
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                     **tp).eval()
+        torch.save(_engine_run(model), Path(result_dir) / f"eng{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_engine_under_tensor_parallelism(tmp_path):
+    """One engine per rank, fed the same requests (SPMD): joins, waits and leaves stay in
+    lockstep (admission reads the fewest free pages of all ranks) and every request gets the
+    single-process tokens."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+    path = str(tmp_path / "model")
+    _tiny("llama", path)
+    mp.spawn(_engine_worker, args=(2, _free_port(), path, str(tmp_path)), nprocs=2, join=True)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    want = _engine_run(model)
+    for r in range(2):
+        assert torch.load(tmp_path / f"eng{r}.pt") == want, r

@@ -44,6 +44,9 @@ class HeadShards:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        # where host values travel (NCCL moves device tensors only)
+        self._host_dev = (torch.device("cuda", torch.cuda.current_device())
+                          if dist.get_backend(group) == "nccl" else torch.device("cpu"))
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
         """The local ``(Hq, Hk)`` of a model with ``num_heads`` query and ``num_kv_heads`` KV
@@ -72,6 +75,12 @@ class HeadShards:
         y = x.clone()
         dist.all_reduce(y, op=dist.ReduceOp.MAX, group=self.group)
         return y
+
+    def min_int(self, x: int) -> int:
+        """The smallest of the ranks' host integers ``x`` (one small all_reduce)."""
+        t = torch.tensor([-int(x)], dtype=torch.int64, device=self._host_dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return -int(t.item())
 
     def mean_of_ranks(self, x: Tensor) -> Tensor:
         """The mean over the ranks of ``x`` (each rank's value weighs the same)."""

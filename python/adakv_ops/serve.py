@@ -134,7 +134,8 @@ class Engine:
         self.num_pages = num_pages
         cfg = model.config.get_text_config(decoder=True)
         self._layers = len(self.cache.adakv_layers)
-        self._heads = self.cache.pool.heads
+        self._heads = self.cache.pool.heads          # this rank's heads (all, without TP)
+        self._shards = self.cache.settings.shards   # tensor parallelism: one engine per rank
         self._device = next(model.parameters()).device
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
@@ -421,7 +422,10 @@ class Engine:
         # decode rows: all of them, or with re-eviction at most max_growth per head between two
         # re-evictions (each brings a head back to its share of C + the window)
         grow = new if s.max_growth is None else min(new, s.max_growth)
-        rows = H * (prefix + min(s.window, n) + grow)  # every head of a layer together
+        kept_prefix = H * prefix                       # every head of a layer together
+        if self._shards is not None:   # this rank's heads may win up to the layer's H_all C
+            kept_prefix = min(H * self._shards.world * prefix, H * n)
+        rows = kept_prefix + H * (min(s.window, n) + grow)
         kept = L * (-(-rows // P) + H)                  # + one partly filled page per head
         chunked = self.chunk_size is not None and self.chunk_size < n
         raw = L * H * -(-n // P) if chunked else 0
@@ -439,7 +443,10 @@ class Engine:
         reserved = sum(r.pages_bound for r in self._running)
         if self.num_pages - reserved < req.pages_bound:
             return False
-        return self.pages_free >= req.raw_pages
+        free = self.pages_free
+        if self._shards is not None:   # every rank decides alike: the fewest free pages
+            free = self._shards.min_int(free)
+        return free >= req.raw_pages
 
     def _admit(self, req: Request) -> int:
         ids = torch.tensor([req.prompt], device=self._device)
