@@ -264,3 +264,17 @@ def test_default_text_fallback_files_exist():
     # from a wheel (CI) nothing above the package is a checkout: the fallback is what is read
     if not (pkg.parents[1] / "README.md").exists():
         assert all(pkg in f.parents for f in files), files
+
+
+def test_authors_ordering_on_eviction_loss():
+    def rec(method, frac, l1):
+        return {"setting": "agnostic", "task": "kv", "length": 100, "sample": 0,
+                "method": method, "budget_frac": frac, "correct": False, "evict_l1": [l1],
+                "evict_rel_mean": 0.0, "kept_fraction": frac}
+    records = [rec("full", 1.0, 0.0)]
+    for m, a, b in (("snapkv", 5.0, 3.0), ("ada_snapkv", 5.0, 2.5), ("ada_criticalkv", 4.0, 2.0),
+                    ("defensivekv", 3.0, 2.2), ("layer_defensivekv", 2.0, 1.0)):
+        records += [rec(m, 0.1, a), rec(m, 0.2, b)]
+    rows = aggregate(records, [])["authors_ordering"]
+    assert [(r["budget_frac"], r["holds"]) for r in rows] == [(0.1, True), (0.2, False)]
+    assert rows[1]["loss"]["defensivekv"] == 2.2

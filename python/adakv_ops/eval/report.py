@@ -99,7 +99,31 @@ def aggregate(records: list[dict], text_records: list[dict]) -> dict:
            "text": {key: {f"{m}@{f:g}": {"mean": _mean(v), "n": len(v)}
                           for (m, f), v in sorted(d.items())} for key, d in text.items()}}
     out["ada_vs_uniform"] = _compare(records)
+    out["authors_ordering"] = _ordering(out["eviction_l1"])
     return out
+
+
+# The authors' ordering (SPEC 7.4: SnapKV < AdaKV < CriticalKV < DefensiveKV < Layer-DefensiveKV
+# in quality), checked on the eviction loss, which must then decrease along it.
+AUTHORS_ORDER = ("snapkv", "ada_snapkv", "ada_criticalkv", "defensivekv", "layer_defensivekv")
+
+
+def _ordering(loss: dict) -> list[dict]:
+    """Per setting and budget: the mean eviction loss of each method of ``AUTHORS_ORDER`` that
+    ran, and whether it never increases along that order (equal is allowed: with one KV head
+    per layer, AdaKV is SnapKV)."""
+    rows = []
+    for setting, table in loss.items():
+        fracs = sorted({float(k.split("@")[1]) for k in table if not k.startswith("full@")})
+        for f in fracs:
+            vals = [(m, table[f"{m}@{f:g}"]["mean"]) for m in AUTHORS_ORDER
+                    if f"{m}@{f:g}" in table]
+            if len(vals) < 2:
+                continue
+            holds = all(a[1] >= b[1] for a, b in zip(vals, vals[1:]))
+            rows.append({"setting": setting, "budget_frac": f, "loss": dict(vals),
+                         "holds": holds})
+    return rows
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -178,6 +202,17 @@ def markdown(result: dict) -> str:
                     e = table.get(f"{m}@{f:g}") or table.get(f"{m}@1")
                     cells.append(fmt.format(e["mean"]) if e else "-")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if agg.get("authors_ordering"):
+        lines.append("\n**The authors' ordering on eviction loss** (SnapKV >= AdaKV >= "
+                     "AdaCriticalKV >= DefensiveKV >= Layer-DefensiveKV expected, SPEC 7.4)\n")
+        ms = [m for m in AUTHORS_ORDER
+              if any(m in r["loss"] for r in agg["authors_ordering"])]
+        lines.append("| setting | budget | " + " | ".join(ms) + " | holds |")
+        lines.append("|---|---|" + "---|" * (len(ms) + 1))
+        for r in agg["authors_ordering"]:
+            cells = [f"{r['loss'][m]:.4g}" if m in r["loss"] else "-" for m in ms]
+            lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | " + " | ".join(cells)
+                         + f" | {'yes' if r['holds'] else 'no'} |")
     if agg.get("ada_vs_uniform"):
         lines.append("\n**Paired comparisons, A vs B (Ada vs uniform; the follow-ups vs "
                      "ada_snapkv)**\n")
