@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import ops as _ops
 from .policy import METHODS, EvictionPolicy, Kept, streaming_scores  # noqa: F401 (re-exported)
+from .staging import to_device  # noqa: F401 (re-exported: the host -> device copies)
 
 __all__ = ["PagedKVStore", "OutOfPages", "StoreSnapshot", "METHODS", "have_paged_ops"]
 
@@ -51,15 +52,6 @@ def have_paged_ops() -> bool:
     ns = getattr(torch.ops, "adakv", None)
     return ns is not None and all(
         hasattr(ns, n) for n in ("paged_compact_", "paged_append_", "paged_decode_attention"))
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device`` without a stream sync: a copy from pageable memory makes
-    CUDA wait for the stream first (so the host would wait for the step in flight), one from
-    pinned memory (PyTorch's caching host allocator) does not."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class OutOfPages(RuntimeError):
