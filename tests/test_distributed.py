@@ -198,7 +198,9 @@ def _hf_run(model, storage):
     return out
 
 
-def _hf_worker(rank, world, port, path, result_dir, storage):
+def _tp_worker(rank, world, port, path, result_file, run, *args):
+    """Load the model at ``path`` with transformers' tensor parallelism on a gloo group of
+    ``world`` processes and save ``run(model, *args)`` to ``result_file`` (``{rank}``)."""
     sys.path.insert(0, str(TESTS))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -213,7 +215,7 @@ def _hf_worker(rank, world, port, path, result_dir, storage):
             tp = dict(tp_plan="auto")
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
                                                      **tp).eval()
-        torch.save(_hf_run(model, storage), Path(result_dir) / f"hf{rank}.pt")
+        torch.save(run(model, *args), result_file.format(rank=rank))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -228,8 +230,8 @@ def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny(family, path)
-    mp.spawn(_hf_worker, args=(world, _free_port(), path, str(tmp_path), storage),
-             nprocs=world, join=True)
+    mp.spawn(_tp_worker, args=(world, _free_port(), path, str(tmp_path / "hf{rank}.pt"),
+                               _hf_run, storage), nprocs=world, join=True)
     parts = [torch.load(tmp_path / f"hf{r}.pt") for r in range(world)]
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     want = _hf_run(model, storage)
@@ -264,25 +266,6 @@ def _engine_run(model):
     return out
 
 
-def _engine_worker(rank, world, port, path, result_dir):
-    sys.path.insert(0, str(TESTS))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM
-        tp = (dict(distributed_config=transformers.DistributedConfig(tp_plan="auto"))
-              if hasattr(transformers, "DistributedConfig") else dict(tp_plan="auto"))
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
-                                                     **tp).eval()
-        torch.save(_engine_run(model), Path(result_dir) / f"eng{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_engine_under_tensor_parallelism(tmp_path):
     """One engine per rank, fed the same requests (SPMD): joins, waits and leaves stay in
     lockstep (admission reads the fewest free pages of all ranks) and every request gets the
@@ -291,7 +274,8 @@ def test_engine_under_tensor_parallelism(tmp_path):
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny("llama", path)
-    mp.spawn(_engine_worker, args=(2, _free_port(), path, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, _free_port(), path, str(tmp_path / "eng{rank}.pt"),
+                               _engine_run), nprocs=2, join=True)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     want = _engine_run(model)
     for r in range(2):
