@@ -26,4 +26,4 @@ UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 ADAKV_REQUIRE_EXTENSION=1 \
   "$test/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_cpu_ops.py tests/test_errors.py tests/test_opcheck.py tests/test_adversarial.py \
-    tests/test_paged.py tests/test_store.py
+    tests/test_paged.py tests/test_store.py tests/test_followup_ops.py tests/test_composite.py
