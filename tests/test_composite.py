@@ -64,3 +64,23 @@ def test_composite_checks_its_arguments():
         _composite.value_norm(v, w, length=21)
     with pytest.raises(RuntimeError, match="adakv: value .* same dtype"):
         _composite.value_norm(v, w.half())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_followup_ops_match_the_cpu_kernels(dtype):
+    """On CUDA the registered kernels (the interim torch-op ones, or native ones once they
+    exist) give the CPU kernels' results."""
+    B, Hq, Hk, N, W, D = 3, 8, 2, 300, 16, 64
+    q, k, v = make_qkv(B, Hq, Hk, N, W, D, 5)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ks = make_key_start(B, N, 5)
+    w = randn((96, Hq * D), 6).to(dtype)
+    want = torch.ops.adakv.defensive_score(q, k, 5, ks, None)
+    got = torch.ops.adakv.defensive_score(q.cuda(), k.cuda(), 5, ks.cuda(), None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-3)
+    for normalize in (False, True):
+        want = torch.ops.adakv.value_norm(v, w, normalize, N - W)
+        got = torch.ops.adakv.value_norm(v.cuda(), w.cuda(), normalize, N - W)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-3)

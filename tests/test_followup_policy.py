@@ -265,3 +265,23 @@ def test_engine_serves_the_followup_methods(method):
     for rid, p, n in zip(rids, prompts, news):
         assert eng.result(rid) == _alone(model, p, n, chunk=8, **kw), (method, rid)
     assert eng.pages_free == 4000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["ada_criticalkv", "defensivekv"])
+def test_cuda_policy_keeps_the_cpu_sets(method):
+    from adakv_ops.cascade import LayerCascade
+    shape = (3, 4, 2, 61, 8, 16, 12)
+    B, Hq, Hk, N, W, D, C = shape
+    q, k, v, wo, ks = _inputs(shape, 11, True)
+    pol = EvictionPolicy(method=method, budget=C, window=W)
+    cpu = pol.keep(q, k, C, key_start=ks, value=v, o_proj_weight=wo)
+    gpu = pol.keep(q.cuda(), k.cuda(), C, key_start=ks.cuda(), value=v.cuda(),
+                   o_proj_weight=wo.cuda())
+    assert torch.equal(gpu.kept_count.cpu(), cpu.kept_count)
+    assert torch.equal(gpu.kept_idx.cpu(), cpu.kept_idx)
+    if method == "defensivekv":          # and the cascade on the device
+        a = pol.keep_layer(LayerCascade(1, C), q, k, v, wo, C, ks)[0]
+        g = pol.keep_layer(LayerCascade(1, C), q.cuda(), k.cuda(), v.cuda(), wo.cuda(), C,
+                           ks.cuda())[0]
+        assert torch.equal(g.kept_idx.cpu(), a.kept_idx)

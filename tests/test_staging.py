@@ -34,7 +34,7 @@ def _busy(ms=150):
 
 
 @cuda
-def test_ring_lapped_while_busy_keeps_every_value():
+def test_cuda_ring_lapped_while_busy_keeps_every_value():
     st = HostStaging(torch.device("cuda"), nbytes=4096)
     g = torch.Generator().manual_seed(0)
     srcs = [torch.randint(0, 1 << 30, (int(torch.randint(1, 300, (1,), generator=g)),),
@@ -49,7 +49,7 @@ def test_ring_lapped_while_busy_keeps_every_value():
 
 
 @cuda
-def test_copies_do_not_wait_for_queued_work():
+def test_cuda_copies_do_not_wait_for_queued_work():
     st = HostStaging(torch.device("cuda"))
     srcs = [torch.arange(i, i + 512, dtype=torch.int64) for i in range(20)]
     for s in srcs[:2]:
