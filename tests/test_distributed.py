@@ -227,6 +227,7 @@ def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
     """Each rank's cache holds its own heads; greedy tokens and every head's kept length equal
     the single-process run."""
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")          # transformers' tp_plan loading needs it
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny(family, path)
@@ -271,6 +272,7 @@ def test_engine_under_tensor_parallelism(tmp_path):
     lockstep (admission reads the fewest free pages of all ranks) and every request gets the
     single-process tokens."""
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny("llama", path)
