@@ -222,7 +222,8 @@ def _tp_worker(rank, world, port, path, result_file, run, *args):
 
 
 @pytest.mark.parametrize("family,world,storage", [("llama", 2, "paged"), ("qwen2", 2, "flat"),
-                                                  ("llama", 4, "paged")])
+                                                  ("llama", 4, "paged"), ("mistral", 2, "paged"),
+                                                  ("qwen3", 2, "paged"), ("gemma3", 2, "flat")])
 def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
     """Each rank's cache holds its own heads; greedy tokens and every head's kept length equal
     the single-process run."""
