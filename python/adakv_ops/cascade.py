@@ -26,7 +26,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["LayerCascade"]
+__all__ = ["LayerCascade", "true_positions"]
+
+
+def true_positions(mask: Tensor) -> Tensor:
+    """The positions of the ``True`` entries of each row of ``mask [..., w]``, ascending and
+    left-aligned, the rest of the row filled with ``w`` (int64)."""
+    w = mask.shape[-1]
+    idx = torch.arange(w, device=mask.device)
+    return torch.where(mask, idx, torch.full_like(idx, w)).sort(dim=-1).values
 
 
 @dataclass
@@ -98,7 +106,7 @@ class LayerCascade:
             keeps.append(keep)
         keep_new = survive[:, off:].view(B, H, L)
         kept_count = keep_new.sum(dim=-1).to(torch.int32)
-        pos = torch.where(keep_new, col, torch.full_like(col, L)).sort(dim=-1).values
+        pos = true_positions(keep_new)
         kept_idx = torch.where(pos < L, pos, torch.full_like(pos, -1)).to(torch.int32)
         # one host read: the new layer's row width and which earlier layers lost rows
         top = kept_count.max() if kept_count.numel() else torch.zeros((), device=dev)
@@ -117,7 +125,6 @@ class LayerCascade:
     def _shrink(r: _Retained, keep: Tensor) -> None:
         """Keep only the rows ``keep`` of ``r`` (left-aligned again, same width)."""
         w = r.scores.shape[2]
-        idx = torch.arange(w, device=keep.device)
-        pos = torch.where(keep, idx, torch.full_like(idx, w)).sort(dim=-1).values
+        pos = true_positions(keep)
         r.count = keep.sum(dim=-1).to(torch.int32)
         r.scores = r.scores.gather(-1, pos.clamp(max=w - 1) if w else pos).contiguous()

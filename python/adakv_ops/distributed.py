@@ -76,11 +76,16 @@ class HeadShards:
         dist.all_reduce(y, op=dist.ReduceOp.MAX, group=self.group)
         return y
 
+    def min(self, x: Tensor) -> Tensor:
+        """Elementwise minimum over the ranks (a copy)."""
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.MIN, group=self.group)
+        return y
+
     def min_int(self, x: int) -> int:
         """The smallest of the ranks' host integers ``x`` (one small all_reduce)."""
-        t = torch.tensor([-int(x)], dtype=torch.int64, device=self._host_dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return -int(t.item())
+        return int(self.min(torch.tensor([int(x)], dtype=torch.int64,
+                                         device=self._host_dev)).item())
 
     def mean_of_ranks(self, x: Tensor) -> Tensor:
         """The mean over the ranks of ``x`` (each rank's value weighs the same)."""

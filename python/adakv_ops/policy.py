@@ -299,8 +299,7 @@ class EvictionPolicy:
         n = _ops.value_norm(value, o_proj_weight, length=L)
         total = (n if shards is None else shards.gather_heads(n)).sum(dim=1, keepdim=True)
         weight = n / total
-        ks = (key_start.to(torch.int64) if key_start is not None
-              else torch.zeros(B, device=dev, dtype=torch.int64))
+        ks = _starts(key_start, B, dev)
         col = torch.arange(L, device=dev)
         valid = (col >= ks.view(B, 1, 1))                                  # [B, 1, L]
         neg_inf = torch.tensor(float("-inf"), device=dev)
@@ -383,11 +382,17 @@ def _window_columns(x: Tensor, key_start: Optional[Tensor], N: int, W: int,
         v = v.view(B, 1, 1).expand(B, H, W)
     else:
         v = x.expand(B, H, W)
-    ks = (key_start.to(torch.int64) if key_start is not None
-          else torch.zeros(B, device=dev, dtype=torch.int64))
+    ks = _starts(key_start, B, dev)
     col = L + torch.arange(W, device=dev)
     return torch.where(col.view(1, 1, W) >= ks.view(B, 1, 1), v,
                        torch.tensor(float("-inf"), device=dev))
+
+
+def _starts(key_start: Optional[Tensor], B: int, device) -> Tensor:
+    """``key_start`` as int64 ``[B]`` (zeros without padding)."""
+    if key_start is None:
+        return torch.zeros(B, device=device, dtype=torch.int64)
+    return key_start.to(torch.int64)
 
 
 def _full(B: int, H: int, n: int, like: Tensor) -> Tensor:

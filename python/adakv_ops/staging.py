@@ -40,7 +40,9 @@ class HostStaging:
         self.waits = 0                                   # times the ring had to wait
         self.fallbacks = 0                               # copies larger than the arena
 
-    def _take(self, n: int) -> int:
+    def _take(self, n: int) -> tuple[int, int]:
+        """The ring's next region of ``n`` bytes (rounded up to the alignment), free to write:
+        ``(start, end)``."""
         n = -(-n // _ALIGN) * _ALIGN
         if self._head + n > self.nbytes:                 # wrap around
             self._head = 0
@@ -57,7 +59,7 @@ class HostStaging:
                 ev.synchronize()
             self._busy.popleft()
         self._head = end
-        return start
+        return start, end
 
     def copy(self, t: Tensor) -> Tensor:
         """``t`` (a CPU tensor) on the device; returns at once (the copy is queued on the
@@ -70,13 +72,13 @@ class HostStaging:
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         if n == 0:
             return out
-        start = self._take(n)
+        start, end = self._take(n)
         buf = self._arena[start:start + n].view(t.dtype).view(t.shape)
         buf.copy_(t)
         out.copy_(buf, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
-        self._busy.append((start, start + -(-n // _ALIGN) * _ALIGN, ev))
+        self._busy.append((start, end, ev))
         return out
 
 

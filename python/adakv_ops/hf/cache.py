@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
+from ..distributed import HeadShards
 from ..policy import METHODS, VALUE_METHODS, EvictionPolicy
 from .flat import FlatLayer
 from .layer import INT32_MAX, EvictedLayer, LayerSettings, PrefillControl
 from .paged import PagedLayer, PagedPool
-from ..distributed import HeadShards
 from .registration import (attention_modules, cache_kwarg, install, o_proj_weight,
                            skip_prompt_masks, tensor_parallel_group)
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops as _ops
-from ..cascade import LayerCascade
+from ..cascade import LayerCascade, true_positions
 from ..policy import EvictionPolicy, Kept
 from .registration import is_compiling, key_start_from_mask, mark_static, o_proj_weight
 
@@ -382,16 +382,11 @@ class EvictedLayer(CacheLayerMixin):
         pad = Nmax - lens
         kp, vp = self._gather_segments(Nmax, lens, pad, rows)
         L = max(Nmax - W, 0)
-        p = torch.arange(w, device=keep.device)
-        cols = pad.view(Bp, H, 1) + p                                  # right-aligned columns
-        big = torch.full_like(cols, Nmax)
-        cols = torch.where(keep, cols, big).sort(dim=-1).values
+        # the kept rows' right-aligned columns, ascending, -1 filled (select's format)
+        pos = true_positions(keep)[..., :L]
+        cols = torch.where(pos < w, pad.view(Bp, H, 1) + pos, torch.full_like(pos, -1))
         kept_idx = torch.full((Bp, H, L), -1, device=keep.device, dtype=torch.int32)
-        n = min(w, L)
-        if n:
-            head = cols[..., :n]
-            kept_idx[..., :n] = torch.where(head < Nmax, head, torch.full_like(head, -1)).to(
-                torch.int32)
+        kept_idx[..., :cols.shape[-1]] = cols.to(torch.int32)
         kept_count = keep.sum(dim=-1).to(torch.int32)
         ks_row = pad.view(Bp, H).amin(dim=1).to(torch.int32).contiguous()
         self._store_reevicted(kp, vp, Kept(kept_idx, kept_count, kept_count, W, self.budget),
@@ -445,7 +440,8 @@ class EvictedLayer(CacheLayerMixin):
         ext = torch.stack([-lens.min(), lens.max()])
         if s.shards is not None:   # every rank re-evicts at the same shape (its heads differ)
             ext = s.shards.max(ext)
-        Nmin, Nmax = (-ext[0]).item(), ext[1].item()
+        neg_min, Nmax = ext.tolist()                                   # one host read
+        Nmin = -neg_min
         W, C = s.window, (self.budget if budget is None else budget)
         if Nmin < W:
             return False  # a segment shorter than the window (tiny prompt, big append)
@@ -464,7 +460,7 @@ class EvictedLayer(CacheLayerMixin):
                                scale=self._scale).reshape(B, H, L)
         ks_row = ks_seg.view(B, H).amin(dim=1).contiguous()
         if s.shards is not None:   # the row's padding as on one device: over all heads
-            ks_row = (-s.shards.max(-ks_row.to(torch.int64))).to(torch.int32)
+            ks_row = s.shards.min(ks_row)
         budgets = policy.budgets(scores.contiguous(), C, key_start=ks_row, shards=s.shards)
         # A head never keeps more prefix tokens than it has (its padding columns are -inf).
         finite = (L - ks_seg.view(B, H)).clamp(min=0)

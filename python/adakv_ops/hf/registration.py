@@ -23,9 +23,9 @@ from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["CACHE_KWARG", "QueryRecorder", "attention_modules", "cache_kwarg", "install", "o_proj_weight",
-           "tensor_parallel_group",
-           "key_start_from_mask", "original_attn_implementation", "restore_attention"]
+__all__ = ["CACHE_KWARG", "QueryRecorder", "attention_modules", "cache_kwarg", "install",
+           "key_start_from_mask", "o_proj_weight", "original_attn_implementation",
+           "restore_attention", "tensor_parallel_group"]
 
 SUPPORTED_ORIGINALS = ("sdpa", "eager")
 _PREFIX = "adakv_"
