@@ -6,7 +6,6 @@ world size that does not divide the heads is a clear error."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -86,12 +85,17 @@ def _cases():
     return CASES + [("layer_defensivekv", False, 9), ("layer_defensivekv", True, 9)]
 
 
-def _worker(rank, world, port, result_dir):
+def _join(rank, world, rendezvous):
+    """Join the test's gloo group through a rendezvous file (no TCP port to race for)."""
     sys.path.insert(0, str(TESTS))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)
+
+
+def _worker(rank, world, rendezvous, result_dir):
+    _join(rank, world, rendezvous)
     try:
         import adakv_ops  # noqa: F401
         from adakv_ops.distributed import HeadShards
@@ -109,16 +113,15 @@ def _worker(rank, world, port, result_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path):
+    return str(tmp_path / "rendezvous")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_heads_keep_the_single_device_sets(world, tmp_path):
     from adakv_ops.policy import EvictionPolicy
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)), nprocs=world,
+             join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     layers, ks = _inputs(7)
     for method, aw, C in _cases():
@@ -131,10 +134,8 @@ def test_sharded_heads_keep_the_single_device_sets(world, tmp_path):
             assert torch.equal(idx, want[li][0]), (method, aw, C, li)
 
 
-def _bad_worker(rank, world, port, result_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _bad_worker(rank, world, rendezvous, result_dir):
+    _join(rank, world, rendezvous)
     try:
         from adakv_ops.distributed import HeadShards
         try:
@@ -149,7 +150,7 @@ def _bad_worker(rank, world, port, result_dir):
 
 
 def test_heads_not_divisible_by_the_world_size(tmp_path):
-    mp.spawn(_bad_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_bad_worker, args=(4, _rendezvous(tmp_path), str(tmp_path)), nprocs=4, join=True)
     for r in range(4):
         msg = (tmp_path / f"err{r}.txt").read_text()
         assert "num_key_value_heads = 2 is not divisible by the tensor-parallel world size 4" \
@@ -198,14 +199,10 @@ def _hf_run(model, storage):
     return out
 
 
-def _tp_worker(rank, world, port, path, result_file, run, *args):
+def _tp_worker(rank, world, rendezvous, path, result_file, run, *args):
     """Load the model at ``path`` with transformers' tensor parallelism on a gloo group of
     ``world`` processes and save ``run(model, *args)`` to ``result_file`` (``{rank}``)."""
-    sys.path.insert(0, str(TESTS))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, rendezvous)
     try:
         import transformers
         from transformers import AutoModelForCausalLM
@@ -232,8 +229,9 @@ def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny(family, path)
-    mp.spawn(_tp_worker, args=(world, _free_port(), path, str(tmp_path / "hf{rank}.pt"),
-                               _hf_run, storage), nprocs=world, join=True)
+    mp.spawn(_tp_worker, args=(world, _rendezvous(tmp_path), path,
+                               str(tmp_path / "hf{rank}.pt"), _hf_run, storage),
+             nprocs=world, join=True)
     parts = [torch.load(tmp_path / f"hf{r}.pt") for r in range(world)]
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     want = _hf_run(model, storage)
@@ -277,7 +275,7 @@ def test_engine_under_tensor_parallelism(tmp_path):
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny("llama", path)
-    mp.spawn(_tp_worker, args=(2, _free_port(), path, str(tmp_path / "eng{rank}.pt"),
+    mp.spawn(_tp_worker, args=(2, _rendezvous(tmp_path), path, str(tmp_path / "eng{rank}.pt"),
                                _engine_run), nprocs=2, join=True)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     want = _engine_run(model)
