@@ -272,6 +272,45 @@ def test_cuda_engine_join_and_leave(compile):
         assert eng.result(rid) == toks, rid
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_engine_step_reads_without_waiting_for_the_step_it_launches():
+    """``step()`` launches step k + 1 and reads step k's tokens: the read must wait for step
+    k only (a pinned copy + event), never for the step just queued behind it, or the host's
+    launch work would never overlap the device. A forward made slow on the device (a GPU
+    sleep queued before it) must not slow the call that launches it."""
+    import time
+    model = make_model("llama").cuda()
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, **KW)
+    for p in _prompts(2, seed=5):
+        eng.add_request(p, 40)
+    eng.step()
+    eng.step()                                       # a decode step is in flight
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10 ** 7)
+    end.record()
+    end.synchronize()
+    cycles = int(10 ** 7 * 400.0 / max(start.elapsed_time(end), 1e-3))   # ~400 ms of sleep
+    fwd = eng._forward
+
+    def slow_forward(**kw):
+        torch.cuda._sleep(cycles)
+        return fwd(**kw)
+
+    eng._forward = slow_forward
+    t0 = time.perf_counter()
+    out = eng.step()
+    took = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    eng._forward = fwd
+    assert len(out) == 2                             # the previous step's tokens were read
+    assert total > 0.3, total                        # the sleep ran on the device
+    assert took < 0.5 * total, (took, total)         # ... and the call did not wait for it
+    eng.run()
+
+
 def test_fork_gives_each_copy_the_tokens_of_its_source():
     model = make_model("llama")
     prompts = _prompts(2, seed=11)

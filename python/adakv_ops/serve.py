@@ -22,7 +22,10 @@ Each :meth:`Engine.step`:
 3. launches one decode step for every running request (one forward over the cache's batch,
    each row at its own position; greedy or sampled per request), fed with the previous step's
    tokens *on the device*;
-4. reads the previous step's tokens while the device runs the new one.
+4. reads the previous step's tokens while the device runs the new one: each step's token ids
+   are copied into a pinned host buffer right behind its forward (one of two, alternating) and
+   an event is recorded after the copy, so the read waits for that step only, never for the
+   step just launched behind it (a plain ``ids.tolist()`` would wait for the whole stream).
 
 So the host's work (page accounting, inputs, joins and leaves, the compiled forward's call)
 overlaps the device's: a decode token is returned by the call after the one that launched its
@@ -140,7 +143,9 @@ class Engine:
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
         self._requests: Dict[int, Request] = {}
-        self._inflight = None                   # (next-token ids on the device, requests)
+        self._inflight = None                   # (ids on the device, requests, host copy)
+        self._host_ids: List[Tensor] = []       # two pinned buffers for the ids (CUDA)
+        self._host_turn = 0
         self._gen = torch.Generator(device=self._device).manual_seed(seed)
         self._next_id = 0
         self._vocab = cfg.vocab_size
@@ -314,9 +319,9 @@ class Engine:
             t_launch = time.perf_counter() - t1
         t_wait = 0.0
         if self._inflight is not None:
-            ids, rows = self._inflight
+            _, rows, host = self._inflight
             t1 = time.perf_counter()
-            ids = ids.tolist()                              # waits for the previous step
+            ids = self._read(host)                          # waits for the previous step only
             t_wait = time.perf_counter() - t1
             for r, t in zip(rows, ids):
                 r.pending -= 1
@@ -365,11 +370,44 @@ class Engine:
         logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
                                **cache_kwarg(self.cache), use_cache=True).logits
         ids = self._next_tokens(logits[:B, -1], rows)   # a new tensor: the next replay keeps it
+        host = self._copy_out(ids)
         for r in rows:
             r.pending += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += B
-        return ids, rows
+        return ids, rows, host
+
+    def _copy_out(self, ids: Tensor):
+        """Queue the copy of a step's token ids to the host right behind the step: on CUDA
+        into the next of two pinned buffers (allocated once: a pinned allocation can
+        synchronise), with an event recorded after it; returns what :meth:`_read` needs. Two
+        buffers suffice: the buffer of step k is rewritten by step k + 2, launched after step k
+        was read."""
+        if ids.device.type != "cuda":
+            return ids
+        if not self._host_ids:
+            n = max(self.max_batch, ids.shape[0])
+            self._host_ids = [torch.empty(n, dtype=ids.dtype, pin_memory=True)
+                              for _ in range(2)]
+        buf = self._host_ids[self._host_turn]
+        if buf.shape[0] < ids.shape[0]:      # (max_batch bounds B; kept for safety)
+            buf = self._host_ids[self._host_turn] = torch.empty(
+                ids.shape[0], dtype=ids.dtype, pin_memory=True)
+        self._host_turn ^= 1
+        out = buf[:ids.shape[0]]
+        out.copy_(ids, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(ids.device))
+        return out, ev
+
+    @staticmethod
+    def _read(host) -> List[int]:
+        """The token ids of a launched step (waits for that step's copy only)."""
+        if isinstance(host, Tensor):
+            return host.tolist()
+        buf, ev = host
+        ev.synchronize()
+        return buf.tolist()
 
     def _next_tokens(self, logits: Tensor, rows: List[Request]) -> Tensor:
         """Next token of each row (device work only): argmax when every row is greedy."""
@@ -386,9 +424,9 @@ class Engine:
         """Read the step in flight now (fork needs every token of its source)."""
         if self._inflight is None:
             return
-        ids, rows = self._inflight
+        _, rows, host = self._inflight
         self._inflight = None
-        for r, t in zip(rows, ids.tolist()):
+        for r, t in zip(rows, self._read(host)):
             r.pending -= 1
             if r.state != "cancelled" and not r.done:
                 r.tokens.append(t)
