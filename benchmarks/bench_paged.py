@@ -38,6 +38,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -53,6 +54,9 @@ import adakv_ops  # noqa: E402
 
 Hq, Hk, D, W = 32, 8, 128, 32
 CPU_SHAPES = dict(Hq=8, Hk=2, D=64, W=8)  # --cpu: a small layer (smoke test)
+# decode schedules of the kernel family (--schedules): the environment each is timed under
+SCHEDULE_ENV = {"default": {}, "split": {"ADAKV_DECODE_BALANCED": "0"},
+                "balanced": {"ADAKV_DECODE_BALANCED": "1"}}
 
 
 def median_ms(fn, nsets, reps=200, cpu=False):
@@ -251,6 +255,12 @@ def main():
                          "scattered pages)")
     ap.add_argument("--no-flex", action="store_true", help="skip the flex_attention peer")
     ap.add_argument("--no-flashinfer", action="store_true", help="skip the FlashInfer peer")
+    ap.add_argument("--schedules", default="default",
+                    help="comma list of decode schedules timed for the library's kernels: "
+                         "default (the launcher's choice), split (ADAKV_DECODE_BALANCED=0), "
+                         "balanced (ADAKV_DECODE_BALANCED=1)")
+    ap.add_argument("--graph-all", action="store_true",
+                    help="also replay batch 64 in a CUDA graph (launch gaps removed)")
     ap.add_argument("--tol", type=float, default=2e-2,
                     help="max |diff| vs the contiguous kernel allowed for flex / FlashInfer")
     args = ap.parse_args()
@@ -262,7 +272,7 @@ def main():
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: use --cpu for the CPU smoke test")
-        configs = ((1, 1024, True), (64, 2048, False))
+        configs = ((1, 1024, True), (64, 2048, args.graph_all))
     reps = (20 if cpu else 50) if args.quick else 200
     dev = torch.device("cpu" if cpu else "cuda")
 
@@ -270,6 +280,10 @@ def main():
         if not cpu:
             torch.cuda.synchronize()
 
+    schedules = [x for x in args.schedules.split(",") if x]
+    bad = [x for x in schedules if x not in SCHEDULE_ENV]
+    if bad:
+        sys.exit(f"unknown schedule(s) {bad}: choose from {sorted(SCHEDULE_ENV)}")
     # --pages "" measures the contiguous kernel alone (a build without the paged ops, as a peer)
     P_list = [int(x) for x in args.pages.split(",") if x]
     gen = torch.Generator().manual_seed(0)
@@ -328,32 +342,38 @@ def main():
             return adakv_ops.decode_attention(st["q"], st["k"], st["v"], ss, sl)
 
         ref = contiguous(0).float()
-        # (label, P, fn, extra fields or None for the library's own setups)
-        variants = [("contiguous", None, contiguous, None)]
-        for P in P_list:
-            table, _ = lay["paged"][P]
+        # (label, P, fn, extra fields or None for the library's own setups, environment)
+        variants = []
+        for sched in schedules:
+            env = SCHEDULE_ENV[sched]
+            tag = "" if sched == "default" else f" [{sched}]"
+            variants.append((f"contiguous{tag}", None, contiguous, None, env))
+            for P in P_list:
+                table, _ = lay["paged"][P]
 
-            def paged(i, P=P, table=table):
-                st = sets[i]
-                kp, vp = st["paged"][P]
-                return adakv_ops.paged_decode_attention(st["q"], kp, vp, table, sl)
+                def paged(i, P=P, table=table):
+                    st = sets[i]
+                    kp, vp = st["paged"][P]
+                    return adakv_ops.paged_decode_attention(st["q"], kp, vp, table, sl)
 
-            variants.append((f"paged P={P}", P, paged, None))
+                variants.append((f"paged P={P}{tag}", P, paged, None, env))
         dense = None
         if flex_fn is not None:
             flex, extra, dense = flex_setup(lay, B, dev, flex_fn, sync)
             extra["flex_compiled"] = not cpu
-            variants.append(("flex_attention", None, flex, extra))
+            variants.append(("flex_attention", None, flex, extra, {}))
         if fi_why is None:
             for P in P_list:
                 try:
                     fi, extra = flashinfer_setup(lay, B, P, dev)
-                    variants.append((f"flashinfer P={P}", P, fi, extra))
+                    variants.append((f"flashinfer P={P}", P, fi, extra, {}))
                 except Exception as e:  # noqa: BLE001
                     print(f"# flashinfer P={P} skipped at B={B}: {type(e).__name__}: "
                           f"{str(e)[:200]}")
         base = None
-        for label, P, fn, extra in variants:
+        for label, P, fn, extra, env in variants:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)  # read by the launcher on every call (not inside the timing)
             t0 = time.perf_counter()
             out0 = fn(0)
             sync()
@@ -371,6 +391,11 @@ def main():
                     except Exception as e:  # noqa: BLE001
                         gnote = f"CUDA graph failed: {type(e).__name__}: {str(e)[:160]}"
                         torch.cuda.synchronize()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             base = ms if base is None else base
             gbps = nbytes / (ms * 1e-3) / 1e9
             label = args.label + label

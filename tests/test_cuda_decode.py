@@ -24,6 +24,16 @@ pytestmark = [
 ]
 
 A = torch.ops.adakv if hasattr(torch.ops, "adakv") else None
+
+
+@pytest.fixture(autouse=True, params=["split", "balanced"])
+def decode_path(request, monkeypatch):
+    """Every test of this module runs on both schedules of the decode kernel family: the split
+    kernel (ADAKV_DECODE_BALANCED=0, whatever the shapes) and the work-balanced kernel
+    (ADAKV_DECODE_BALANCED=1: wherever it can run, i.e. fp16 / bf16, D in {64, 128, 256},
+    G * T <= 16, at most 2048 segments; the other shapes fall back to the split kernel)."""
+    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "0" if request.param == "split" else "1")
+    return request.param
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["fp32", "fp16", "bf16"]
 
@@ -253,6 +263,69 @@ def test_decode_b1_llama_skewed(dtype):
     caps = lens + 64
     kf, vf, st, ln = flat_cache(caps, lens, 128, dtype, sd)
     q = (torch.randn((1, 32, 1, 128), generator=g) * 2).to(dtype)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_batch64_skewed(T, dtype):
+    """The batch-64 serving regime (512 segments of Llama-3.1-8B heads, Ada-skewed lengths
+    from 0 to ~1200 keys, G 4): the balanced schedule cuts segments across warps at tile
+    boundaries and merges the pieces."""
+    sd = seed_of("cuda_decode_b64", T, str(dtype))
+    q, kf, vf, st, ln = make_case(64, 32, 8, T, 128, dtype, sd, cap_lo=1, cap_hi=1200)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float16, 128),
+                                     (torch.bfloat16, 256)], ids=["bf16-64", "fp16-128", "bf16-256"])
+def test_decode_fewer_tiles_than_warps(dtype, D):
+    """160 segments of at most 20 keys: fewer key tiles than warps in the balanced grid, so
+    many warps hold no tile (and write no piece): the merge must skip them."""
+    sd = seed_of("cuda_decode_fewtiles", str(dtype), D)
+    q, kf, vf, st, ln = make_case(40, 16, 4, 1, D, dtype, sd, cap_lo=1, cap_hi=20)
+    run_and_check(q, kf, vf, st, ln, dtype)
+
+
+@pytest.mark.parametrize("B,Hk", [(256, 8), (683, 3)], ids=["S2048", "S2049"])
+def test_decode_segment_count_limit(B, Hk):
+    """2048 segments (the balanced kernel's limit) and 2049 (the split kernel takes over)."""
+    sd = seed_of("cuda_decode_seglimit", B, Hk)
+    q, kf, vf, st, ln = make_case(B, 2 * Hk, Hk, 1, 64, torch.bfloat16, sd, cap_lo=1, cap_hi=40)
+    run_and_check(q, kf, vf, st, ln, torch.bfloat16)
+
+
+def test_decode_nan_key_poisons_only_its_segment():
+    """A NaN in a visible key row makes that segment's rows NaN (out and lse: SPEC 9, never
+    "empty"), wherever the segment's pieces were cut; every other row is unaffected."""
+    sd = seed_of("cuda_decode_nan_many")
+    B, Hk, G, D = 40, 4, 4, 128
+    q, kf, vf, st, ln = make_case(B, G * Hk, Hk, 1, D, torch.bfloat16, sd, cap_lo=40, cap_hi=400)
+    s_bad = int((ln >= 10).nonzero()[7])                  # a segment with visible keys
+    kf[int(st[s_bad]) + int(ln[s_bad]) // 2, 3] = float("nan")
+    out, lse = A.decode_attention_lse(*cuda(q, kf, vf, st, ln))
+    out, lse = out.cpu(), lse.cpu()
+    b, h = divmod(s_bad, Hk)
+    bad = torch.zeros(B, G * Hk, dtype=torch.bool)
+    bad[b, h * G:(h + 1) * G] = True
+    assert torch.isnan(lse[bad]).all() and torch.isnan(out[bad]).all()
+    assert not torch.isnan(lse[~bad]).any() and not torch.isnan(out[~bad]).any()
+    kf2 = kf.clone()
+    kf2[int(st[s_bad]) + int(ln[s_bad]) // 2, 3] = 0.0
+    exp_out, exp_lse = cpu_ref(q, kf2, vf, st, ln)
+    torch.testing.assert_close(lse[~bad], exp_lse[~bad], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype,D,T", [(torch.bfloat16, 128, 1), (torch.float16, 64, 3),
+                                       (torch.bfloat16, 256, 2)],
+                         ids=["bf16-128-T1", "fp16-64-T3", "bf16-256-T2"])
+def test_decode_sanitize_balanced(monkeypatch, dtype, D, T):
+    """Sanitizer cases of the balanced schedule: segments cut across warps, empty segments,
+    empty warps, T > 1."""
+    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1")
+    sd = seed_of("cuda_decode_san_bal", str(dtype), D, T)
+    q, kf, vf, st, ln = make_case(6, 8, 2, T, D, dtype, sd, cap_hi=500)
     run_and_check(q, kf, vf, st, ln, dtype)
 
 

@@ -402,10 +402,14 @@ def test_reference_paged_equals_flat():
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64),
                                      (torch.bfloat16, 256), (torch.float32, 32)])
 @pytest.mark.parametrize("P", [5, 16, 256])
-def test_cuda_paged_decode_split_paths(monkeypatch, splits, cluster, dtype, D, P):
+@pytest.mark.parametrize("path", ["split", "balanced"])
+def test_cuda_paged_decode_split_paths(monkeypatch, path, splits, cluster, dtype, D, P):
     """Paged decode == contiguous decode on the same data for the single-split, two-launch
     merge and cluster-merge paths (ADAKV_DECODE_SPLITS / ADAKV_DECODE_CLUSTER), page sizes
-    that split a key tile (5), match it (16) or hold whole segments (256), scattered pages."""
+    that split a key tile (5), match it (16) or hold whole segments (256), scattered pages;
+    and the same with the work-balanced schedule (ADAKV_DECODE_BALANCED=1; fp16 / bf16 with
+    P % 16 == 0, else the split kernel) on both layouts."""
+    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
     if splits == "auto":
         monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
     else:
@@ -630,12 +634,44 @@ def test_compile_paged_step_with_segment_index(device, backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64)])
+@pytest.mark.parametrize("P", [16, 64])
+def test_cuda_paged_decode_batch64_bucket(dtype, D, P):
+    """The serving engine's decode: a batch-64 bucket of Llama-8B heads (512 segments: the
+    default picks the work-balanced schedule) over a store of 600 sequence slots, Ada-skewed
+    lengths (0 .. 1500), pad rows (-1) in the segment index: bitwise the gathered-table
+    decode, and the float64 reference."""
+    B, Hk, G, T, S_tab = 64, 8, 4, 1, 600
+    Hq = Hk * G
+    sd = 71_000 + P + D
+    g = gen(sd)
+    lens = (torch.rand(S_tab, generator=g) ** 2 * 1500).int()
+    lens[::37] = 0
+    kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
+    idx = batch_index(S_tab, B, Hk, g, pad_positions=(1, 100, 101))
+    qd = randn((B, Hq, T, D), sd + 2, dtype)
+    dq, dkp, dvp = to("cuda", qd, kp, vp)
+    got = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", table, lens), return_lse=True,
+                                     segment_index=idx.cuda())
+    gt, gl = gather_rows(table, lens, idx)
+    want = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", gt, gl), return_lse=True)
+    assert_equal(got[0], want[0], "out")
+    assert_equal(got[1], want[1], "lse")
+    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
+                 "batch 64 vs reference")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("splits,cluster", [("1", "0"), ("4", "0"), ("4", "1"), ("auto", "1")])
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 32)])
 @pytest.mark.parametrize("P", [5, 16])
-def test_cuda_paged_decode_segment_index_split_paths(monkeypatch, splits, cluster, dtype, D, P):
+@pytest.mark.parametrize("path", ["split", "balanced"])
+def test_cuda_paged_decode_segment_index_split_paths(monkeypatch, path, splits, cluster, dtype,
+                                                    D, P):
     """segment_index through every split / merge path of the decode kernel family (padding
-    segments next to long ones in one cluster): bitwise the gathered-table decode."""
+    segments next to long ones in one cluster) and the work-balanced schedule: bitwise the
+    gathered-table decode."""
+    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
     if splits == "auto":
         monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
     else:

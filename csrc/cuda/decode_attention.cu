@@ -22,6 +22,10 @@
 //     tiny kernel (one warp per query row).
 //   * sm_90: launched with programmatic dependent launch (the kernel waits for the previous one
 //     before reading anything), so its launch overlaps the previous kernel's tail.
+//   * many segments (>= SMs, <= 2048), fp16 / bf16, D >= 64, G * T <= 16: the work-balanced
+//     schedule instead (decode_balanced.cuh: the key tiles of all segments split evenly over the
+//     warps of a persistent grid, pieces merged by decode_balanced_merge_kernel), chosen by
+//     decode_heuristics.h (plan_decode_balanced) from shapes only.
 // The launcher (decode::launch_decode, declared in decode_params.cuh) is shared with the paged
 // layout (paged.cu): it picks the split plan (decode_heuristics.h) and instantiates the kernel
 // with contiguous (row = seg_start[s] + i) or paged (row = page_table[t, i / P] * P + i % P,
@@ -44,6 +48,7 @@
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/decode_balanced.cuh"
 #include "cuda/decode_heuristics.h"
 #include "cuda/decode_kernel.cuh"
 #include "cuda/decode_merge.cuh"
@@ -114,8 +119,50 @@ KernelConfig kernel_config(int device) {
   return kc;
 }
 
+// The work-balanced kernel of an instantiation on a device, configured once: whether it can run
+// there (its shared memory fits the device's opt-in limit), CTAs per SM, and whether
+// programmatic dependent launch is used (sm_90 binaries).
+template <typename T, int D>
+constexpr bool balanced_instantiated() {
+  return !std::is_same_v<T, float> && (D == 64 || D == 128 || D == 256);
+}
+
+template <typename T, int D, bool kPaged>
+KernelConfig balanced_config(int device) {
+  static std::mutex mu;
+  static KernelConfig cache[kMaxDevices];
+  static bool ready[kMaxDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cacheable && ready[device]) return cache[device];
+  KernelConfig kc;  // occ == 0: not available
+  if constexpr (balanced_instantiated<T, D>()) {
+    using Tr = decode::BalancedTraits<T, D>;
+    auto kernel = decode::decode_balanced_kernel<T, D, kPaged>;
+    int optin = 0, major = 0;
+    ADAKV_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (optin >= Tr::kSmemBytes) {
+      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Tr::kSmemBytes));
+      ADAKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, kernel,
+                                                                     Tr::kThreads, Tr::kSmemBytes));
+      cudaFuncAttributes fa{};
+      ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+      kc.pdl = major >= 9 && fa.binaryVersion >= 90;
+    }
+  }
+  if (cacheable) {
+    cache[device] = kc;
+    ready[device] = true;
+  }
+  return kc;
+}
+
 // Developer / test overrides (read per call, no device work): ADAKV_DECODE_SPLITS=n forces n
-// splits; ADAKV_DECODE_CLUSTER=0 forces the two-launch merge for num_splits > 1.
+// splits; ADAKV_DECODE_CLUSTER=0 forces the two-launch merge for num_splits > 1;
+// ADAKV_DECODE_BALANCED=0 / 1 turns the work-balanced kernel off / on wherever it can run.
 std::optional<int64_t> env_int(const char* name) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return std::nullopt;
@@ -151,12 +198,91 @@ void launch_split(const DecodeParams& p, int64_t grid, int cluster, int smem, bo
       cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster, kPaged>, p));
 }
 
+// Launches with programmatic stream serialization when pdl (the kernel waits for its
+// predecessor with griddepcontrol.wait before reading anything).
+template <typename Kernel, typename Params>
+void launch_pdl(Kernel kernel, const Params& p, int64_t grid, int threads, int smem, bool pdl,
+                cudaStream_t stream) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+// The work-balanced kernel + its merge (decode_balanced.cuh, decode_merge.cuh).
+template <typename T, int D, bool kPaged>
+void launch_balanced(DecodeParams& p, const Tensor& query, const KernelConfig& kc,
+                     const char* op) {
+  if constexpr (balanced_instantiated<T, D>()) {
+    using Tr = decode::BalancedTraits<T, D>;
+    const int device = query.get_device_index();
+    const int64_t S = p.S, GT = p.GT;
+    const int64_t grid = static_cast<int64_t>(num_sms(device)) * kc.occ;
+    const int64_t warps = grid * Tr::kWarps;
+    const int64_t slots = S + warps;
+    const Tensor part_o =
+        new_empty(op, "the balanced partials", query, {slots * GT, int64_t{D}}, kFloat);
+    const Tensor part_lse = new_empty(op, "the balanced log-sum-exps", query, {slots * GT}, kFloat);
+    const Tensor prefix = new_empty(op, "the tile prefix", query, {S + 1}, kInt);
+    p.part_o = ptr<float>(part_o);
+    p.part_lse = ptr<float>(part_lse);
+    p.tile_prefix = ptr<int32_t>(prefix);
+    p.total_warps = warps;
+    p.num_splits = 1;
+    p.num_mblocks = 1;
+    const cudaStream_t stream = current_stream(query);
+    launch_pdl(decode::decode_balanced_kernel<T, D, kPaged>, p, grid, Tr::kThreads,
+               Tr::kSmemBytes, kc.pdl, stream);
+    MergeParams mp{};
+    mp.part_o = p.part_o;
+    mp.part_lse = p.part_lse;
+    mp.out = p.out;
+    mp.lse = p.lse;
+    mp.n_rows = S * GT;
+    mp.num_splits = 1;
+    mp.tile_prefix = p.tile_prefix;
+    mp.total_warps = warps;
+    mp.S = S;
+    mp.GT = GT;
+    const int64_t merge_grid =
+        (mp.n_rows + decode::kMergeRowsPerCta - 1) / decode::kMergeRowsPerCta;
+    launch_pdl(decode::decode_balanced_merge_kernel<T, D>, mp, merge_grid,
+               decode::kMergeThreads, 0, kc.pdl, stream);
+  }
+}
+
 template <typename T, int D, bool kPaged>
 void launch_decode_t(DecodeParams& p, const Tensor& query, int64_t avg_cap, const char* op) {
   using Tr = DecodeTraits<T, D>;
   const int device = query.get_device_index();
   const int64_t S = p.S;
   const int64_t GT = p.GT;
+  if constexpr (balanced_instantiated<T, D>()) {
+    using Bt = decode::BalancedTraits<T, D>;
+    const KernelConfig bc = balanced_config<T, D, kPaged>(device);
+    decode::DecodeBalanceInputs bi;
+    // paged: the balanced kernel reads a tile's 16 rows from one page (P % 16 == 0)
+    bi.kernel_available = bc.occ >= 1 && (!kPaged || p.page_size % Bt::kTileKeys == 0);
+    bi.segments = S;
+    bi.rows_per_segment = GT;
+    bi.max_rows = Bt::kRows;
+    bi.max_segments = Bt::kMaxSegments;
+    bi.capacity = kPaged ? static_cast<int64_t>(p.page_width) * p.page_size : p.rows;
+    bi.tile_keys = Bt::kTileKeys;
+    bi.num_sms = num_sms(device);
+    bi.forced = env_int("ADAKV_DECODE_BALANCED");
+    if (decode::plan_decode_balanced(bi)) {
+      launch_balanced<T, D, kPaged>(p, query, bc, op);
+      return;
+    }
+  }
   const int64_t num_mblocks = (GT + Tr::kRows - 1) / Tr::kRows;
   const int64_t base_ctas = S * num_mblocks;
 

@@ -13,6 +13,13 @@
 //     8-KV-head layer: 16 splits = 128 CTAs;
 //   * a forced split count (developer override) replaces the choice; the result is clamped to
 //     [1, kMaxSplits] and the cluster path is used only when 1 < splits <= max_cluster.
+// And whether the work-balanced kernel (decode_balanced.cuh) replaces the split kernel: where
+// it is available (fp16 / bf16 tensor-core instantiations whose shared memory fits the device),
+// for at most kRows query rows and kMaxSegments segments, while the int32 tile prefix cannot
+// overflow (segments x tiles of the largest clamped segment < 2^31), and by default once there
+// are at least as many segments as SMs (batch >= 17 of an 8-KV-head layer on 132 SMs): below
+// that the split kernel's few clusters already fill the machine with less fixed cost (its
+// second launch and the per-CTA prefix; batch 1 stays on the split path).
 #pragma once
 
 #include <algorithm>
@@ -59,6 +66,30 @@ inline DecodeSplitPlan plan_decode_splits(const DecodeSplitInputs& in) {
   if (in.forced_splits.has_value()) n = *in.forced_splits;
   n = std::max<int64_t>(1, std::min(n, kMaxSplits));
   return {n, n > 1 && cluster_ok && n <= in.max_cluster};
+}
+
+struct DecodeBalanceInputs {
+  bool kernel_available;       // balanced instantiation exists and fits this device
+  int64_t segments;            // S
+  int64_t rows_per_segment;    // G * T
+  int64_t max_rows;            // BalancedTraits::kRows
+  int64_t max_segments;        // BalancedTraits::kMaxSegments
+  int64_t capacity;            // bound of one segment's clamped length, in keys
+  int64_t tile_keys;           // BalancedTraits::kTileKeys
+  int64_t num_sms;
+  std::optional<int64_t> forced;  // ADAKV_DECODE_BALANCED: 0 never, other values when possible
+};
+
+inline bool plan_decode_balanced(const DecodeBalanceInputs& in) {
+  if (!in.kernel_available || in.segments < 1 || in.rows_per_segment > in.max_rows ||
+      in.segments > in.max_segments) {
+    return false;
+  }
+  const int64_t tk = std::max<int64_t>(1, in.tile_keys);
+  const int64_t cap_tiles = (std::max<int64_t>(0, in.capacity) + tk - 1) / tk;
+  if (cap_tiles > 0 && in.segments > (int64_t{2147483647} - 1) / cap_tiles) return false;
+  if (in.forced.has_value()) return *in.forced != 0;
+  return in.segments >= in.num_sms;
 }
 
 }  // namespace decode

@@ -92,6 +92,68 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The clamped geometry of segment s (SPEC section 9: starts, lengths, segment_index entries and
+// page tables come from device memory and are never trusted). Contiguous: the segment's keys
+// are rows [start, start + len) with start in [0, rows] and len in [0, rows - start]. Paged:
+// its keys are looked up in table row `row` (of page_table / seg_len), len in
+// [0, page_width * P] (0 for an empty pool); with a segment_index, an entry outside
+// [0, table_rows) (-1: padding) is an empty segment that reads neither seg_len nor the table
+// (row 0 then, never used: len = 0 means no tile and no table entry is touched).
+struct SegmentGeometry {
+  int64_t start;          // contiguous: first row
+  int64_t row;            // paged: table row
+  const int32_t* table;   // paged: page_table + row * page_width
+  int len;
+};
+
+template <bool kPaged>
+__device__ __forceinline__ SegmentGeometry segment_geometry(const DecodeParams& p, int s) {
+  SegmentGeometry g{0, 0, nullptr, 0};
+  if constexpr (kPaged) {
+    int64_t row = s;
+    bool in_table = true;
+    if (p.seg_index != nullptr) {
+      row = p.seg_index[s];
+      in_table = row >= 0 && row < p.table_rows;
+      if (!in_table) row = 0;
+    }
+    const int64_t cap =
+        p.num_pages > 0 && in_table ? static_cast<int64_t>(p.page_width) * p.page_size : 0;
+    g.row = row;
+    g.table = p.page_table + row * p.page_width;
+    g.len = in_table ? static_cast<int>(min(max(static_cast<int64_t>(p.seg_len[row]), int64_t{0}), cap))
+                     : 0;
+  } else {
+    g.start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
+    g.len = static_cast<int>(
+        min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - g.start));
+  }
+  return g;
+}
+
+// Cache row of the first key of a tile that lies in one page (or the contiguous layout):
+// key0 is a multiple of kTileKeys and P % kTileKeys == 0 (paged), page_id the raw table entry
+// of the key's page, clamped into the pool here (bounds).
+template <bool kPaged>
+__device__ __forceinline__ int64_t tile_row0(const DecodeParams& p, const SegmentGeometry& g,
+                                             int key0, int32_t page_id) {
+  if constexpr (kPaged) {
+    const int slot = p.page_shift >= 0 ? key0 & (p.page_size - 1) : key0 % p.page_size;
+    const int64_t page = min(max(static_cast<int64_t>(page_id), int64_t{0}), p.num_pages - 1);
+    return page * p.page_size + slot;
+  } else {
+    return g.start + key0;
+  }
+}
+
+// The raw table entry of the page holding key `key` of a paged segment (key < len, so the
+// entry is inside the segment's row of the table).
+__device__ __forceinline__ int32_t page_entry(const DecodeParams& p, const SegmentGeometry& g,
+                                              int key) {
+  const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+  return g.table[pg];
+}
+
 // Issues the copies of one warp tile: kTileKeys rows of K and V, tile row r from cache row
 // row_of(r), into the (swizzled) shared tiles at byte addresses sk / sv. Only the first
 // `valid_rows` rows are read; the others are zero-filled.
@@ -115,6 +177,101 @@ __device__ __forceinline__ void load_tile(uint32_t sk, uint32_t sv, const T* __r
       cp_async_16(sk + dst, k + off, ok ? 16 : 0);
       cp_async_16(sv + dst, v + off, ok ? 16 : 0);
     }
+  }
+}
+
+// Online-softmax state of one warp's 16 x D query tile on the tensor-core path (m16n8k16
+// fragment ownership: this lane holds rows r_lo = lane / 4 and r_lo + 8, and in each 8-column
+// block i of O the columns i * 8 + (lane % 4) * 2 + {0, 1}). m: running base-2 max per row,
+// l: this lane's part of the row sum until reduce_l() adds the quad's parts.
+template <int D>
+struct MmaRowState {
+  float o[D / 8][4];
+  float m_lo, m_hi, l_lo, l_hi;
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    m_lo = m_hi = neg_inf();
+    l_lo = l_hi = 0.f;
+  }
+  __device__ __forceinline__ void reduce_l() {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  }
+};
+
+// One 16-key tile of the tensor-core path for one warp: S = Q K^T (Q's A fragment of k-step
+// ks from a_frag(ks, a), K / V from the swizzled shared tiles at sk / sv), the scale (base 2)
+// and the mask (key n = key0 + column visible to row r_lo iff n < lim_lo, row r_lo + 8 iff
+// n < lim_hi), the online softmax update of st, then O += P V (the two S n-tiles in the C
+// layout are exactly the A fragment of one k16 step).
+template <typename T, int D, typename AFrag>
+__device__ __forceinline__ void mma_attend_tile(AFrag a_frag, uint32_t sk, uint32_t sv, int key0,
+                                                int lim_lo, int lim_hi, float scale_log2,
+                                                MmaRowState<D>& st) {
+  constexpr int kCPR = D / 8;
+  const int lane = threadIdx.x & 31;
+  // ldmatrix source rows: A operand (Q) and V^T (trans) use matrices (rows 0-7 | 8-15) x
+  // (chunk 2k | 2k + 1) in the order lo/lo, hi/lo, lo/hi, hi/hi; K uses lo/lo, lo/hi, hi/lo,
+  // hi/hi so that registers {0, 1} / {2, 3} are the two 8-key n-tiles.
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
+  const int b_row = (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
+  const int sw = lane & 7;  // == row & 7 for every source row above
+  float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4], b[4];
+    a_frag(ks, a);
+    ldmatrix_x4(b, sk + static_cast<uint32_t>(b_row * kCPR + ((2 * ks + b_chunk) ^ sw)) * 16u);
+    mma_16816<T>(sc[0], a, b[0], b[1]);
+    mma_16816<T>(sc[1], a, b[2], b[3]);
+  }
+  const int kc = key0 + (lane & 3) * 2;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = kc + nt * 8 + e;
+      sc[nt][e] = n < lim_lo ? sc[nt][e] * scale_log2 : neg_inf();
+      sc[nt][2 + e] = n < lim_hi ? sc[nt][2 + e] * scale_log2 : neg_inf();
+    }
+  }
+  float mx_lo = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+  float mx_hi = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+  // a row with no visible key so far keeps m = -inf; subtract 0 then (exp2(-inf) = 0)
+  float mu_lo, mu_hi;
+  const float c_lo = softmax_rescale(st.m_lo, mx_lo, mu_lo);
+  const float c_hi = softmax_rescale(st.m_hi, mx_hi, mu_hi);
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    sc[nt][0] = exp2f(sc[nt][0] - mu_lo);
+    sc[nt][1] = exp2f(sc[nt][1] - mu_lo);
+    sc[nt][2] = exp2f(sc[nt][2] - mu_hi);
+    sc[nt][3] = exp2f(sc[nt][3] - mu_hi);
+  }
+  st.l_lo = st.l_lo * c_lo + (sc[0][0] + sc[0][1]) + (sc[1][0] + sc[1][1]);
+  st.l_hi = st.l_hi * c_hi + (sc[0][2] + sc[0][3]) + (sc[1][2] + sc[1][3]);
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    st.o[i][0] *= c_lo;
+    st.o[i][1] *= c_lo;
+    st.o[i][2] *= c_hi;
+    st.o[i][3] *= c_hi;
+  }
+  const uint32_t pa[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
+                          pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, sv + static_cast<uint32_t>(a_row * kCPR + ((2 * dp + a_chunk) ^ sw)) * 16u);
+    mma_16816<T>(st.o[2 * dp], pa, b[0], b[1]);
+    mma_16816<T>(st.o[2 * dp + 1], pa, b[2], b[3]);
   }
 }
 
@@ -298,29 +455,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 
-  // bounds: the segment geometry comes from device memory; clamp it into the cache so that
-  // every row read below lies in [0, rows) (contiguous) or in the pool (paged: len into
-  // [0, page_width * P], 0 for an empty pool, page ids into [0, num_pages) in key_row).
-  int64_t start = 0, len;
-  [[maybe_unused]] const int32_t* seg_table = nullptr;  // paged: the segment's table row
-  if constexpr (kPaged) {
-    int64_t row = s;  // of page_table / seg_len
-    bool in_table = true;
-    if (p.seg_index != nullptr) {
-      // bounds: a row outside [0, table_rows) (-1: padding) reads neither seg_len nor the
-      // table: len = 0, so no tile (and no table entry) is touched below
-      row = p.seg_index[s];
-      in_table = row >= 0 && row < p.table_rows;
-      if (!in_table) row = 0;
-    }
-    seg_table = p.page_table + row * p.page_width;
-    const int64_t cap =
-        p.num_pages > 0 && in_table ? static_cast<int64_t>(p.page_width) * p.page_size : 0;
-    len = in_table ? min(max(static_cast<int64_t>(p.seg_len[row]), int64_t{0}), cap) : 0;
-  } else {
-    start = min(max(static_cast<int64_t>(p.seg_start[s]), int64_t{0}), p.rows);
-    len = min(max(static_cast<int64_t>(p.seg_len[s]), int64_t{0}), p.rows - start);
-  }
+  // bounds: the segment geometry comes from device memory, clamped (segment_geometry) so that
+  // every row read below lies in [0, rows) (contiguous) or in the pool (paged: page ids
+  // clamped into [0, num_pages) in key_row / tile_row0).
+  const SegmentGeometry geo = segment_geometry<kPaged>(p, s);
+  const int64_t len = geo.len;
   int64_t chunk = (len + p.num_splits - 1) / p.num_splits;
   chunk = (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int begin = static_cast<int>(min(static_cast<int64_t>(split) * chunk, len));
@@ -350,11 +489,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       }
       // bounds: key < len <= page_width * P, so the table entry is inside the segment's row of
       // the table; the page id is clamped into the pool
-      const int32_t id = seg_table[pg];
+      const int32_t id = page_entry(p, geo, key);
       const int64_t page = min(max(static_cast<int64_t>(id), int64_t{0}), p.num_pages - 1);
       return page * p.page_size + slot;
     } else {
-      return start + key;
+      return geo.start + key;
     }
   };
   // Contiguous, or pages holding whole tiles (P % kTileKeys == 0): one table entry per tile.
@@ -365,9 +504,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // of the tile's copies.
   auto tile_page_id = [&](int j) -> int32_t {
     if constexpr (kPaged) {
-      const int key0 = tile_key0(j);
-      const int pg = p.page_shift >= 0 ? key0 >> p.page_shift : key0 / p.page_size;
-      return seg_table[pg];
+      return page_entry(p, geo, tile_key0(j));
     } else {
       return 0;
     }
@@ -376,15 +513,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     const int key0 = tile_key0(j);
     const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
     if (whole_tiles) {
-      int64_t row0;
-      if constexpr (kPaged) {
-        const int slot = p.page_shift >= 0 ? key0 & (p.page_size - 1) : key0 % p.page_size;
-        // bounds: the page id is clamped into the pool
-        const int64_t page = min(max(static_cast<int64_t>(page_id), int64_t{0}), p.num_pages - 1);
-        row0 = page * p.page_size + slot;
-      } else {
-        row0 = start + key0;
-      }
+      const int64_t row0 = tile_row0<kPaged>(p, geo, key0, page_id);  // page id clamped
       load_tile<Tr>(sk, sk + kVOffset, kp, vp, [=](int r) { return row0 + r; }, end - key0,
                     lane);
     } else {
@@ -431,18 +560,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     // columns (lane % 4) * 2 + {0, 1} (+ 8) of S, and the same rows of O.
     const int r_lo = lane >> 2;
     const int lim_lo = row_limit(r_lo), lim_hi = row_limit(r_lo + 8);
-    // ldmatrix source rows: A operand (Q) and V^T (trans) use matrices (rows 0-7 | 8-15) x
-    // (chunk 2k | 2k + 1) in the order lo/lo, hi/lo, lo/hi, hi/hi; K uses lo/lo, lo/hi, hi/lo,
-    // hi/hi so that registers {0, 1} / {2, 3} are the two 8-key n-tiles.
+    // Q's A fragments through ldmatrix (the matrix order of mma_attend_tile)
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
-    const int sw = lane & 7;  // == row & 7 for every source row above
+    const int sw = lane & 7;  // == row & 7 (the Q tile is swizzled like K / V)
     const uint32_t q_addr = smem_u32(q_s);
 
-    float o[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.f, l_hi = 0.f;
+    MmaRowState<D> st;
+    st.reset();
 
     int32_t next_id = kStages - 1 < my_tiles && whole_tiles ? tile_page_id(kStages - 1) : 0;
     for (int j = 0; j < my_tiles; ++j) {
@@ -454,72 +578,17 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       const uint32_t sk = ring_addr + static_cast<uint32_t>((j % kStages) * Tr::kStageBytes);
       const uint32_t sv = sk + kVOffset;
 
-      // S = Q K^T (16 rows x 16 keys)
-      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, q_addr + static_cast<uint32_t>(a_row * kCPR + ((2 * ks + a_chunk) ^ sw)) * 16u);
-        ldmatrix_x4(b, sk + static_cast<uint32_t>(b_row * kCPR + ((2 * ks + b_chunk) ^ sw)) * 16u);
-        mma_16816<T>(sc[0], a, b[0], b[1]);
-        mma_16816<T>(sc[1], a, b[2], b[3]);
-      }
-
-      // scale (base 2), causal / split mask, online softmax
-      const int kc = tile_key0(j) + (lane & 3) * 2;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = kc + nt * 8 + e;
-          sc[nt][e] = n < lim_lo ? sc[nt][e] * p.scale_log2 : neg_inf();
-          sc[nt][2 + e] = n < lim_hi ? sc[nt][2 + e] * p.scale_log2 : neg_inf();
-        }
-      }
-      float mx_lo = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
-      float mx_hi = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-      // a row with no visible key so far keeps m = -inf; subtract 0 then (exp2(-inf) = 0)
-      float mu_lo, mu_hi;
-      const float c_lo = softmax_rescale(m_lo, mx_lo, mu_lo);
-      const float c_hi = softmax_rescale(m_hi, mx_hi, mu_hi);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        sc[nt][0] = exp2f(sc[nt][0] - mu_lo);
-        sc[nt][1] = exp2f(sc[nt][1] - mu_lo);
-        sc[nt][2] = exp2f(sc[nt][2] - mu_hi);
-        sc[nt][3] = exp2f(sc[nt][3] - mu_hi);
-      }
-      l_lo = l_lo * c_lo + (sc[0][0] + sc[0][1]) + (sc[1][0] + sc[1][1]);
-      l_hi = l_hi * c_hi + (sc[0][2] + sc[0][3]) + (sc[1][2] + sc[1][3]);
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][0] *= c_lo;
-        o[i][1] *= c_lo;
-        o[i][2] *= c_hi;
-        o[i][3] *= c_hi;
-      }
-
-      // O += P V: the two S n-tiles (C layout) are exactly the A fragment of a k16 step.
-      const uint32_t pa[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
-                              pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, sv + static_cast<uint32_t>(a_row * kCPR + ((2 * dp + a_chunk) ^ sw)) * 16u);
-        mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
-      }
+      mma_attend_tile<T, D>(
+          [&](int ks, uint32_t (&a)[4]) {
+            ldmatrix_x4(a, q_addr + static_cast<uint32_t>(a_row * kCPR + ((2 * ks + a_chunk) ^ sw)) * 16u);
+          },
+          sk, sv, tile_key0(j), lim_lo, lim_hi, p.scale_log2, st);
       __syncwarp();  // all lanes are done with this stage before it is refilled
     }
     cp_async_wait<0>();
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    st.reduce_l();
+    float(&o)[D / 8][4] = st.o;
+    const float m_lo = st.m_lo, m_hi = st.m_hi, l_lo = st.l_lo, l_hi = st.l_hi;
     __syncthreads();  // every warp is done with the ring: reuse it for the cross-warp merge
     float* ow = o_s + warp * kRows * Tr::kLdO;
 #pragma unroll

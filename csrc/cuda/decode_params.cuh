@@ -1,5 +1,6 @@
 // Parameters and compile-time traits of the decode_attention kernels (decode_kernel.cuh: the
-// split-K attention kernel, decode_merge.cuh: the log-sum-exp merge of the split partials), for
+// split-K attention kernel, decode_balanced.cuh: the work-balanced schedule, decode_merge.cuh:
+// the log-sum-exp merges of their partials), for
 // both K/V layouts (contiguous k_flat [rows, D] + seg_start, or paged k_pages [num_pages, P, D]
 // + page_table [S, page_width]), and the one host launcher of that kernel family
 // (launch_decode, defined in decode_attention.cu, called by decode_attention.cu and paged.cu).
@@ -43,6 +44,10 @@ struct DecodeParams {
   float* __restrict__ lse;             // [S, GT] natural log, or nullptr (num_splits == 1)
   float* __restrict__ part_o;          // [num_splits, S, GT, D] fp32, normalised (num_splits > 1)
   float* __restrict__ part_lse;        // [num_splits, S, GT] base-2 lse of each partial
+  // Work-balanced path (decode_balanced.cuh): part_o / part_lse are [S + total_warps, GT, D] /
+  // [S + total_warps, GT] (piece slots), tile_prefix [S + 1] receives the tile prefix.
+  int32_t* __restrict__ tile_prefix;
+  int64_t total_warps;
   int64_t rows;                        // cache rows (bounds for seg_start / seg_len; paged: unused)
   int S, GT, T;
   int num_splits, num_mblocks;
@@ -56,6 +61,10 @@ struct MergeParams {
   float* __restrict__ lse;             // [n_rows] natural log, or nullptr
   int64_t n_rows;                      // S * GT
   int num_splits;
+  // balanced merge (decode_balanced_merge_kernel): the tile prefix [S + 1], the warps, S, GT
+  const int32_t* __restrict__ tile_prefix;
+  int64_t total_warps;
+  int64_t S, GT;
 };
 
 // Largest cluster the launcher asks for (16 needs the non-portable cluster-size attribute).
