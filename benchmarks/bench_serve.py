@@ -243,7 +243,7 @@ def run_peers(args, model, N, cfg, g, cpu):
 
 def _category(name: str) -> str:
     n = name.lower()
-    if "decode_split_kernel" in n or "decode_merge" in n:
+    if "decode_split_kernel" in n or "decode_balanced" in n or "decode_merge" in n:
         return "paged decode attention"
     if "append" in n:
         return "paged append"
