@@ -29,7 +29,7 @@ steps (graph recording), then ``--steps`` timed steps: step time (median, host w
 per-step token read included, as an engine runs), tokens/s, roofline, KV held, and the cost
 of one leave (a cancelled request) and one join (a 512-token request admitted: ms of its
 prefill), which should not grow with the batch; ``--profile``
-adds a ``torch.profiler`` breakdown of the device time of 3 steps at the largest batch (GEMMs,
+adds a ``torch.profiler`` breakdown of the device time of 3 steps at each batch (GEMMs,
 the paged decode kernel, the append, fused elementwise, the rest) against the step time.
 
 Streams: ``--prompt-mix 8192,32768,131072`` draws each request's prompt length from the list
@@ -349,7 +349,7 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
         rec.update(join_leave(eng, cfg, g, news[0], cpu))
-        if args.profile and not cpu and B == targets[-1]:
+        if args.profile and not cpu:
             rec["profile"] = profile_steps(eng)
         recs.append(rec)
         print(json.dumps(rec), flush=True)
