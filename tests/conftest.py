@@ -44,6 +44,26 @@ def _load():
     return pkg, reference
 
 
+def gpu_busy(ms: float = 150.0):
+    """Queue roughly ``ms`` of work on the current CUDA stream (bf16 matmuls; the per-matmul
+    time is measured after a warm-up, so cuBLAS initialisation and a low idle clock do not
+    shorten it). Returns the result tensor (keep it alive until synchronised)."""
+    import time as _time
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t = _time.perf_counter()
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+    one = max((_time.perf_counter() - t) / 5, 1e-5)
+    for _ in range(int(ms / 1e3 / one) + 1):
+        a = a @ a * 1e-3
+    return a
+
+
 ops, ref = _load()
 HAVE_OPS = ops is not None
 HAVE_CUDA = torch.cuda.is_available()

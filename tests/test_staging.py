@@ -21,16 +21,9 @@ def test_cpu_copy_is_tensor_to():
 
 
 def _busy(ms=150):
-    """Queue roughly ``ms`` of GPU work (bf16 matmuls)."""
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    a @ a
-    torch.cuda.synchronize()
-    one = max(time.perf_counter() - t, 1e-4)
-    for _ in range(int(ms / 1e3 / one) + 1):
-        a = a @ a * 1e-3
-    return a
+    """Queue roughly ``ms`` of GPU work (conftest.gpu_busy)."""
+    from conftest import gpu_busy
+    return gpu_busy(ms)
 
 
 @cuda
