@@ -636,11 +636,13 @@ def test_compile_paged_step_with_segment_index(device, backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64)])
 @pytest.mark.parametrize("P", [16, 64])
-def test_cuda_paged_decode_batch64_bucket(dtype, D, P):
-    """The serving engine's decode: a batch-64 bucket of Llama-8B heads (512 segments: the
-    default picks the work-balanced schedule) over a store of 600 sequence slots, Ada-skewed
+@pytest.mark.parametrize("path", ["split", "balanced"])
+def test_cuda_paged_decode_batch64_bucket(monkeypatch, path, dtype, D, P):
+    """The serving engine's decode: a batch-64 bucket of Llama-8B heads (512 segments) on
+    both schedules, over a store of 600 sequence slots, Ada-skewed
     lengths (0 .. 1500), pad rows (-1) in the segment index: bitwise the gathered-table
     decode, and the float64 reference."""
+    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
     B, Hk, G, T, S_tab = 64, 8, 4, 1, 600
     Hq = Hk * G
     sd = 71_000 + P + D

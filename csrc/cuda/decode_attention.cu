@@ -22,10 +22,11 @@
 //     tiny kernel (one warp per query row).
 //   * sm_90: launched with programmatic dependent launch (the kernel waits for the previous one
 //     before reading anything), so its launch overlaps the previous kernel's tail.
-//   * many segments (>= SMs, <= 2048), fp16 / bf16, D >= 64, G * T <= 16: the work-balanced
-//     schedule instead (decode_balanced.cuh: the key tiles of all segments split evenly over the
-//     warps of a persistent grid, pieces merged by decode_balanced_merge_kernel), chosen by
-//     decode_heuristics.h (plan_decode_balanced) from shapes only.
+//   * ADAKV_DECODE_BALANCED=1 (fp16 / bf16, D >= 64, G * T <= 16, <= 2048 segments): the
+//     work-balanced schedule instead (decode_balanced.cuh: the key tiles of all segments split
+//     evenly over the warps of a persistent grid, pieces merged by
+//     decode_balanced_merge_kernel); decode_heuristics.h (plan_decode_balanced) says when it
+//     can run and why it is not the default.
 // The launcher (decode::launch_decode, declared in decode_params.cuh) is shared with the paged
 // layout (paged.cu): it picks the split plan (decode_heuristics.h) and instantiates the kernel
 // with contiguous (row = seg_start[s] + i) or paged (row = page_table[t, i / P] * P + i % P,

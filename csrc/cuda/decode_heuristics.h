@@ -16,10 +16,11 @@
 // And whether the work-balanced kernel (decode_balanced.cuh) replaces the split kernel: where
 // it is available (fp16 / bf16 tensor-core instantiations whose shared memory fits the device),
 // for at most kRows query rows and kMaxSegments segments, while the int32 tile prefix cannot
-// overflow (segments x tiles of the largest clamped segment < 2^31), and by default once there
-// are at least as many segments as SMs (batch >= 17 of an 8-KV-head layer on 132 SMs): below
-// that the split kernel's few clusters already fill the machine with less fixed cost (its
-// second launch and the per-CTA prefix; batch 1 stays on the split path).
+// overflow (segments x tiles of the largest clamped segment < 2^31), and only when asked for
+// (ADAKV_DECODE_BALANCED=1): measured on an H100 (2026-12-06, benchmarks/results/
+// paged-h100.md) at batch 64 x 2K keys per head it ran 5% slower than the split kernel (its
+// second launch, the per-CTA prefix and the Q loads at each piece cost more than the split
+// kernel loses to uneven lengths there), and at batch 1 far slower (pieces of half a tile).
 #pragma once
 
 #include <algorithm>
@@ -88,8 +89,7 @@ inline bool plan_decode_balanced(const DecodeBalanceInputs& in) {
   const int64_t tk = std::max<int64_t>(1, in.tile_keys);
   const int64_t cap_tiles = (std::max<int64_t>(0, in.capacity) + tk - 1) / tk;
   if (cap_tiles > 0 && in.segments > (int64_t{2147483647} - 1) / cap_tiles) return false;
-  if (in.forced.has_value()) return *in.forced != 0;
-  return in.segments >= in.num_sms;
+  return in.forced.has_value() && *in.forced != 0;
 }
 
 }  // namespace decode

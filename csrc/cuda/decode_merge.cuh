@@ -1,7 +1,8 @@
 // Log-sum-exp merge of the partials of the decode kernel family (both K/V layouts: the partials
 // do not depend on it), merge math from softmax_state.cuh: the split partials of
 // decode_kernel.cuh (decode_merge_kernel) and the pieces of the work-balanced kernel of
-// decode_balanced.cuh (decode_balanced_merge_kernel); one row merge (merge_partial_row) for both.
+// decode_balanced.cuh (decode_balanced_merge_kernel: its segments may have many pieces, merged
+// lane-parallel).
 //
 // One warp per query row (n_rows = S * G * T), 4 rows per 128-thread CTA; lane owns dims
 // lane * 4 + 128 i (16-byte fp32 loads). out = sum_i w_i o_i / sum_i w_i with
@@ -111,17 +112,62 @@ __global__ void __launch_bounds__(kMergeThreads) decode_balanced_merge_kernel(co
     n = balanced_warp_of(hi - 1, total, W) - u0 + 1;
   }
   auto written = [&](int64_t u) { return u * total / W < (u + 1) * total / W; };
-  merge_partial_row<T, D>(
-      static_cast<int>(n),
-      [&](int i) {
-        const int64_t u = u0 + i;
-        return written(u) ? p.part_lse[(s + u) * p.GT + r] : neg_inf();
-      },
-      [&](int i) -> const float* {
-        const int64_t u = u0 + i;
-        return written(u) ? p.part_o + ((s + u) * p.GT + r) * D : nullptr;
-      },
-      static_cast<T*>(p.out) + row * D, p.lse != nullptr ? p.lse + row : nullptr);
+  // Pieces in parallel over the lanes (a segment may have many: up to one per warp): lane l
+  // takes pieces l, l + 32, ...; the max and the weight sum are warp reductions, then every
+  // lane adds each piece's o (its dims) with the piece's weight shuffled from its lane. The
+  // rules of merge_states (softmax_state.cuh): M = fmaxf over the lse (a NaN is dropped from the
+  // max but its weight exp2(NaN) = NaN keeps the row NaN), weights against softmax_ref(M).
+  constexpr int kIters = (D + 127) / 128;
+  const int lane = threadIdx.x & 31;
+  float M = neg_inf();
+  for (int64_t i = lane; i < n; i += 32) {
+    const int64_t u = u0 + i;
+    if (written(u)) M = fmaxf(M, p.part_lse[(s + u) * p.GT + r]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  const float Mu = softmax_ref(M);
+  float L = 0.f;
+  float4 acc[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t base = 0; base < n; base += 32) {
+    const int64_t i = base + lane;
+    const bool mine = i < n && written(u0 + i);
+    const float w = mine ? exp2f(p.part_lse[(s + u0 + i) * p.GT + r] - Mu) : 0.f;
+    L += w;
+    const int cnt = static_cast<int>(n - base < 32 ? n - base : 32);
+    for (int j = 0; j < cnt; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+      const int64_t u = u0 + base + j;
+      if (!written(u)) continue;  // never written: weight 0, nothing read
+      const float* o = p.part_o + ((s + u) * p.GT + r) * D;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int d = lane * 4 + it * 128;
+        if (D % 128 == 0 || d < D) {
+          const float4 x = *reinterpret_cast<const float4*>(o + d);
+          acc[it].x += wj * x.x;
+          acc[it].y += wj * x.y;
+          acc[it].z += wj * x.z;
+          acc[it].w += wj * x.w;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+  const float inv = inv_or_zero(L);
+  T* out = static_cast<T*>(p.out) + row * D;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int d = lane * 4 + it * 128;
+    if (D % 128 == 0 || d < D) {
+      store4<T>(out + d,
+                make_float4(acc[it].x * inv, acc[it].y * inv, acc[it].z * inv, acc[it].w * inv));
+    }
+  }
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = state_lse2(M, L) * kLn2;
 }
 
 }  // namespace decode
