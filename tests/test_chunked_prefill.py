@@ -197,3 +197,29 @@ def test_unpadded_chunks_attend_without_a_mask(family, method, monkeypatch):
     _assert_same_rows(cache, one)
     if method == "full":
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_chunk_attention_reads_the_kv_heads_without_repeating_them(G, monkeypatch):
+    """The chunk attention maps query head j to KV head j // G with one SDPA call per group
+    member (no repeat_interleave copy of the held prompt): equal to SDPA over repeated K/V,
+    also on a view of a longer buffer (the layer-major prompt buffer)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from adakv_ops.hf.layer import _chunk_attention
+
+    g = torch.Generator().manual_seed(G)
+    B, Hk, n, N, D = 2, 3, 5, 17, 16
+    q = torch.randn(B, Hk * G, n, D, generator=g)
+    kb, vb = torch.randn(2, B, Hk, 40, D, generator=g)
+    k, v = kb[:, :, :N], vb[:, :, :N]                  # views, as the layer's buffer gives
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+        attn_mask=causal_lower_right(n, N), scale=0.3).transpose(1, 2)
+
+    def no_repeat(*a, **k):
+        raise AssertionError("repeat_interleave called")
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
+    out, _ = _chunk_attention(q, k, v, 0.3)
+    assert out.shape == (B, n, Hk * G, D) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)

@@ -78,16 +78,29 @@ def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale) -> tuple[
     """A chunk's causal attention over the prompt so far without a materialised mask: query
     ``t`` of ``n`` sits at position ``N - n + t`` (``causal_lower_right``, which SDPA runs on
     its flash / memory-efficient kernels). Returns ``([B, n, Hq, D], None)`` like the
-    transformers attention functions."""
+    transformers attention functions.
+
+    GQA without repeating K/V over the group (``repeat_interleave`` would copy the prompt so
+    far ``G`` times): one SDPA call per group member ``g`` on the query heads ``g, G + g,
+    2G + g, ...``, which read KV heads ``0, 1, 2, ...`` (query head ``j`` reads KV head
+    ``j // G``, the Hugging Face order), written back interleaved. (SDPA's ``enable_gqa``
+    would do the same in one call, but some backends serve it with the math kernel, which
+    materialises the ``[n, N]`` scores.)"""
     from torch.nn.attention.bias import causal_lower_right
 
-    n, N = query.shape[2], key.shape[2]
-    G = query.shape[1] // key.shape[1]
-    if G > 1:
-        key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=causal_lower_right(n, N), scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+    B, Hq, n, _ = query.shape
+    Hk, N, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = Hq // Hk
+    mask = causal_lower_right(n, N)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if G == 1:
+        out = sdpa(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), None
+    out = query.new_empty((B, n, Hk, G, Dv))          # head k * G + g at [..., k, g, :]
+    for g in range(G):
+        out[:, :, :, g] = sdpa(query[:, g::G], key, value, attn_mask=mask,
+                               scale=scale).transpose(1, 2)
+    return out.view(B, n, Hq, Dv), None
 
 
 class EvictedLayer(CacheLayerMixin):
