@@ -98,7 +98,7 @@ the cache no sign of the prompt's end, so only the first chunk is scored (use
 Exact semantics of the ops: ``docs/semantics.md``; user guide: ``docs/hf.md``.
 """
 
-from .cache import STORAGES, AdaKVCache, CacheSnapshot, generate_chunked
+from .cache import ORDERS, STORAGES, AdaKVCache, CacheSnapshot, generate_chunked
 from .flat import FlatLayer
 from .layer import EvictedLayer
 from .paged import PagedLayer
@@ -110,5 +110,6 @@ from ..policy import METHODS
 AdaKVLayer = EvictedLayer
 
 __all__ = ["AdaKVCache", "AdaKVLayer", "CACHE_KWARG", "CacheSnapshot", "EvictedLayer",
-           "FlatLayer", "METHODS", "PagedLayer", "QueryRecorder", "STORAGES", "cache_kwarg",
-           "generate_chunked", "original_attn_implementation", "restore_attention"]
+           "FlatLayer", "METHODS", "ORDERS", "PagedLayer", "QueryRecorder", "STORAGES",
+           "cache_kwarg", "generate_chunked", "original_attn_implementation",
+           "restore_attention"]
