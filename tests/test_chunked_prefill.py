@@ -501,3 +501,32 @@ def test_layer_major_holds_one_layer_of_raw_prompt_at_a_time(storage, monkeypatc
         # every layer held the prompt before the last chunk (40 tokens) in pages at once
         assert cache.pool.store.peak_pages_used >= L * B * 2 * -(-(N - N % chunk) // 4)
 
+
+
+def test_engine_admits_with_layer_major_prefill():
+    """The serving engine with chunked prefill: admission counts no raw prompt pages where
+    its prefill runs layer-major (the raw prompt never enters the pool), and every request
+    gets the tokens it gets alone; on an eager model (chunk-major) it still counts them."""
+    from test_serve import KW, _alone, _prompts
+
+    from adakv_ops.serve import Engine
+
+    model = make_model("llama")
+    prompts = _prompts(5, seed=4, lo=20, hi=40)
+    news = [4, 7, 2, 5, 3]
+    eng = Engine(model, num_pages=4000, max_batch=3, chunk_size=8, **KW)
+    assert eng._page_bounds(30, 5)[1] == 0
+    assert eng._page_bounds(8, 5)[1] == 0                     # one chunk: one-shot
+    rids = [eng.add_request(p, n) for p, n in zip(prompts, news)]
+    peak = 0
+    while eng.has_work():
+        eng.step()
+        peak = max(peak, eng.cache.pool.store.peak_pages_used)
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
+    assert eng.pages_free == 4000
+    bounds = sum(sorted(eng._requests[r].pages_bound for r in rids)[-3:])
+    assert peak <= bounds                      # never more than the kept-row bounds reserve
+    eager = Engine(make_model("llama", attn="eager"), num_pages=4000, max_batch=3,
+                   chunk_size=8, **KW)
+    assert eager._page_bounds(30, 5)[1] == 4 * 2 * 8       # layers x heads x ceil(30 / P)
