@@ -125,8 +125,9 @@ class AdaKVCache(Cache):
             for ``budget + window`` slots per head, their ``window_bias`` and clamp; for
             comparison, docs/followups.md); default: the fixed forms.
         storage: ``"paged"`` (default): every evicted layer in one per-head paged store
-            (:mod:`adakv_ops.store`), pages handed out on the host, a chunked prefill keeps the
-            prompt in pages until its last chunk; ``"flat"``: the head-flattened contiguous
+            (:mod:`adakv_ops.store`), pages handed out on the host, a chunk-major prefill keeps
+            the prompt in pages until its last chunk (layer-major: in the layer's own buffer,
+            see :meth:`prefill`); ``"flat"``: the head-flattened contiguous
             layout (one tensor per layer, repacked to grow). Same kept sets, same outputs.
         page_size: ``P`` rows per page (paged storage; 64 by measurement, see docs/store.md).
         num_pages: pool size in pages (paged storage). ``None``: sized at the first prompt and
