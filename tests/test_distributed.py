@@ -281,3 +281,53 @@ def test_engine_under_tensor_parallelism(tmp_path):
     want = _engine_run(model)
     for r in range(2):
         assert torch.load(tmp_path / f"eng{r}.pt") == want, r
+
+
+def _layer_major_run(model):
+    """Kept lengths and logits of a layer-major and a chunk-major chunked prefill (unpadded
+    batch of 2), and the greedy continuation of the layer-major one."""
+    from adakv_ops.hf import AdaKVCache, cache_kwarg
+    ids = torch.randint(2, 128, (2, 45), generator=torch.Generator().manual_seed(13))
+    out = {}
+    for method in ("ada_snapkv", "layer_defensivekv"):
+        res = []
+        for order in ("layer", "chunk"):
+            cache = AdaKVCache(model, method=method, budget=7, window=4)
+            logits = cache.prefill(ids, chunk_size=10, order=order).logits
+            tok = logits[:, -1:].argmax(-1)
+            toks = [tok]
+            with torch.no_grad():
+                for i in range(3):
+                    tok = model(input_ids=tok, position_ids=torch.full((2, 1), 45 + i),
+                                use_cache=True, **cache_kwarg(cache)).logits[:, -1:].argmax(-1)
+                    toks.append(tok)
+            res.append((torch.cat(toks, 1), logits,
+                        [l.segment_lengths() for l in cache.adakv_layers]))
+        out[method] = res
+    return out
+
+
+def test_layer_major_prefill_under_tensor_parallelism(tmp_path):
+    """A layer-major chunked prefill under tensor parallelism (2 gloo ranks; the cascade of
+    layer_defensivekv exchanges across ranks layer by layer): each rank gives the chunk-major
+    logits and lengths bit for bit, and the single-process tokens and kept lengths."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+    path = str(tmp_path / "model")
+    _tiny("llama", path)
+    mp.spawn(_tp_worker, args=(2, _rendezvous(tmp_path), path, str(tmp_path / "lm{rank}.pt"),
+                               _layer_major_run), nprocs=2, join=True)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    want = _layer_major_run(model)
+    for r in range(2):
+        got = torch.load(tmp_path / f"lm{r}.pt")
+        for method, ((toks, logits, lens), (c_toks, c_logits, c_lens)) in got.items():
+            assert torch.equal(toks, c_toks) and torch.equal(logits, c_logits), (method, r)
+            assert lens == c_lens, (method, r)
+            w_toks, _, w_lens = want[method][0]
+            assert torch.equal(toks, w_toks), (method, r)
+            for one, mine in zip(w_lens, lens):
+                H = len(one) // 2
+                hk = H // 2
+                assert mine == [one[b * H + r * hk + h] for b in range(2) for h in range(hk)]

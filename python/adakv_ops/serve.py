@@ -18,7 +18,9 @@ Each :meth:`Engine.step`:
    token in flight; ``eos_token_id`` read; also :meth:`cancel`): ``AdaKVCache.remove_rows``
    gives their pages back at once, nobody else's rows move;
 2. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
-   of ``chunk_size``), evicted into pages, and joins the batch with its first token;
+   of ``chunk_size``; ``AdaKVCache.prefill(order="auto")``: layer-major on the supported
+   models, whose every layer is evicted, so the raw prompt never enters the pool),
+   evicted into pages, and joins the batch with its first token;
 3. launches one decode step for every running request (one forward over the cache's batch,
    each row at its own position; greedy or sampled per request), fed with the previous step's
    tokens *on the device*;
@@ -34,10 +36,15 @@ step, and after an eos one extra step was computed for that request (its token i
 Admission control (host-side page arithmetic, before any device work): a request is admitted
 only when the pool can hold, next to the worst case of every running request, its own worst
 case (kept rows of every layer + ``max_new_tokens``, rounded up to pages) and, while it is
-prefilled, its raw prompt (chunked prefill holds the whole prompt in every layer until the last
-chunk). So a running request never runs out of pages mid-decode. A request that could never
-fit (even alone) is refused by :meth:`add_request` with :class:`AdmissionError` naming what is
-short; one that does not fit now waits in the queue.
+prefilled, what its prefill holds in the pool besides: nothing for a one-forward prompt or a
+layer-major chunked prefill (each layer holds its raw prompt in a buffer of its own, outside
+the pool, and writes only its kept rows), the raw prompt of every layer for a chunk-major one
+(held in pages until the last chunk; ``AdaKVCache.prefill_order`` says which order a prompt
+gets, the same answer ``prefill`` acts on). So a running request never runs out of pages
+mid-decode. A request that could never fit (even alone) is refused by :meth:`add_request`
+with :class:`AdmissionError` naming what is short; one that does not fit now waits in the
+queue. (A layer-major prefill's raw prompt, one layer's K/V, is device memory outside the
+pool: leave room for it, as for the activations, when sizing ``num_pages``.)
 
 Semantics: every request gets exactly the greedy tokens it gets alone (tested); positions are
 per request (its prompt length + tokens so far). ``compile=True`` runs the decode forward in
@@ -449,7 +456,9 @@ class Engine:
 
     def _page_bounds(self, n: int, new: int) -> tuple[int, int]:
         """(worst-case pages of the request once evicted, incl. its new tokens; raw prompt
-        pages its chunked prefill holds) over all layers."""
+        pages its prefill holds in the pool) over all layers. Raw pages: only a chunk-major
+        prefill has them (``prefill_order``, the order ``_admit`` gets); one forward or
+        layer-major holds the raw prompt outside the pool."""
         s = self.cache.settings
         P, H, L = s.page_size, self._heads, self._layers
         if s.method == "full":
@@ -465,7 +474,7 @@ class Engine:
             kept_prefix = min(H * self._shards.world * prefix, H * n)
         rows = kept_prefix + H * (min(s.window, n) + grow)
         kept = L * (-(-rows // P) + H)                  # + one partly filled page per head
-        chunked = self.chunk_size is not None and self.chunk_size < n
+        chunked = self.cache.prefill_order(n, chunk_size=self.chunk_size) == "chunk"
         raw = L * H * -(-n // P) if chunked else 0
         return kept, raw
 
@@ -481,6 +490,8 @@ class Engine:
         reserved = sum(r.pages_bound for r in self._running)
         if self.num_pages - reserved < req.pages_bound:
             return False
+        if not req.raw_pages:          # its prefill takes no page beyond its reserved bound
+            return True                # (the same on every rank: no exchange needed)
         free = self.pages_free
         if self._shards is not None:   # every rank decides alike: the fewest free pages
             free = self._shards.min_int(free)
@@ -488,7 +499,8 @@ class Engine:
 
     def _admit(self, req: Request) -> int:
         ids = torch.tensor([req.prompt], device=self._device)
-        out = self.cache.prefill(ids, chunk_size=self.chunk_size)   # joins as the last row
+        # joins as the last row; "auto" is the order _page_bounds counted (prefill_order)
+        out = self.cache.prefill(ids, chunk_size=self.chunk_size, order="auto")
         first = int(self._next_tokens(out.logits[:, -1], [req])[0])
         req.tokens.append(first)
         req.state = "running"

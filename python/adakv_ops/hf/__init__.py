@@ -52,11 +52,16 @@ contiguous layout; what is kept is decided by one :class:`adakv_ops.policy.Evict
   is read from the 4-D mask the model passed (last query row: first attended column); padding
   is never stored.
 * Chunked prefill (:meth:`AdaKVCache.prefill` with ``chunk_size``; any chunk sizes): the layer
-  holds the prompt's full K/V (in pages) until the last chunk; each chunk attends over the
-  prompt so far (the original attention with the model's mask, or, for unpadded prompts on
-  all-full-attention sdpa models, SDPA with ``causal_lower_right`` and no materialised mask);
-  after the last chunk the prompt is evicted with the last ``W`` queries of all chunks: the
-  kept sets are the one-shot ones (tested for every method, family and storage).
+  holds the prompt's full K/V until the last chunk; each chunk attends over the prompt so far
+  (the original attention with the model's mask, or, for unpadded prompts on
+  all-full-attention sdpa models, SDPA with ``causal_lower_right``, no materialised mask and
+  no K/V copy over the GQA group); after the last chunk the prompt is evicted with the last
+  ``W`` queries of all chunks: the kept sets are the one-shot ones (tested for every method,
+  family and storage). Two orders (``order=``): layer-major (``"layer"``, the default where
+  supported: unpadded prompts on those models) runs one decoder layer's chunks at a time over
+  the prompt's hidden states, so one layer at a time holds its raw prompt, in a contiguous
+  buffer of its own (never in pages); chunk-major (``"chunk"``) runs each chunk through the
+  model, every layer holding the prompt (in pages) until the last chunk.
   :func:`generate_chunked` is greedy ``generate`` with such a prefill. ``prefill`` on a filled
   paged cache adds its rows as new sequences (prompts prefilled one at a time into one store).
 * Decode / continuation (``T >= 1`` new tokens): ``update`` appends in place
@@ -98,7 +103,7 @@ the cache no sign of the prompt's end, so only the first chunk is scored (use
 Exact semantics of the ops: ``docs/semantics.md``; user guide: ``docs/hf.md``.
 """
 
-from .cache import STORAGES, AdaKVCache, CacheSnapshot, generate_chunked
+from .cache import ORDERS, STORAGES, AdaKVCache, CacheSnapshot, generate_chunked
 from .flat import FlatLayer
 from .layer import EvictedLayer
 from .paged import PagedLayer
@@ -110,5 +115,6 @@ from ..policy import METHODS
 AdaKVLayer = EvictedLayer
 
 __all__ = ["AdaKVCache", "AdaKVLayer", "CACHE_KWARG", "CacheSnapshot", "EvictedLayer",
-           "FlatLayer", "METHODS", "PagedLayer", "QueryRecorder", "STORAGES", "cache_kwarg",
-           "generate_chunked", "original_attn_implementation", "restore_attention"]
+           "FlatLayer", "METHODS", "ORDERS", "PagedLayer", "QueryRecorder", "STORAGES",
+           "cache_kwarg", "generate_chunked", "original_attn_implementation",
+           "restore_attention"]

@@ -7,6 +7,8 @@ two storages in :mod:`.flat` and :mod:`.paged`, what is kept in :mod:`adakv_ops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -14,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..distributed import HeadShards
 from ..policy import METHODS, VALUE_METHODS, EvictionPolicy
@@ -23,9 +26,58 @@ from .paged import PagedLayer, PagedPool
 from .registration import (attention_modules, cache_kwarg, install, o_proj_weight,
                            skip_prompt_masks, tensor_parallel_group)
 
-__all__ = ["AdaKVCache", "CacheSnapshot", "STORAGES", "generate_chunked"]
+__all__ = ["AdaKVCache", "CacheSnapshot", "ORDERS", "STORAGES", "generate_chunked"]
 
 STORAGES = ("paged", "flat")
+#: ``AdaKVCache.prefill(order=...)``: layer-major where supported, layer-major, chunk-major.
+ORDERS = ("auto", "layer", "chunk")
+
+
+def _chunk_size(N: int, chunk_size) -> int:
+    """``chunk_size`` checked (``None``: the whole prompt)."""
+    if chunk_size is None:
+        chunk_size = N
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"adakv: chunk_size must be None or an int >= 1, got "
+                         f"{chunk_size!r}")
+    return chunk_size
+
+
+def _decoder_glue(model) -> tuple[Any, list[str]]:
+    """``(decoder, missing)``: the model's decoder (``get_decoder()``, else ``model.model``)
+    and what a layer-major prefill needs of it and of the model that is missing."""
+    inner = None
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            inner = get()
+        except Exception:  # noqa: BLE001 - a model without one: fall back to .model
+            inner = None
+    if inner is None or inner is model:
+        inner = getattr(model, "model", None)
+    if inner is None:
+        return None, ["model.model"]
+    missing = [f"model.model.{n}" for n in ("embed_tokens", "layers", "rotary_emb", "norm")
+               if getattr(inner, n, None) is None]
+    if getattr(model, "lm_head", None) is None:
+        missing.append("model.lm_head")
+    return inner, missing
+
+
+def _params(fn) -> set:
+    """The parameter names of ``fn`` (through decorators' ``__wrapped__``)."""
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return set()
+
+
+def _causal_lm_output(logits: Tensor, cache) -> CausalLMOutputWithPast:
+    """The model's output type with ``logits`` (and the cache under the field this
+    transformers has)."""
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    extra = {n: cache for n in ("cache", "past_key_values") if n in names}
+    return CausalLMOutputWithPast(logits=logits, **extra)
 
 
 @dataclass
@@ -73,8 +125,9 @@ class AdaKVCache(Cache):
             for ``budget + window`` slots per head, their ``window_bias`` and clamp; for
             comparison, docs/followups.md); default: the fixed forms.
         storage: ``"paged"`` (default): every evicted layer in one per-head paged store
-            (:mod:`adakv_ops.store`), pages handed out on the host, a chunked prefill keeps the
-            prompt in pages until its last chunk; ``"flat"``: the head-flattened contiguous
+            (:mod:`adakv_ops.store`), pages handed out on the host, a chunk-major prefill keeps
+            the prompt in pages until its last chunk (layer-major: in the layer's own buffer,
+            see :meth:`prefill`); ``"flat"``: the head-flattened contiguous
             layout (one tensor per layer, repacked to grow). Same kept sets, same outputs.
         page_size: ``P`` rows per page (paged storage; 64 by measurement, see docs/store.md).
         num_pages: pool size in pages (paged storage). ``None``: sized at the first prompt and
@@ -285,17 +338,36 @@ class AdaKVCache(Cache):
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                chunk_size: Optional[int] = None, **kwargs):
+                chunk_size: Optional[int] = None, order: str = "auto", **kwargs):
         """Prefill (and evict) a prompt without generating; returns the model output of the last
         chunk (logits of the last position only). Positions follow generate's convention (left
         padding).
 
-        ``chunk_size``: run the prompt through the model ``chunk_size`` tokens at a time
-        (``None``: in one forward). Each evicted layer keeps the prompt's full K/V (in pages
-        with paged storage) until the last chunk, attends each chunk over the prompt so far with
-        the original attention and the model's mask, and evicts after the last chunk with the
-        last ``window`` queries: the kept sets are those of a one-shot prefill, and activation
-        memory is bounded by the chunk.
+        ``chunk_size``: run the prompt ``chunk_size`` tokens at a time (``None``, or
+        ``>= N``: in one forward, whatever ``order`` says). Each evicted layer holds the
+        prompt's full K/V until its last chunk, attends each chunk over the prompt so far, and
+        is evicted after its last chunk with the last ``window`` queries: the kept sets, the
+        rows and the logits are those of a one-shot prefill, and activation memory is bounded
+        by the chunk.
+
+        ``order`` (chunked prompts only; :meth:`prefill_order` tells which one runs):
+
+        * ``"layer"`` (layer-major): the cache runs the decoder itself, one layer at a time:
+          the hidden states of the whole prompt ``[B, N, hidden]`` are one buffer updated in
+          place, each layer runs all its chunks (SDPA with ``causal_lower_right``) and is
+          evicted before the next one starts. Only one layer holds its raw prompt at a time, in
+          a contiguous ``[B, Hk, N, D]`` K and V buffer (never in pages): peak memory is about
+          the hidden states + one layer's K/V + one chunk's activations. Needs an unpadded
+          prompt (``attention_mask`` ``None`` or all ones), an ``"sdpa"`` model whose every
+          layer is evicted (no sliding-window layers, no logit soft-capping) with the standard
+          decoder glue (``model.model`` / ``get_decoder()`` with ``embed_tokens``, ``layers``,
+          ``rotary_emb``, ``norm``; ``model.lm_head``; no ``final_logit_softcapping``), and
+          no forward ``kwargs`` but ``position_ids``; otherwise ``ValueError`` says why.
+        * ``"chunk"`` (chunk-major): each chunk runs through the whole model (its forward, with
+          the model's mask; ``causal_lower_right`` where the layer-major conditions on the
+          prompt and the attention hold): every layer holds the prompt (in pages with paged
+          storage) until the last chunk.
+        * ``"auto"`` (default): ``"layer"`` where supported, else ``"chunk"``.
 
         On a cache that already holds sequences (paged storage, a model without sliding
         layers), the rows are *added* to its batch as new sequences, each
@@ -304,9 +376,7 @@ class AdaKVCache(Cache):
         logical length (``get_seq_length``) becomes the longest prompt; decode forwards must
         then pass each row's ``position_ids`` (or an attention mask left-padded to that
         length)."""
-        model = self._model_ref()
-        if model is None:
-            raise RuntimeError("adakv: the model of this cache was garbage-collected")
+        model = self._model()
         adding = self.get_seq_length() != 0
         if adding:
             if self.pool is None or self.pool.store is None:
@@ -316,55 +386,183 @@ class AdaKVCache(Cache):
                 raise NotImplementedError("adakv: adding rows to a filled cache is not "
                                           "supported with sliding-window layers")
         N = input_ids.shape[1]
-        if chunk_size is None:
-            chunk_size = N
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"adakv: chunk_size must be None or an int >= 1, got "
-                             f"{chunk_size!r}")
+        chunk_size = _chunk_size(N, chunk_size)
         pos = kwargs.pop("position_ids", None)
+        how, lower_right = self._plan(model, N, attention_mask, chunk_size, order, kwargs)
         if pos is None and attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        with self._prompt(input_ids.shape[0], adding, lower_right,
+                          N if how == "layer" else 0):
+            if how == "layer":
+                out = self._prefill_layer_major(model, input_ids, pos, chunk_size)
+            else:
+                out = self._prefill_chunk_major(model, input_ids, attention_mask, pos,
+                                                chunk_size, lower_right, kwargs)
+        self.check_claimed()
+        return out
+
+    def prefill_order(self, num_tokens: int, attention_mask: Optional[Tensor] = None,
+                      chunk_size: Optional[int] = None, order: str = "auto", **kwargs) -> str:
+        """How :meth:`prefill` runs a prompt of ``num_tokens`` tokens with these arguments
+        (nothing is run): ``"one-shot"`` (one forward: ``chunk_size`` ``None`` or
+        ``>= num_tokens``), ``"layer"`` or ``"chunk"``. Raises ``ValueError`` where
+        ``prefill`` would (bad ``chunk_size`` or ``order``, ``order="layer"`` unsupported).
+        The serving engine sizes its admission with it."""
+        chunk_size = _chunk_size(num_tokens, chunk_size)
+        kwargs.pop("position_ids", None)
+        return self._plan(self._model(), num_tokens, attention_mask, chunk_size, order,
+                          kwargs)[0]
+
+    def _model(self):
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("adakv: the model of this cache was garbage-collected")
+        return model
+
+    def _plan(self, model, N: int, attention_mask: Optional[Tensor], chunk_size: int,
+              order: str, kwargs: dict) -> tuple[str, bool]:
+        """``(how, lower_right)``: ``how`` in ``"one-shot"``, ``"layer"``, ``"chunk"``;
+        ``lower_right``: the chunks attend with ``causal_lower_right`` and no mask."""
+        if order not in ORDERS:
+            raise ValueError(f"adakv: order must be one of {ORDERS}, got {order!r}")
+        if chunk_size >= N:
+            return "one-shot", False
         # Chunks of unpadded prompts on an sdpa model whose every layer is evicted (no sliding
-        # layers, no logit soft-capping) attend with causal_lower_right and the model builds no
-        # [B, 1, n, N] mask per chunk (one host read of the mask, at prefill).
-        lower_right = (
-            chunk_size < N and self.original_implementation == "sdpa"
-            and len(self.adakv_layers) == len(self.layers)
-            and all(getattr(m, "attn_logit_softcapping", None) is None
-                    and getattr(m, "sliding_window", None) is None
-                    for m in attention_modules(model))
-            and (attention_mask is None or bool(attention_mask.all())))
-        out = None
+        # layers, no logit soft-capping) attend with causal_lower_right and the model builds
+        # no [B, 1, n, N] mask per chunk (one host read of the mask, at prefill).
+        why = self._lower_right_blocker(model, attention_mask)
+        lower_right = why is None
+        if why is None:
+            why = self._layer_major_blocker(model, kwargs)
+        if order == "layer" and why is not None:
+            raise ValueError(f"adakv: order='layer' (layer-major chunked prefill) is not "
+                             f"supported here: {why}; use order='chunk' (or 'auto', which "
+                             f"picks it)")
+        return ("chunk" if order == "chunk" or why is not None else "layer"), lower_right
+
+    def _lower_right_blocker(self, model, attention_mask) -> Optional[str]:
+        """Why the chunks cannot attend with ``causal_lower_right`` (``None``: they can)."""
+        if self.original_implementation != "sdpa":
+            return (f"the model's original attention is {self.original_implementation!r}, "
+                    f"not 'sdpa'")
+        if len(self.adakv_layers) != len(self.layers):
+            return ("the model has sliding-window layers (transformers' own layers, which the "
+                    "model's forward drives)")
+        for m in attention_modules(model):
+            if getattr(m, "attn_logit_softcapping", None) is not None:
+                return "the model's attention uses logit soft-capping"
+            if getattr(m, "sliding_window", None) is not None:
+                return "the model's attention has a sliding window"
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return ("the prompt is padded (attention_mask has zeros; padded chunks attend "
+                    "with the model's mask, which its own forward builds)")
+        return None
+
+    def _layer_major_blocker(self, model, kwargs: dict) -> Optional[str]:
+        """Why the cache cannot run the decoder layer by layer itself (``None``: it can)."""
+        inner, missing = _decoder_glue(model)
+        if missing:
+            return (f"the model lacks the standard decoder glue ({', '.join(missing)}; "
+                    f"needed: model.model or get_decoder() with embed_tokens, layers, "
+                    f"rotary_emb, norm, and model.lm_head)")
+        cfg = model.config.get_text_config(decoder=True)
+        if getattr(cfg, "final_logit_softcapping", None) is not None:
+            return "the model soft-caps its final logits"
+        if getattr(cfg, "use_bidirectional_attention", False):
+            return "the model's attention is bidirectional"
+        if len(inner.layers[:cfg.num_hidden_layers]) != len(self.layers):
+            return (f"the decoder has {len(inner.layers[:cfg.num_hidden_layers])} layers, the "
+                    f"cache {len(self.layers)}")
+        if kwargs:
+            return (f"forward arguments {sorted(kwargs)} were given (layer-major takes only "
+                    f"position_ids)")
+        return None
+
+    @contextlib.contextmanager
+    def _prompt(self, rows: int, adding: bool, lower_right: bool, layer_major_len: int):
+        """Set up (and always undo) the prefill state both orders share: the rows being added
+        to a filled paged cache, the control flags, the layers' logical lengths."""
+        ctl = self._control
         seen = [l.seen for l in self.adakv_layers]
         if adding:
             self.check_claimed()
-            self.pool.rows = self.pool.add(input_ids.shape[0])
-            self._control.adding = True
+            self.pool.rows = self.pool.add(rows)
+            ctl.adding = True
             for l in self.adakv_layers:
                 l.seen = 0
-        self._control.lower_right = lower_right
+        ctl.lower_right = lower_right
+        ctl.layer_major = layer_major_len > 0
+        ctl.prompt_len = layer_major_len
         try:
-            for a in range(0, N, chunk_size):
-                b = min(a + chunk_size, N)
-                self._control.final = b == N
-                with skip_prompt_masks() if lower_right else contextlib.nullcontext():
-                    out = model(input_ids=input_ids[:, a:b],
-                                attention_mask=None if attention_mask is None
-                                else attention_mask[:, :b],
-                                position_ids=None if pos is None else pos[..., a:b],
-                                **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
-                                **kwargs)
+            yield
         finally:
-            self._control.final = True
-            self._control.lower_right = False
-            self._control.chunk_queries.clear()
+            ctl.final = True
+            ctl.lower_right = False
+            ctl.layer_major = False
+            ctl.prompt_len = 0
+            ctl.chunk_queries.clear()
+            for l in self.adakv_layers:      # a prefill that raised keeps no prompt buffer
+                l._prompt_buf = None
             if adding:
-                self._control.adding = False
+                ctl.adding = False
                 self.pool.rows = None
                 for l, n in zip(self.adakv_layers, seen):
                     l.seen = max(n, l.seen)
-        self.check_claimed()
+
+    def _prefill_chunk_major(self, model, input_ids, attention_mask, pos, chunk_size: int,
+                             lower_right: bool, kwargs: dict):
+        """Each chunk through the model's forward (one-shot: a single chunk)."""
+        N = input_ids.shape[1]
+        out = None
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            self._control.final = b == N
+            with skip_prompt_masks() if lower_right else contextlib.nullcontext():
+                out = model(input_ids=input_ids[:, a:b],
+                            attention_mask=None if attention_mask is None
+                            else attention_mask[:, :b],
+                            position_ids=None if pos is None else pos[..., a:b],
+                            **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
+                            **kwargs)
         return out
+
+    def _prefill_layer_major(self, model, input_ids: Tensor, pos: Optional[Tensor],
+                             chunk_size: int):
+        """Layer by layer: every chunk of a decoder layer, then the next layer (the layer
+        evicts after its last chunk). ``h [B, N, hidden]``, the hidden states of the whole
+        prompt, is updated in place: chunk ``[a, b)`` of a layer reads its own rows of ``h``
+        and the layer's held K/V, exactly what it reads in the chunk-major order, so every
+        chunk computes the same values. Returns an output with ``.logits`` of the last
+        position (``logits_to_keep=1``)."""
+        inner, _ = _decoder_glue(model)
+        cfg = model.config.get_text_config(decoder=True)
+        N = input_ids.shape[1]
+        ctl = self._control
+        h = inner.embed_tokens(input_ids)
+        if pos is None:                      # the model's default: the prompt starts at 0
+            pos = torch.arange(N, device=h.device).unsqueeze(0)
+        rope = inner.rotary_emb
+        typed = "layer_type" in _params(rope.forward)     # Gemma 3: one RoPE per layer type
+        types = getattr(cfg, "layer_types", None)
+        rotary: dict = {}                    # (layer type, a) -> (cos, sin), shared by layers
+        for i, layer in enumerate(inner.layers[:cfg.num_hidden_layers]):
+            takes = _params(layer.forward)
+            cache = cache_kwarg(self, layer)
+            kind = types[i] if typed else None
+            for a in range(0, N, chunk_size):
+                b = min(a + chunk_size, N)
+                ctl.final = b == N
+                x, p = h[:, a:b], pos[..., a:b]
+                if (kind, a) not in rotary:
+                    rotary[kind, a] = rope(x, p, kind) if typed else rope(x, position_ids=p)
+                kw = dict(attention_mask=None, position_ids=p, use_cache=True,
+                          position_embeddings=rotary[kind, a], **cache)
+                if "cache_position" in takes:       # transformers < 5.2x decoder layers
+                    kw["cache_position"] = torch.arange(a, b, device=h.device)
+                y = layer(x, **kw)
+                h[:, a:b] = y[0] if isinstance(y, tuple) else y
+        logits = model.lm_head(inner.norm(h[:, -1:]))
+        return _causal_lm_output(logits, self)
 
     @property
     def batch_size(self) -> int:

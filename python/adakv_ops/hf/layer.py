@@ -9,8 +9,8 @@ storage subclasses (:class:`adakv_ops.hf.flat.FlatLayer`,
 
 * ``_store_prompt(q_window, key, value, key_start, scale)``: evict a whole prompt
   ``[B, H, N, D]`` (the one :class:`adakv_ops.policy.EvictionPolicy` decides what is kept);
-* ``_hold_chunk(key, value)`` -> the prompt so far as ``[B, H, N, D]`` (chunked prefill: the
-  layer keeps the prompt's full K/V until the last chunk);
+* ``_hold_chunk(key, value)`` -> the prompt so far as ``[B, H, N, D]`` (chunk-major chunked
+  prefill: the layer keeps the prompt's full K/V until the last chunk);
 * ``_make_room(T)``, ``_append(key, value)``, ``_decode_attention(query, scale)``;
 * ``_snapshot`` / ``_restore``, ``nbytes``, ``evicted``.
 
@@ -21,6 +21,16 @@ held) is attended by the original attention with the model's mask and evicted st
 the forward's K/V; chunks are held, attended by the original attention over the prompt so far
 (``get_mask_sizes`` reports its length), and the last one is evicted from the held prompt with
 the last ``window`` queries of all chunks: the kept sets are the one-shot ones.
+
+Prefill orders (``PrefillControl.layer_major``). Chunk-major (the model runs chunk after chunk,
+every layer holds its prompt until the last chunk): chunks are held by the storage
+(``_hold_chunk``: pages, or a growing ``torch.cat``). Layer-major (the cache runs one decoder
+layer's chunks at a time, see ``AdaKVCache.prefill``): the layer holds its chunks in one
+contiguous ``[B, Hk, N, D]`` K and V buffer of its own, allocated at its first chunk for the
+whole prompt (``PrefillControl.prompt_len``) and dropped once it is evicted; ``update``
+returns views ``[:, :, :held + n]`` of it, and the last chunk evicts from the whole buffer
+through the one-shot path (``_evict_prompt`` -> ``_store_prompt``), so the raw prompt never
+enters the storage.
 """
 
 from __future__ import annotations
@@ -69,6 +79,8 @@ class PrefillControl:
 
     final: bool = True
     lower_right: bool = False  # chunks attend with causal_lower_right (no mask was built)
+    layer_major: bool = False  # one layer's chunks at a time: held in the layer's own buffer
+    prompt_len: int = 0        # N of the layer-major prefill in flight (the buffers' length)
     adding: bool = False      # the forward prefills new batch rows into an evicted cache
     chunk_queries: dict = field(default_factory=dict)  # layer_idx -> last window queries
     cascade: Optional[tuple] = None  # layer_defensivekv: (LayerCascade, layers so far)
@@ -78,16 +90,29 @@ def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale) -> tuple[
     """A chunk's causal attention over the prompt so far without a materialised mask: query
     ``t`` of ``n`` sits at position ``N - n + t`` (``causal_lower_right``, which SDPA runs on
     its flash / memory-efficient kernels). Returns ``([B, n, Hq, D], None)`` like the
-    transformers attention functions."""
+    transformers attention functions.
+
+    GQA without repeating K/V over the group (``repeat_interleave`` would copy the prompt so
+    far ``G`` times): one SDPA call per group member ``g`` on the query heads ``g, G + g,
+    2G + g, ...``, which read KV heads ``0, 1, 2, ...`` (query head ``j`` reads KV head
+    ``j // G``, the Hugging Face order), written back interleaved. (SDPA's ``enable_gqa``
+    would do the same in one call, but some backends serve it with the math kernel, which
+    materialises the ``[n, N]`` scores.)"""
     from torch.nn.attention.bias import causal_lower_right
 
-    n, N = query.shape[2], key.shape[2]
-    G = query.shape[1] // key.shape[1]
-    if G > 1:
-        key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=causal_lower_right(n, N), scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+    B, Hq, n, _ = query.shape
+    Hk, N, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = Hq // Hk
+    mask = causal_lower_right(n, N)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if G == 1:
+        out = sdpa(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), None
+    out = query.new_empty((B, n, Hk, G, Dv))          # head k * G + g at [..., k, g, :]
+    for g in range(G):
+        out[:, :, :, g] = sdpa(query[:, g::G], key, value, attn_mask=mask,
+                               scale=scale).transpose(1, 2)
+    return out.view(B, n, Hq, Dv), None
 
 
 class EvictedLayer(CacheLayerMixin):
@@ -129,6 +154,7 @@ class EvictedLayer(CacheLayerMixin):
         self.n_reevict = 0
         self.keys = self.values = None
         self.qbuf: Optional[Tensor] = None
+        self._prompt_buf: Optional[tuple[Tensor, Tensor]] = None   # layer-major: raw K, V
         self._clear_storage()
 
     # -- CacheLayerMixin ----------------------------------------------------------------------
@@ -207,7 +233,7 @@ class EvictedLayer(CacheLayerMixin):
                 key, value = key_states, value_states          # one-shot prompt
                 self._pending = (key, value, False)
             else:
-                key, value = self._hold_chunk(key_states, value_states)
+                key, value = self._hold(key_states, value_states)
                 self.held += n
                 self._pending = (key, value, True)
             self.seen += n
@@ -279,7 +305,32 @@ class EvictedLayer(CacheLayerMixin):
         self._store_prompt(q_window, key, value, key_start, C, scale)
         self.budget, self.window, self._scale = C, W, scale
         self.held = 0
+        self._prompt_buf = None       # layer-major: the raw prompt goes with the forward
         self._after_prompt(q_window)
+
+    def _hold(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Hold a prompt chunk ``[B, Hk, n, D]``; returns the prompt so far. Chunk-major: the
+        storage's ``_hold_chunk``. Layer-major: the layer's contiguous buffer (see the module
+        docstring), no copy of the prompt so far and no page."""
+        if not self._control.layer_major:
+            return self._hold_chunk(key, value)
+        B, H, n, D = key.shape
+        a = self.held
+        if self._prompt_buf is None:
+            if a != 0:
+                raise RuntimeError(f"adakv: layer {self.layer_idx}: a layer-major chunk after "
+                                   f"{a} tokens held elsewhere")
+            N = self._control.prompt_len
+            self._prompt_buf = (key.new_empty((B, H, N, D)),
+                                value.new_empty((B, H, N, value.shape[-1])))
+        kb, vb = self._prompt_buf
+        if kb.shape[:2] != (B, H) or a + n > kb.shape[2]:
+            raise RuntimeError(f"adakv: layer {self.layer_idx}: a chunk [{B}, {H}, {n}, {D}] "
+                               f"after {a} tokens does not fit the layer-major prompt buffer "
+                               f"{list(kb.shape)}")
+        kb[:, :, a:a + n].copy_(key)
+        vb[:, :, a:a + n].copy_(value)
+        return kb[:, :, :a + n], vb[:, :, :a + n]
 
     def _expand(self, x: Tensor) -> Tensor:
         if self.settings.per_query_head and x.shape[1] != self.n_heads:

@@ -3,11 +3,12 @@
 All evicted layers of one cache share one :class:`adakv_ops.store.PagedKVStore`
 (:class:`PagedPool`): one page pool, one page table and one length per segment (sequence x
 head) and layer, pages handed out on the host. Batch row ``b`` is the store's sequence ``b``.
-A layer's prompt is evicted with ``PagedKVStore.write_kept``; a chunked prefill holds the raw
-prompt in pages until its last chunk (SPEC 3.1); decode appends with ``paged_append_`` and
-attends with ``paged_decode_attention``. Pages for a decode step are handed out by the host
-(``prepare_decode`` / the eager ``update``), so the compiled step is pure tensor work on fixed
-tensors (after ``ensure_capacity``).
+A layer's prompt is evicted with ``PagedKVStore.write_kept``; a chunk-major prefill holds the
+raw prompt in pages until its last chunk (SPEC 3.1; a layer-major one holds it in the layer's
+own contiguous buffer, :mod:`adakv_ops.hf.layer`, and never in pages); decode appends with
+``paged_append_`` and attends with ``paged_decode_attention``. Pages for a decode step are
+handed out by the host (``prepare_decode`` / the eager ``update``), so the compiled step is
+pure tensor work on fixed tensors (after ``ensure_capacity``).
 
 Pool size: ``num_pages`` pages of ``page_size`` rows; ``None`` sizes it at the first prompt
 and doubles it when a request would run out (one device copy; the pool gets a new address,
