@@ -44,24 +44,19 @@ def _load():
     return pkg, reference
 
 
-def gpu_busy(ms: float = 150.0):
-    """Queue roughly ``ms`` of work on the current CUDA stream (bf16 matmuls; the per-matmul
-    time is measured after a warm-up, so cuBLAS initialisation and a low idle clock do not
-    shorten it). Returns the result tensor (keep it alive until synchronised)."""
-    import time as _time
-
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    t = _time.perf_counter()
-    for _ in range(5):
-        a @ a
-    torch.cuda.synchronize()
-    one = max((_time.perf_counter() - t) / 5, 1e-5)
-    for _ in range(int(ms / 1e3 / one) + 1):
-        a = a @ a * 1e-3
-    return a
+def gpu_busy(ms: float = 150.0) -> None:
+    """Queue roughly ``ms`` of work on the current CUDA stream as ONE kernel
+    (``torch.cuda._sleep``; many small kernels would fill the launch queue, and then the host
+    waits for the GPU to drain it). The sleep's cycles per ms are measured on a long sleep after
+    a warm-up one, so a low idle clock does not shorten it much."""
+    torch.cuda._sleep(1_000_000)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    torch.cuda._sleep(50_000_000)
+    e.record()
+    e.synchronize()
+    per_ms = 5e7 / max(s.elapsed_time(e), 1e-3)
+    torch.cuda._sleep(int(ms * per_ms))
 
 
 ops, ref = _load()

@@ -290,7 +290,7 @@ def test_cuda_engine_step_reads_without_waiting_for_the_step_it_launches():
     fwd = eng._forward
 
     def slow_forward(**kw):
-        slow_forward.busy = gpu_busy(400)          # ~400 ms queued before the forward
+        gpu_busy(400)                              # ~400 ms queued before the forward
         return fwd(**kw)
 
     eng._forward = slow_forward

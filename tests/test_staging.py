@@ -23,7 +23,7 @@ def test_cpu_copy_is_tensor_to():
 def _busy(ms=150):
     """Queue roughly ``ms`` of GPU work (conftest.gpu_busy)."""
     from conftest import gpu_busy
-    return gpu_busy(ms)
+    gpu_busy(ms)
 
 
 @cuda
