@@ -35,7 +35,6 @@
 // (adakv::new_empty on the query's device).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -60,34 +59,6 @@ using score_detail::kThreads;
 using score_detail::MmaCfg;
 using score_detail::ScoreParams;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// SM count and opt-in shared memory per block, queried once per device (benign race: every
-// thread writes the same values).
-struct DeviceInfo {
-  int sms;
-  int max_smem;
-};
-DeviceInfo device_info(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> sms_cache[kMaxDevices];
-  static std::atomic<int> smem_cache[kMaxDevices];
-  if (device < 0 || device >= kMaxDevices) {
-    int smem = 0;
-    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return {num_sms(device), smem};
-  }
-  int sms = sms_cache[device].load(std::memory_order_relaxed);
-  int smem = smem_cache[device].load(std::memory_order_relaxed);
-  if (sms == 0 || smem == 0) {
-    sms = num_sms(device);
-    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    sms_cache[device].store(sms, std::memory_order_relaxed);
-    smem_cache[device].store(smem, std::memory_order_relaxed);
-  }
-  return {sms, smem};
-}
-
 // Keys per CTA: about 4 CTAs per SM over the whole grid (2 resident per SM on the tensor-core
 // path), 4..16 tiles per CTA so that the Q block each CTA loads (as many bytes as 2 K tiles
 // at G * W = 128) is amortised over several K tiles.
@@ -97,14 +68,6 @@ int pick_chunk(int64_t n_keys, int64_t bh, int tile, int sms) {
   per_cta = std::clamp<int64_t>(per_cta, 4, 16);
   per_cta = std::min<int64_t>(per_cta, std::max<int64_t>(tiles, 1));
   return static_cast<int>(per_cta * tile);
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
 }
 
 template <typename T, int D, bool kAggMax, bool kGqaMax>

@@ -15,6 +15,7 @@
 #include "allocation_rules.h"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/simt_tile.cuh"
 
 namespace adakv {
 namespace cuda {
@@ -23,9 +24,9 @@ namespace score_detail {
 constexpr int kThreads = 256;    // every kernel of the family
 constexpr int kBN = 64;          // keys per tile, tensor-core path
 constexpr int kRowBlock = 128;   // query rows per row block: 4 row warps x 32 rows
-constexpr int kSimtRows = 64;    // SIMT path: rows x keys per tile, D slice
-constexpr int kSimtKeys = 64;
-constexpr int kSimtDK = 32;
+constexpr int kSimtRows = kSimtTile;  // SIMT path: rows x keys per tile (simt_tile.cuh)
+constexpr int kSimtKeys = kSimtTile;
+static_assert(kThreads == kSimtThreads, "the SIMT tile is computed by the family's CTAs");
 constexpr int kPoolTile = 1024;  // outputs per CTA of the pooling kernel
 
 struct ScoreParams {
@@ -189,23 +190,12 @@ __global__ void __launch_bounds__(kThreads, MmaCfg<D>::kMinBlocks)
     cp_async_commit();
   }
 
-  // ldmatrix addresses. A (Q rows row0 + [0, 16), row0 % 16 == 0): lane reads row
-  // row0 + lane % 16, chunk 2 kk + lane / 16. B (K rows, [n][k]): lane reads key row
-  // kw * 32 + 16 jp + 8 (lane / 16) + lane % 8, chunk 2 kk + (lane / 8) % 2. In both the row
-  // is lane % 8 modulo 8, so the swizzled chunk of k-step kk = 4 a + c is
-  // 8 a + ((2 c) ^ y) with a per-lane y: four offsets per operand, the rest are immediates.
+  // ldmatrix offsets (mma.cuh); the B rows of this key warp start at key kw * 32.
   uint32_t a_off[4], b_off[4];
-  {
-    const int ya = (lane >> 4) ^ (lane & 7);
-    const int yb = ((lane >> 3) & 1) ^ (lane & 7);
-    const uint32_t a_row = (lane & 15) * D * 2;
-    const uint32_t b_row = (kw * 32 + ((lane >> 4) & 1) * 8 + (lane & 7)) * D * 2;
+  ldsm_a_offsets<D>(a_off, lane);
+  ldsm_b_offsets<D>(b_off, lane);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      a_off[c] = a_row + (((2 * c) ^ ya) << 4);
-      b_off[c] = b_row + (((2 * c) ^ yb) << 4);
-    }
-  }
+  for (int c = 0; c < 4; ++c) b_off[c] += static_cast<uint32_t>(kw * 32) * D * 2;
   auto load_a = [&](uint32_t (&a)[4], int row0, int kk) {
     ldmatrix_x4(a, qs_base + row0 * D * 2 + a_off[kk & 3] + (kk >> 2) * 128);
   };
@@ -505,49 +495,21 @@ __global__ void __launch_bounds__(kThreads) score_pool_kernel(const ScoreParams 
 
 // ------------------------------------------------------------------------------------------
 // SIMT path (fp32 inputs, any head dim, or shapes whose Q block does not fit shared memory):
-// the same three stages with FFMA tiles of kSimtRows x kSimtKeys. Correctness path.
+// the same three stages with FFMA tiles of kSimtRows x kSimtKeys (simt_tile.cuh). Correctness
+// path.
 
 struct SimtSmem {
-  float qs[kSimtRows][kSimtDK + 1];
-  float ks[kSimtKeys][kSimtDK + 1];
+  SimtTileSmem t;
   float s[kSimtRows][kSimtKeys + 1];
 };
 
 // acc[ii][jj] = q[row0 + 4 ty + ii] . k[n0 + tx + 16 jj] (ty = tid / 16, tx = tid % 16);
-// rows >= R_pad and keys >= n_hi read as zero.
+// rows >= R_pad and keys outside [0, n_hi) read as zero. Block-wide (simt_dot_tile).
 template <typename T>
 __device__ __forceinline__ void simt_tile(const ScoreParams& p, const T* qg, const T* kg,
                                           int row0, int n0, int n_hi, SimtSmem& sm,
                                           float (&acc)[4][4]) {
-  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-#pragma unroll
-  for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) acc[ii][jj] = 0.f;
-  for (int d0 = 0; d0 < p.D; d0 += kSimtDK) {
-    for (int e = tid; e < kSimtRows * kSimtDK; e += kThreads) {
-      const int r = e / kSimtDK, d = e % kSimtDK;
-      const int row = row0 + r, n = n0 + r, dd = d0 + d;
-      // bounds: rows < R_pad = G * W of this group, keys < n_hi <= N, dims < D.
-      sm.qs[r][d] = (row < p.R_pad && dd < p.D)
-                        ? to_float(qg[static_cast<int64_t>(row) * p.D + dd]) : 0.f;
-      sm.ks[r][d] = (n < n_hi && dd < p.D) ? to_float(kg[static_cast<int64_t>(n) * p.D + dd]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int d = 0; d < kSimtDK; ++d) {
-      float a[4], bk[4];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) a[ii] = sm.qs[ty * 4 + ii][d];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) bk[jj] = sm.ks[tx + 16 * jj][d];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) acc[ii][jj] = fmaf(a[ii], bk[jj], acc[ii][jj]);
-    }
-    __syncthreads();
-  }
+  simt_dot_tile(qg, p.D, row0, p.R_pad, kg, p.D, n0, 0, n_hi, p.D, sm.t, acc);
 }
 
 // Pass 1: grid BH * nchunk1; per row block, 4 threads per row keep a running (max, sum).
