@@ -88,7 +88,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // SM count and opt-in shared memory per block, queried once per device (benign race: every
 // thread writes the same values). Used by the launchers that size grids / pick a path by them
-// (score.cu).
+// (score.cu, value_norm.cu).
 struct DeviceInfo {
   int sms;
   int max_smem;

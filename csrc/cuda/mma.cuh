@@ -13,7 +13,8 @@
 //   ldsm_b_offsets    x 16 k, row-major) and the B operand ([n][k]: 16 n x 16 k, two n8 tiles)
 // The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
 // compiler keeps ordinary shared-memory loads and stores on their side of it.
-// Used by the score (score_kernel.cuh) and decode (decode_kernel.cuh) kernels.
+// Used by the score (score_kernel.cuh), value-norm (value_norm.cu) and decode (decode_kernel.cuh)
+// kernels.
 #pragma once
 
 #include <cuda_bf16.h>

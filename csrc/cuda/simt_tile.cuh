@@ -1,6 +1,7 @@
-// The CUDA-core (FFMA) dot-product tile of the SIMT paths (score_kernel.cuh: Q K^T of fp32
-// inputs and head dims without a tensor-core path), in a form any A B^T tile can use. A
-// correctness path: no tensor cores, no asynchronous copies, any head dim, any alignment.
+// The CUDA-core (FFMA) dot-product tile shared by the SIMT paths of the score kernel family
+// (score_kernel.cuh: Q K^T of fp32 inputs and head dims without a tensor-core path) and of
+// value_norm (value_norm.cu: V W_o^T of fp32 inputs). A correctness path: no tensor cores, no
+// asynchronous copies, any head dim, any alignment.
 //
 //   acc[ii][jj] = a[row0 + 4 ty + ii] . b[col0 + tx + 16 jj]   (fp32, ty = tid / 16, tx = tid % 16)
 //

@@ -95,7 +95,9 @@ def defensive_score(q_window: Tensor, key: Tensor, kernel_size: int = 5,
 
 def value_norm(value: Tensor, o_proj_weight: Tensor, normalize: bool = False,
                length: Optional[int] = None) -> Tensor:
-    """CriticalKV value norm (SPEC 7.1; DefensiveKV step 4). CPU only so far.
+    """CriticalKV value norm (SPEC 7.1; DefensiveKV step 4). On CUDA a tensor-core GEMM with an
+    L1 epilogue (``csrc/cuda/value_norm.cu``; fp16/bf16, head dim 64/128/256) that never writes
+    the ``[length, hidden]`` products; fp32 and other head dims on a CUDA-core path.
 
     ``out[b, h, i]`` = mean over the group's query heads ``j`` of
     ``|| value[b, h, i] @ W_o[j] ||_1`` with ``W_o = o_proj_weight^T`` viewed as
