@@ -7,10 +7,10 @@
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
 //   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
-//   defensive_score       cpu/followups.cpp      (none yet)              "
+//   defensive_score       cpu/followups.cpp      cuda/score.cu           "
 //   value_norm            cpu/followups.cpp      cuda/value_norm.cu      "
-//   (the last two: building blocks of SPEC 7.1 / 7.2; defensive_score's CPU kernel has a block
-//   of its own, outside what _C_cuda compiles)
+//   (the last two: building blocks of SPEC 7.1 / 7.2; python/adakv_ops/_composite.py holds
+//   torch-op versions, registered for CUDA only when _C_cuda is not loaded)
 //
 // Everything goes through PyTorch's stable ABI (csrc/torch_api.h), so one binary serves every
 // torch from 2.11 on. The file is compiled into both libraries: _C (schemas, CPU kernels) and,
@@ -77,13 +77,6 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "-> Tensor");
 }
 
-// Ops with a CPU kernel only (no CUDA kernel yet): registered here, outside the block below
-// that _C_cuda compiles for its CUDA kernels.
-STABLE_TORCH_LIBRARY_IMPL(adakv, CPU, m) {
-  m.impl("defensive_score", TORCH_BOX(&adakv::cpu::defensive_score));
-}
-
-
 #define ADAKV_BACKEND_KEY CPU
 #define ADAKV_BACKEND cpu
 #else
@@ -106,5 +99,6 @@ STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
   m.impl("paged_decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention));
   m.impl("paged_decode_attention_lse",
          TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention_lse));
+  m.impl("defensive_score", TORCH_BOX(&adakv::ADAKV_BACKEND::defensive_score));
   m.impl("value_norm", TORCH_BOX(&adakv::ADAKV_BACKEND::value_norm));
 }
