@@ -11,8 +11,12 @@ budget ``C = --budget`` (1024), window 32.
 1. Eviction cost of one layer (CUDA events, median of ``--reps`` after warm-up): ``evict``
    (ada_snapkv: score -> allocate -> select -> compact), and for ``ada_criticalkv`` and
    ``defensivekv`` the policy's selection (scores, value weight, stages, allocation) plus
-   ``compact``; the value weight (``value_norm``) alone against ``torch.matmul`` computing the
-   ``[Hk, G, N, hidden]`` products alone (what a fused kernel never writes).
+   ``compact``; the parts alone: ``score`` (ada_snapkv's), ``defensive_score``, the value weight
+   (``value_norm``, normalised, the native GEMM with an L1 epilogue on CUDA) against
+   ``torch.matmul`` computing the ``[Hk, G, L, hidden]`` products alone (what the fused kernel
+   never writes), same inputs, same run. Calibration of the same run: device-to-device copy
+   bandwidth (``copy_`` of a 1 GiB buffer: read + write bytes / time) and the TFLOP/s of the
+   matmul and of ``value_norm`` (``2 Hk G L D hidden`` flops each).
 2. One layer's prefill time: a ``DynamicCache`` prefill of the prompt through the model,
    divided by its layers (embedding and the last position's head included: a slight
    overestimate of a layer).
@@ -22,9 +26,9 @@ budget ``C = --budget`` (1024), window 32.
    included).
 
 Targets (issue 14): defensivekv evict <= 2x ada_snapkv evict and <= 3% of a layer's prefill;
-the value weight faster than the matmul alone (met only by a fused kernel: today's CUDA
-``value_norm`` is the torch-op one, ``adakv_ops._composite``); layer_defensivekv's prefill
-memory <= final cache + 1.1x one layer's full K/V.
+the value weight faster than the matmul alone; layer_defensivekv's prefill memory <= final
+cache + 1.1x one layer's full K/V. ``composite_cuda_ops`` in the record lists the ops that ran
+as torch-op versions (empty when the native CUDA kernels are loaded).
 
 Output: JSON lines (``--out``) and a short table on stdout (last).
 """
@@ -99,12 +103,31 @@ def eviction_costs(model, args, dev, dtype):
                          rows=Hk * (C + W))
         out[method] = median_ms(run, dev, args.reps)
     L = N - W
+    out["score"] = median_ms(lambda: _ops.score(q, k), dev, args.reps)
+    out["defensive_score"] = median_ms(lambda: _ops.defensive_score(q, k), dev, args.reps)
     out["value_norm"] = median_ms(lambda: _ops.value_norm(v, wo, normalize=True, length=L), dev,
                                   args.reps)
     wo_h = wo.t().reshape(Hk, Hq // Hk, D, hidden)
     vp = v[0, :, :L].unsqueeze(1)
     out["matmul_products"] = median_ms(lambda: torch.matmul(vp, wo_h), dev, args.reps)
     return out
+
+
+def calibration(costs, model, args, dev, dtype):
+    """Copy bandwidth and GEMM throughput of this run (what the costs above compare with)."""
+    cfg = model.config
+    Hq, Hk, D, hidden = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                         cfg.hidden_size)
+    nbytes = (1 << 30) if dev.type == "cuda" else (16 << 20)
+    src = torch.empty(nbytes // 2, device=dev, dtype=torch.bfloat16).fill_(1)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), dev, max(3, args.reps // 5))
+    del src, dst
+    flops = 2.0 * Hk * (Hq // Hk) * (args.n - args.window) * D * hidden
+    return dict(copy_GBps=2 * nbytes / (ms * 1e-3) / 1e9,
+                matmul_TFLOPs=flops / (costs["matmul_products"] * 1e-3) / 1e12,
+                value_norm_TFLOPs=flops / (costs["value_norm"] * 1e-3) / 1e12,
+                dtype=str(dtype).replace("torch.", ""))
 
 
 def layer_prefill_ms(model, ids, dev, reps=3):
@@ -179,6 +202,7 @@ def main(argv=None):
                         generator=torch.Generator(device=dev).manual_seed(1))
 
     costs = eviction_costs(model, args, dev, dtype)
+    calib = calibration(costs, model, args, dev, dtype)
     per_layer = layer_prefill_ms(model, ids, dev)
     mem, layer_kv = prefill_memory(model, ids, args, dev)
 
@@ -186,7 +210,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 N=args.n, C=args.budget, W=args.window, layers=layers,
                 composite_cuda_ops=adakv_ops.composite_cuda_ops)
-    rec = dict(meta, costs_ms=costs, layer_prefill_ms=per_layer, memory=mem,
+    rec = dict(meta, costs_ms=costs, calibration=calib, layer_prefill_ms=per_layer, memory=mem,
                layer_kv_bytes=layer_kv)
     if args.out:
         with open(args.out, "a") as f:
@@ -200,9 +224,17 @@ def main(argv=None):
     for k in ("ada_snapkv", "ada_criticalkv", "defensivekv"):
         print(f"| {k} | {costs[k]:.3f} | {costs[k] / costs['ada_snapkv']:.2f}x | "
               f"{100 * costs[k] / per_layer:.2f}% |")
-    print(f"| value_norm (normalised) | {costs['value_norm']:.3f} | | |")
-    print(f"| matmul [Hk,G,N,hidden] alone | {costs['matmul_products']:.3f} | | |")
+    for k in ("score", "defensive_score"):
+        print(f"| {k} alone | {costs[k]:.3f} | {costs[k] / costs['ada_snapkv']:.2f}x | "
+              f"{100 * costs[k] / per_layer:.2f}% |")
+    print(f"| value_norm (normalised) | {costs['value_norm']:.3f} | "
+          f"{costs['value_norm'] / costs['ada_snapkv']:.2f}x | "
+          f"{100 * costs['value_norm'] / per_layer:.2f}% |")
+    print(f"| matmul [Hk,G,L,hidden] alone | {costs['matmul_products']:.3f} | | |")
     print(f"| a layer's prefill | {per_layer:.3f} | | |")
+    print(f"\nvalue_norm / matmul alone: {costs['value_norm'] / costs['matmul_products']:.2f}x; "
+          f"copy {calib['copy_GBps']:.0f} GB/s, matmul {calib['matmul_TFLOPs']:.1f} TFLOP/s, "
+          f"value_norm {calib['value_norm_TFLOPs']:.1f} TFLOP/s ({calib['dtype']})")
     print("\n| prefill memory | store peak MiB | final MiB | peak / (final + 1.1 layer K/V) | "
           "alloc above before MiB | prefill ms |")
     print("|---|---|---|---|---|---|")

@@ -7,10 +7,10 @@
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
 //   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
-//   defensive_score       cpu/followups.cpp      (none yet)              "
-//   value_norm            cpu/followups.cpp      (none yet)              "
-//   (the last two: building blocks of SPEC 7.1 / 7.2; their CPU impls have a block of their own,
-//   outside what _C_cuda compiles)
+//   defensive_score       cpu/followups.cpp      cuda/score.cu           "
+//   value_norm            cpu/followups.cpp      cuda/value_norm.cu      "
+//   (the last two: building blocks of SPEC 7.1 / 7.2; python/adakv_ops/_composite.py holds
+//   torch-op versions, registered for CUDA only when _C_cuda is not loaded)
 //
 // Everything goes through PyTorch's stable ABI (csrc/torch_api.h), so one binary serves every
 // torch from 2.11 on. The file is compiled into both libraries: _C (schemas, CPU kernels) and,
@@ -68,7 +68,7 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "-> (Tensor, Tensor)");
   // The authors' follow-up methods (SPEC 7.1, 7.2): DefensiveKV steps 1-3 plus the SnapKV mean
   // and the window masses of step 5 -> (scores, snap_mean, window_mass); the CriticalKV value
-  // norm (DefensiveKV step 4). CPU kernels only so far.
+  // norm (DefensiveKV step 4).
   m.def(
       "defensive_score(Tensor q_window, Tensor key, int kernel_size=5, Tensor? key_start=None, "
       "float? scale=None) -> (Tensor, Tensor, Tensor)");
@@ -76,14 +76,6 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "value_norm(Tensor value, Tensor o_proj_weight, bool normalize=False, int? length=None) "
       "-> Tensor");
 }
-
-// Ops with a CPU kernel only (no CUDA kernel yet): registered here, outside the block below
-// that _C_cuda compiles for its CUDA kernels.
-STABLE_TORCH_LIBRARY_IMPL(adakv, CPU, m) {
-  m.impl("defensive_score", TORCH_BOX(&adakv::cpu::defensive_score));
-  m.impl("value_norm", TORCH_BOX(&adakv::cpu::value_norm));
-}
-
 
 #define ADAKV_BACKEND_KEY CPU
 #define ADAKV_BACKEND cpu
@@ -107,4 +99,6 @@ STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
   m.impl("paged_decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention));
   m.impl("paged_decode_attention_lse",
          TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention_lse));
+  m.impl("defensive_score", TORCH_BOX(&adakv::ADAKV_BACKEND::defensive_score));
+  m.impl("value_norm", TORCH_BOX(&adakv::ADAKV_BACKEND::value_norm));
 }

@@ -53,19 +53,19 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
   Tensor paged_decode_attention(const Tensor& query, const Tensor& k_pages,                    \
                                 const Tensor& v_pages, const Tensor& page_table,               \
                                 const Tensor& seg_len, std::optional<double> scale,            \
-                                const OptTensor& segment_index);
+                                const OptTensor& segment_index);                               \
+  /* the building blocks of the authors' follow-up methods (SPEC 7.1, 7.2): cpu/followups.cpp, */ \
+  /* cuda/score.cu (defensive_score, with the score kernel family) and cuda/value_norm.cu.    */ \
+  /* defensive_score returns (scores, snap_mean, window_mass).                                */ \
+  std::tuple<Tensor, Tensor, Tensor> defensive_score(const Tensor& q_window, const Tensor& key,  \
+                                                     int64_t kernel_size,                        \
+                                                     const OptTensor& key_start,                 \
+                                                     std::optional<double> scale);               \
+  Tensor value_norm(const Tensor& value, const Tensor& o_proj_weight, bool normalize,          \
+                    std::optional<int64_t> length);
 
 namespace cpu {
 ADAKV_DECLARE_BACKEND_OPS
-
-// CPU only so far (no CUDA kernel yet): the building blocks of the authors' follow-up methods
-// (SPEC 7.1, 7.2), csrc/cpu/followups.cpp. Returns (scores, snap_mean, window_mass).
-std::tuple<Tensor, Tensor, Tensor> defensive_score(const Tensor& q_window, const Tensor& key,
-                                                   int64_t kernel_size,
-                                                   const OptTensor& key_start,
-                                                   std::optional<double> scale);
-Tensor value_norm(const Tensor& value, const Tensor& o_proj_weight, bool normalize,
-                  std::optional<int64_t> length);
 }  // namespace cpu
 
 namespace cuda {

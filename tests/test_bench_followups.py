@@ -22,8 +22,10 @@ def test_bench_followups_cpu(tmp_path):
     bench_followups.main(["--cpu", "--n", "300", "--budget", "16", "--reps", "1",
                           "--out", str(out)])
     rec = json.loads(out.read_text().splitlines()[-1])
-    assert set(rec["costs_ms"]) == {"ada_snapkv", "ada_criticalkv", "defensivekv", "value_norm",
-                                    "matmul_products"}
+    assert set(rec["costs_ms"]) == {"ada_snapkv", "ada_criticalkv", "defensivekv", "score",
+                                    "defensive_score", "value_norm", "matmul_products"}
+    cal = rec["calibration"]
+    assert cal["copy_GBps"] > 0 and cal["matmul_TFLOPs"] > 0 and cal["value_norm_TFLOPs"] > 0
     assert rec["layer_prefill_ms"] > 0
     mem = rec["memory"]["layer_defensivekv"]
     assert 0 < mem["store_peak_bytes"] == mem["final_bytes"]

@@ -1,6 +1,7 @@
-"""adakv_ops._composite (the interim torch-op CUDA implementations of defensive_score and
-value_norm) equals the C++ CPU kernels, run on CPU tensors: random shapes, GQA, padding (a row
-whose valid tokens all lie in the window, key_start == N), W == N, every dtype."""
+"""adakv_ops._composite (the torch-op versions of defensive_score and value_norm: the CUDA
+fallback and a second reference) equals the C++ CPU kernels, run on CPU tensors: random shapes,
+GQA, padding (a row whose valid tokens all lie in the window, key_start == N), W == N, every
+dtype."""
 from __future__ import annotations
 
 import pytest
@@ -69,8 +70,8 @@ def test_composite_checks_its_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_followup_ops_match_the_cpu_kernels(dtype):
-    """On CUDA the registered kernels (the interim torch-op ones, or native ones once they
-    exist) give the CPU kernels' results."""
+    """On CUDA the registered kernels (the native ones, or the torch-op ones where the CUDA
+    library is not loaded) give the CPU kernels' results."""
     B, Hq, Hk, N, W, D = 3, 8, 2, 300, 16, 64
     q, k, v = make_qkv(B, Hq, Hk, N, W, D, 5)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -84,3 +85,21 @@ def test_cuda_followup_ops_match_the_cpu_kernels(dtype):
         want = torch.ops.adakv.value_norm(v, w, normalize, N - W)
         got = torch.ops.adakv.value_norm(v.cuda(), w.cuda(), normalize, N - W)
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-3)
+
+
+def test_defensive_score_cuda_radius_routing():
+    """adakv_ops.defensive_score sends a CUDA call to the torch-op version exactly when the
+    native kernel has no pooling for it: radius min(kernel // 2, L - 1) above 16 that does not
+    cover the whole prefix (the op's own check, csrc/cuda/score.cu, is the same rule)."""
+    from adakv_ops import ops as _ops
+
+    def native(N, W, kernel):
+        q = torch.empty(1, 4, W, 8, device="meta")
+        k = torch.empty(1, 2, N, 8, device="meta")
+        return _ops._native_defensive_radius(q, k, kernel)
+
+    assert native(300, 16, 5) and native(300, 16, 33)        # radius 2, 16
+    assert not native(300, 16, 35) and not native(300, 16, 101)  # radius 17, 50 < L - 1
+    assert native(36, 16, 41) and native(36, 16, 2**63 - 1)   # radius L - 1 = 19: whole prefix
+    assert native(16, 16, 99) and native(17, 16, 99)          # L = 0; L = 1 (radius 0)
+    assert native(300, 16, 4) and native(300, 16, 0)          # malformed: the op raises

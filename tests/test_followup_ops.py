@@ -1,6 +1,6 @@
 """defensive_score and value_norm (the building blocks of the authors' follow-up methods, SPEC
-7.1 / 7.2) against the fp64 oracle ``adakv_ops.reference_followups``. CPU only: the ops have no
-CUDA kernel yet.
+7.1 / 7.2) against the fp64 oracle ``adakv_ops.reference_followups``, on the CPU kernels (the
+CUDA kernels are checked against these in tests/test_cuda_followups.py).
 
 * defensive_score: the oracle has no direct output for ``R`` before the value weight, so the
   expected values are built here in fp64 from ``_row_window_probs`` following the steps of

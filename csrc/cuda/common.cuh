@@ -1,7 +1,7 @@
 // Shared CUDA helpers of the adakv kernels: the CUDA side of the stable-ABI adapter (current
-// stream through the C shim, device guard, CUDA error checks), conversions, vector types,
-// static switches (runtime value -> template parameter), launch checks and the vector width of
-// row copies.
+// stream through the C shim, device guard, CUDA error checks), device limits (SMs, shared
+// memory), conversions, vector types, static switches (runtime value -> template parameter),
+// launch checks and the vector width of row copies.
 // Like every file in csrc/, this uses PyTorch's stable C++ ABI only (csrc/torch_api.h): no ATen
 // or c10 header.
 #pragma once
@@ -13,6 +13,7 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
 #include <torch/csrc/stable/accelerator.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "torch_api.h"
@@ -81,6 +82,44 @@ inline int num_sms(int device) {
   int n = 0;
   ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// SM count and opt-in shared memory per block, queried once per device (benign race: every
+// thread writes the same values). Used by the launchers that size grids / pick a path by them
+// (score.cu, value_norm.cu).
+struct DeviceInfo {
+  int sms;
+  int max_smem;
+};
+inline DeviceInfo device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sms_cache[kMaxDevices];
+  static std::atomic<int> smem_cache[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) {
+    int smem = 0;
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return {num_sms(device), smem};
+  }
+  int sms = sms_cache[device].load(std::memory_order_relaxed);
+  int smem = smem_cache[device].load(std::memory_order_relaxed);
+  if (sms == 0 || smem == 0) {
+    sms = num_sms(device);
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    sms_cache[device].store(sms, std::memory_order_relaxed);
+    smem_cache[device].store(smem, std::memory_order_relaxed);
+  }
+  return {sms, smem};
+}
+
+// Opt a kernel into `bytes` of dynamic shared memory (needed above the 48 KiB default).
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+  }
 }
 
 template <int VEC> struct VecType;

@@ -9,9 +9,12 @@
 //   swizzle_offset    XOR swizzle of 16-byte chunks for row-major [rows][D] b16 tiles, so that
 //                     ldmatrix (8 rows, one chunk column) and row-wise cp.async are both
 //                     free of shared-memory bank conflicts (needs D >= 64).
+//   ldsm_a_offsets /  per-lane ldmatrix_x4 offsets into such a tile for the A operand (16 rows
+//   ldsm_b_offsets    x 16 k, row-major) and the B operand ([n][k]: 16 n x 16 k, two n8 tiles)
 // The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
 // compiler keeps ordinary shared-memory loads and stores on their side of it.
-// Used by the score (score_kernel.cuh) and decode (decode_kernel.cuh) kernels.
+// Used by the score (score_kernel.cuh), value-norm (value_norm.cu) and decode (decode_kernel.cuh)
+// kernels.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +35,33 @@ template <int D>
 __device__ __forceinline__ uint32_t swizzle_offset(int row, int chunk) {
   static_assert(D % 64 == 0, "swizzle needs rows of at least 8 chunks");
   return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// ldmatrix_x4 addresses inside a swizzled [rows][D] b16 tile (swizzle_offset), relative to the
+// first row of a 16-row block (add block_row * D * 2): k-step kk = 4 a + c (16 k each) reads at
+// off[c] + a * 128. In both operands lane reads a row whose index is lane % 8 modulo 8, so the
+// swizzled chunk 2 kk + hi of k-step kk is 8 a + ((2 c) ^ y) with a per-lane y = hi ^ (lane % 8):
+// four offsets per operand, the rest are immediates.
+//   A (mma row-major 16 x 16, registers a0..a3 = rows 0-7 / 8-15 x k 0-7 / 8-15): lane reads row
+//     lane % 16, chunk 2 kk + lane / 16.
+//   B ([n][k] rows, i.e. "col" 16 k x 16 n: registers {0, 1} = n 0-7, {2, 3} = n 8-15, each
+//     k 0-7 / 8-15): lane reads row 8 (lane / 16) + lane % 8, chunk 2 kk + (lane / 8) % 2.
+template <int D>
+__device__ __forceinline__ void ldsm_a_offsets(uint32_t (&off)[4], int lane) {
+  static_assert(D % 64 == 0, "swizzled tiles need rows of at least 8 chunks");
+  const int y = (lane >> 4) ^ (lane & 7);
+  const uint32_t row = static_cast<uint32_t>(lane & 15) * D * 2;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) off[c] = row + (((2 * c) ^ y) << 4);
+}
+
+template <int D>
+__device__ __forceinline__ void ldsm_b_offsets(uint32_t (&off)[4], int lane) {
+  static_assert(D % 64 == 0, "swizzled tiles need rows of at least 8 chunks");
+  const int y = ((lane >> 3) & 1) ^ (lane & 7);
+  const uint32_t row = static_cast<uint32_t>(((lane >> 4) & 1) * 8 + (lane & 7)) * D * 2;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) off[c] = row + (((2 * c) ^ y) << 4);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -69,8 +69,9 @@ _load_libraries()
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import _composite  # noqa: E402
 
-#: Ops whose CUDA kernel is, for now, the torch-op implementation of ``adakv_ops._composite``
-#: (no native kernel yet): registered on a CUDA build of torch.
+#: Ops whose CUDA kernel is the torch-op implementation of ``adakv_ops._composite`` because the
+#: CUDA library provides none (built without CUDA, or not loaded): empty when the native kernels
+#: are loaded. Registered on a CUDA build of torch only.
 composite_cuda_ops = _composite.register() if torch.version.cuda else []
 from .budgets import pyramid_budgets  # noqa: E402
 from .ops import (  # noqa: E402

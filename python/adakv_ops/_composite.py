@@ -1,13 +1,22 @@
-"""Interim CUDA implementations of ``adakv::defensive_score`` and ``adakv::value_norm``, written
-with torch ops (cuBLAS GEMMs, a softmax, ``avg_pool1d``), until their native kernels exist.
+"""Torch-op implementations of ``adakv::defensive_score`` and ``adakv::value_norm`` (cuBLAS
+GEMMs, a softmax, ``avg_pool1d``): the CUDA fallback and a second reference.
 
 They compute exactly what the CPU kernels (``csrc/cpu/followups.cpp``) compute, as
-``docs/semantics.md`` defines it, and are registered for the CUDA dispatch key only when the
-CUDA library provides no kernel of its own (:func:`register`). Tested on CPU tensors against
-the C++ kernels (``tests/test_composite.py``). Not a serving-path kernel: ``defensive_score``
-materialises one batch row's ``[Hq, W, N]`` window probabilities, ``value_norm`` chunks of
-``[Hk, G, T, hidden]`` products (the native value-norm GEMM of issue 14 never writes them).
-No host read: loops run over batch rows and token chunks, whose counts are shapes.
+``docs/semantics.md`` defines it. Both ops have native CUDA kernels (``csrc/cuda/score.cu``,
+``csrc/cuda/value_norm.cu``); these versions are
+
+* registered for the CUDA dispatch key only when the CUDA library provides no kernel of its own
+  (:func:`register`: an extension built without CUDA, or ``_C_cuda`` failing to load on a CUDA
+  torch), so the ops still run on CUDA tensors then;
+* what :func:`adakv_ops.defensive_score` runs on CUDA for a pooling radius the native kernel
+  does not take (``kernel_size > 33`` on a prefix longer than the window radius);
+* an independent implementation the native kernels are tested against on the GPU
+  (``tests/test_cuda_followups.py``), besides the C++ CPU kernels (``tests/test_composite.py``
+  checks these against those on CPU tensors).
+
+Not a serving-path kernel: ``defensive_score`` materialises one batch row's ``[Hq, W, N]``
+window probabilities, ``value_norm`` chunks of ``[Hk, G, T, hidden]`` products. No host read:
+loops run over batch rows and token chunks, whose counts are shapes.
 """
 
 from __future__ import annotations

@@ -67,7 +67,12 @@ def defensive_score(q_window: Tensor, key: Tensor, kernel_size: int = 5,
                     key_start: Optional[Tensor] = None,
                     scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """DefensiveKV scores before the value weight (SPEC 7.2 steps 1-3), with the plain SnapKV
-    mean and the window masses that its stage-1 floor (step 5) needs. CPU only so far.
+    mean and the window masses that its stage-1 floor (step 5) needs.
+
+    On CUDA the native kernel (the score kernel family, ``csrc/cuda/score.cu``) pools with a
+    radius ``min(kernel_size // 2, N - W - 1)`` of at most 16, or one covering the whole prefix;
+    this wrapper runs other CUDA calls (``kernel_size > 33`` on a longer prefix) through the
+    torch-op version ``adakv_ops._composite.defensive_score`` (same semantics).
 
     Args:
         q_window: ``[B, Hq, W, D]`` the last ``W`` queries (after RoPE); fp32/fp16/bf16.
@@ -90,12 +95,35 @@ def defensive_score(q_window: Tensor, key: Tensor, kernel_size: int = 5,
         ``normalize=True, length=L``) and the stage-1 floor are the caller's.
     """
     _check_ints(kernel_size=kernel_size)
+    if q_window.is_cuda and not _native_defensive_radius(q_window, key, kernel_size):
+        from . import _composite
+        return _composite.defensive_score(q_window, key, kernel_size, key_start, scale)
     return torch.ops.adakv.defensive_score(q_window, key, kernel_size, key_start, scale)
+
+
+# The largest pooling radius the CUDA defensive_score kernels carry as a halo per key tile
+# (csrc/cuda/score_kernel.cuh, kMaxDefRadius).
+_CUDA_MAX_DEFENSIVE_RADIUS = 16
+
+
+def _native_defensive_radius(q_window: Tensor, key: Tensor, kernel_size: int) -> bool:
+    """Whether the CUDA kernel of ``defensive_score`` takes this pooling (shapes only; a
+    malformed call goes to the op, whose checks give the error)."""
+    if q_window.dim() != 4 or key.dim() != 4 or not isinstance(kernel_size, int) or \
+            kernel_size < 1:
+        return True
+    L = key.shape[2] - q_window.shape[2]
+    if L <= 0:
+        return True
+    r = min(kernel_size // 2, L - 1)
+    return r == L - 1 or r <= _CUDA_MAX_DEFENSIVE_RADIUS
 
 
 def value_norm(value: Tensor, o_proj_weight: Tensor, normalize: bool = False,
                length: Optional[int] = None) -> Tensor:
-    """CriticalKV value norm (SPEC 7.1; DefensiveKV step 4). CPU only so far.
+    """CriticalKV value norm (SPEC 7.1; DefensiveKV step 4). On CUDA a tensor-core GEMM with an
+    L1 epilogue (``csrc/cuda/value_norm.cu``; fp16/bf16, head dim 64/128/256) that never writes
+    the ``[length, hidden]`` products; fp32 and other head dims on a CUDA-core path.
 
     ``out[b, h, i]`` = mean over the group's query heads ``j`` of
     ``|| value[b, h, i] @ W_o[j] ||_1`` with ``W_o = o_proj_weight^T`` viewed as
