@@ -202,14 +202,21 @@ __global__ void __launch_bounds__(kVnThreads, 1) value_norm_mma_kernel(const VnP
       }
     }
     // L1 epilogue: acc[mt][nt][2 hf + e] is row 16 mt + 8 hf + rl, column 8 nt + 2 cl + e.
+    // Columns past `hidden` (the zero-filled W rows of the last hidden tile) are left out by
+    // index, not trusted to be 0: an inf value times a zero-filled weight is NaN.
+    const int col0 = (u % ntiles_n) * Cfg::kN + wn * Cfg::kWTN + 2 * cl;
+    const bool full = (u % ntiles_n + 1) * Cfg::kN <= p.hidden;
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMT; ++mt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float s = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < Cfg::kNT; ++nt)
-          s += fabsf(acc[mt][nt][2 * hf]) + fabsf(acc[mt][nt][2 * hf + 1]);
+        for (int nt = 0; nt < Cfg::kNT; ++nt) {
+          const int c = col0 + 8 * nt;
+          if (full || c < p.hidden) s += fabsf(acc[mt][nt][2 * hf]);
+          if (full || c + 1 < p.hidden) s += fabsf(acc[mt][nt][2 * hf + 1]);
+        }
         rsum[mt][hf] += s;
       }
   }
@@ -257,10 +264,12 @@ __global__ void __launch_bounds__(kVnThreads) value_norm_simt_kernel(const VnPar
       // bounds: value rows [0, length), W_o rows [0, hidden) with columns (h G + g) D + [0, D)
       simt_dot_tile(vb, p.D, i0, p.length, wh + static_cast<int64_t>(g) * p.D, p.ldw, o0, 0,
                     p.hidden, p.D, sm, acc);
+      // columns past `hidden` read as zero weights: left out by index (inf x 0 is NaN)
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) rs[ii] += fabsf(acc[ii][jj]);
+        for (int jj = 0; jj < 4; ++jj)
+          if (o0 + tx + 16 * jj < p.hidden) rs[ii] += fabsf(acc[ii][jj]);
     }
   }
 #pragma unroll
