@@ -18,9 +18,10 @@
 // for at most kRows query rows and kMaxSegments segments, while the int32 tile prefix cannot
 // overflow (segments x tiles of the largest clamped segment < 2^31), and only when asked for
 // (ADAKV_DECODE_BALANCED=1): measured on an H100 (2026-12-06, benchmarks/results/
-// paged-h100.md) at batch 64 x 2K keys per head it ran 5% slower than the split kernel (its
-// second launch, the per-CTA prefix and the Q loads at each piece cost more than the split
-// kernel loses to uneven lengths there), and at batch 1 far slower (pieces of half a tile).
+// paged-h100.md) at batch 64 x 2K keys per head it was no faster than the split kernel (paged
+// equal, contiguous 4.5% slower: its second launch, the per-CTA prefix and the Q loads at each
+// piece cost what the split kernel loses to uneven lengths there), and at batch 1 far slower
+// (pieces of half a tile).
 #pragma once
 
 #include <algorithm>
