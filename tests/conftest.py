@@ -44,6 +44,16 @@ def _load():
     return pkg, reference
 
 
+BENCH_DIR = ROOT / "benchmarks"
+
+
+def bench_records(path) -> list:
+    """The JSON-lines records a benchmark script wrote (its smoke tests read them)."""
+    import json
+
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
 def gpu_busy(ms: float = 150.0) -> None:
     """Queue roughly ``ms`` of work on the current CUDA stream as ONE kernel
     (``torch.cuda._sleep``; many small kernels would fill the launch queue, and then the host

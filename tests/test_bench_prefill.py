@@ -1,23 +1,16 @@
 """benchmarks/bench_prefill.py on the CPU (tiny model): its smoke mode runs one-shot,
 layer-major and chunk-major prefills and writes the records the GPU report is made of (kept in
 CI so the next GPU run does not find a broken script)."""
-import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import HAVE_OPS
+from conftest import BENCH_DIR, HAVE_OPS, bench_records
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+sys.path.insert(0, str(BENCH_DIR))
 
 
 def test_smoke_mode_records_both_orders(tmp_path):
@@ -25,7 +18,7 @@ def test_smoke_mode_records_both_orders(tmp_path):
     out = tmp_path / "prefill.jsonl"
     bench_prefill.main(["--cpu", "--lengths", "256", "--chunks", "64,100", "--repeats", "1",
                         "--out", str(out)])
-    recs = _records(out)
+    recs = bench_records(out)
     assert recs[0]["kind"] == "header" and recs[0]["orders"] == ["layer", "chunk"]
     pre = [r for r in recs if r["kind"] == "prefill"]
     assert [(r["chunk"], r["order"]) for r in pre] == [
@@ -46,7 +39,7 @@ def test_one_order(tmp_path):
     out = tmp_path / "chunk.jsonl"
     bench_prefill.main(["--cpu", "--lengths", "128", "--chunks", "48", "--repeats", "1",
                         "--orders", "chunk", "--out", str(out)])
-    assert [r.get("order") for r in _records(out) if r["kind"] == "prefill"] == [
+    assert [r.get("order") for r in bench_records(out) if r["kind"] == "prefill"] == [
         "one-shot", "chunk"]
     with pytest.raises(SystemExit):
         bench_prefill.main(["--cpu", "--orders", "rows"])

@@ -1,23 +1,16 @@
 """benchmarks/bench_serve.py on the CPU (tiny model): the serving benchmark's modes run end to
 end and write the records the GPU reports are made of (its smoke test, kept in CI so the next
 GPU run does not find a broken script)."""
-import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import HAVE_OPS
+from conftest import BENCH_DIR, HAVE_OPS, bench_records
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+sys.path.insert(0, str(BENCH_DIR))
 
 
 def test_fork_mode_records(tmp_path):
@@ -25,7 +18,7 @@ def test_fork_mode_records(tmp_path):
     out = tmp_path / "fork.jsonl"
     bench_serve.main(["--cpu", "--fork-to", "3,5", "--requests", "1", "--warmup", "1",
                       "--steps", "2", "--out", str(out)])
-    recs = _records(out)
+    recs = bench_records(out)
     assert recs[0]["kind"] == "header"
     dec = [r for r in recs if r["kind"] == "fork_decode"]
     assert [r["batch"] for r in dec] == [3, 5]
@@ -40,7 +33,7 @@ def test_stream_mode_mixed_prompts_with_reeviction(tmp_path):
     out = tmp_path / "stream.jsonl"
     bench_serve.main(["--cpu", "--requests", "4", "--prompt-mix", "20,48,90", "--new", "5,9",
                       "--max-growth", "6", "--out", str(out)])
-    head, rec = _records(out)
+    head, rec = bench_records(out)
     assert head["max_growth"] == 6
     assert rec["kind"] == "serve" and set(rec["prompt_lengths"]) <= {20, 48, 90}
     assert rec["max_concurrent"] >= 1 and rec["tok_s_incl_prefill"] > 0

@@ -452,6 +452,20 @@ def gather_rows(page_table, seg_len, index):
     return pt, sl
 
 
+def check_indexed_decode(qd, kp, vp, table, lens, idx, dtype, what):
+    """CUDA paged decode with ``segment_index = idx`` over the whole tables: bitwise the decode
+    over the gathered tables, and the float64 reference."""
+    dq, dkp, dvp = to("cuda", qd, kp, vp)
+    got = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", table, lens), return_lse=True,
+                                     segment_index=idx.cuda())
+    gt, gl = gather_rows(table, lens, idx)
+    want = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", gt, gl), return_lse=True)
+    assert_equal(got[0], want[0], f"{what}: out")
+    assert_equal(got[1], want[1], f"{what}: lse")
+    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
+                 f"{what} vs reference")
+
+
 def batch_index(S_tab, B, Hk, g, first_rows=(), pad_last_batch_row=True, pad_positions=(1,)):
     """A segment_index of ``B * Hk`` entries: padding (-1) at every head of the last batch row
     (the pad row of a CUDA-graph bucket) and at ``pad_positions``; the other entries name
@@ -651,16 +665,8 @@ def test_cuda_paged_decode_batch64_bucket(monkeypatch, path, dtype, D, P):
     lens[::37] = 0
     kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
     idx = batch_index(S_tab, B, Hk, g, pad_positions=(1, 100, 101))
-    qd = randn((B, Hq, T, D), sd + 2, dtype)
-    dq, dkp, dvp = to("cuda", qd, kp, vp)
-    got = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", table, lens), return_lse=True,
-                                     segment_index=idx.cuda())
-    gt, gl = gather_rows(table, lens, idx)
-    want = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", gt, gl), return_lse=True)
-    assert_equal(got[0], want[0], "out")
-    assert_equal(got[1], want[1], "lse")
-    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
-                 "batch 64 vs reference")
+    check_indexed_decode(randn((B, Hq, T, D), sd + 2, dtype), kp, vp, table, lens, idx, dtype,
+                         "batch 64")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -687,16 +693,8 @@ def test_cuda_paged_decode_segment_index_split_paths(monkeypatch, path, splits, 
     lens[4] = 0
     kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
     idx = batch_index(S_tab, B, Hk, g, first_rows=(4,))
-    qd = randn((B, Hq, T, D), sd + 2, dtype)
-    dq, dkp, dvp = to("cuda", qd, kp, vp)
-    got = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", table, lens), return_lse=True,
-                                     segment_index=idx.cuda())
-    gt, gl = gather_rows(table, lens, idx)
-    want = ops.paged_decode_attention(dq, dkp, dvp, *to("cuda", gt, gl), return_lse=True)
-    assert_equal(got[0], want[0], "out")
-    assert_equal(got[1], want[1], "lse")
-    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, gt, gl, return_lse=True), dtype,
-                 "vs reference")
+    check_indexed_decode(randn((B, Hq, T, D), sd + 2, dtype), kp, vp, table, lens, idx, dtype,
+                         "segment_index")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

@@ -77,47 +77,57 @@ struct KernelConfig {
   bool pdl = false;
 };
 
-template <typename T, int D, bool kPaged>
-KernelConfig kernel_config(int device) {
-  using Tr = DecodeTraits<T, D>;
+// make(device) once per device for each instantiation of the caller (every distinct Make type
+// has its own cache), under a lock; devices past kMaxDevices are configured on every call.
+template <typename Make>
+KernelConfig config_once_per_device(int device, Make make) {
   static std::mutex mu;
   static KernelConfig cache[kMaxDevices];
   static bool ready[kMaxDevices] = {};
   const bool cacheable = device >= 0 && device < kMaxDevices;
   std::lock_guard<std::mutex> lock(mu);
   if (cacheable && ready[device]) return cache[device];
-  auto plain = decode::decode_split_kernel<T, D, false, kPaged>;
-  auto clustered = decode::decode_split_kernel<T, D, true, kPaged>;
-  KernelConfig kc;
-  ADAKV_CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Tr::kSmemBytes));
-  ADAKV_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, plain, Tr::kThreads, Tr::kSmemBytes));
-  kc.occ = std::max(kc.occ, 1);
-  cudaFuncAttributes fa{};
-  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, clustered));
-  int major = 0;
-  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major >= 9 && fa.binaryVersion >= 90) {
-    kc.pdl = true;
-    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Tr::kClusterSmemBytes));
-    ADAKV_CUDA_CHECK(
-        cudaFuncSetAttribute(clustered, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(decode::kMaxCluster, 1, 1);
-    cfg.blockDim = dim3(Tr::kThreads, 1, 1);
-    cfg.dynamicSmemBytes = Tr::kClusterSmemBytes;
-    int size = 0;
-    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, clustered, &cfg));
-    size = std::min(size, decode::kMaxCluster);
-    kc.max_cluster = size >= 2 ? size : 0;
-  }
+  const KernelConfig kc = make(device);
   if (cacheable) {
     cache[device] = kc;
     ready[device] = true;
   }
   return kc;
+}
+
+template <typename T, int D, bool kPaged>
+KernelConfig kernel_config(int device) {
+  return config_once_per_device(device, [](int device) {
+    using Tr = DecodeTraits<T, D>;
+    auto plain = decode::decode_split_kernel<T, D, false, kPaged>;
+    auto clustered = decode::decode_split_kernel<T, D, true, kPaged>;
+    KernelConfig kc;
+    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Tr::kSmemBytes));
+    ADAKV_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, plain, Tr::kThreads, Tr::kSmemBytes));
+    kc.occ = std::max(kc.occ, 1);
+    cudaFuncAttributes fa{};
+    ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, clustered));
+    int major = 0;
+    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major >= 9 && fa.binaryVersion >= 90) {
+      kc.pdl = true;
+      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Tr::kClusterSmemBytes));
+      ADAKV_CUDA_CHECK(
+          cudaFuncSetAttribute(clustered, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(decode::kMaxCluster, 1, 1);
+      cfg.blockDim = dim3(Tr::kThreads, 1, 1);
+      cfg.dynamicSmemBytes = Tr::kClusterSmemBytes;
+      int size = 0;
+      ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, clustered, &cfg));
+      size = std::min(size, decode::kMaxCluster);
+      kc.max_cluster = size >= 2 ? size : 0;
+    }
+    return kc;
+  });
 }
 
 // The work-balanced kernel of an instantiation on a device, configured once: whether it can run
@@ -130,35 +140,27 @@ constexpr bool balanced_instantiated() {
 
 template <typename T, int D, bool kPaged>
 KernelConfig balanced_config(int device) {
-  static std::mutex mu;
-  static KernelConfig cache[kMaxDevices];
-  static bool ready[kMaxDevices] = {};
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cacheable && ready[device]) return cache[device];
-  KernelConfig kc;  // occ == 0: not available
-  if constexpr (balanced_instantiated<T, D>()) {
-    using Tr = decode::BalancedTraits<T, D>;
-    auto kernel = decode::decode_balanced_kernel<T, D, kPaged>;
-    int optin = 0, major = 0;
-    ADAKV_CUDA_CHECK(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (optin >= Tr::kSmemBytes) {
-      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          Tr::kSmemBytes));
-      ADAKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, kernel,
-                                                                     Tr::kThreads, Tr::kSmemBytes));
-      cudaFuncAttributes fa{};
-      ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-      kc.pdl = major >= 9 && fa.binaryVersion >= 90;
+  return config_once_per_device(device, [](int device) {
+    KernelConfig kc;  // occ == 0: not available
+    if constexpr (balanced_instantiated<T, D>()) {
+      using Tr = decode::BalancedTraits<T, D>;
+      auto kernel = decode::decode_balanced_kernel<T, D, kPaged>;
+      int optin = 0, major = 0;
+      ADAKV_CUDA_CHECK(
+          cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+      if (optin >= Tr::kSmemBytes) {
+        ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Tr::kSmemBytes));
+        ADAKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&kc.occ, kernel,
+                                                                       Tr::kThreads, Tr::kSmemBytes));
+        cudaFuncAttributes fa{};
+        ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+        kc.pdl = major >= 9 && fa.binaryVersion >= 90;
+      }
     }
-  }
-  if (cacheable) {
-    cache[device] = kc;
-    ready[device] = true;
-  }
-  return kc;
+    return kc;
+  });
 }
 
 // Developer / test overrides (read per call, no device work): ADAKV_DECODE_SPLITS=n forces n
