@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
-# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|all]...
+# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
+#                                            benchprefill|benchserve|benchfollowups|all]...
+#   benchpaged / benchprefill / benchserve / benchfollowups: the evidence runs of issues 12, 13
+#   and 14 (each a few minutes on an H100/H200; not part of "all")
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -71,7 +74,22 @@ if has sanitize; then
   [ $rc -eq 0 ] || status=1
 fi
 if has benchpaged; then
-  $PY benchmarks/bench_paged.py --out "$out/paged.jsonl" 2>&1 | tee "$out/bench_paged.log" | tail -n 20
+  $PY benchmarks/bench_paged.py --pages 16,64 --schedules default,balanced --graph-all \
+    --out "$out/paged.jsonl" 2>&1 | tee "$out/bench_paged.log" | tail -n 20
+fi
+if [[ " $steps " == *" benchprefill "* ]]; then
+  timeout 420 $PY benchmarks/bench_prefill.py --lengths 32768,131072 --chunks 16384 --orders layer,chunk \
+    --out "$out/prefill.jsonl" > "$out/bench_prefill.log" 2>&1; echo "bench_prefill rc=$?"
+  sed -n '/^      N  chunk/,$p' "$out/bench_prefill.log"
+fi
+if [[ " $steps " == *" benchserve "* ]]; then
+  timeout 420 $PY benchmarks/bench_serve.py --requests 2 --prompt 32768 --fork-to 64,128,256 --compile \
+    --warmup 3 --steps 12 --out "$out/serve32k.jsonl" > "$out/bench_serve.log" 2>&1; echo "bench_serve rc=$?"
+  sed -n '/^prompt /,$p' "$out/bench_serve.log"
+fi
+if [[ " $steps " == *" benchfollowups "* ]]; then
+  timeout 300 $PY benchmarks/bench_followups.py --out "$out/followups.jsonl" > "$out/bench_followups.log" 2>&1
+  echo "bench_followups rc=$?"; sed -n '/^| eviction of one layer/,$p' "$out/bench_followups.log"
 fi
 if has bench; then
   $PY benchmarks/bench_ops.py --cases "${BENCH_CASES:-evict,append,decode_b1,decode_bN,graph}" \
