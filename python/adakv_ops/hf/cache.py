@@ -561,7 +561,11 @@ class AdaKVCache(Cache):
                     kw["cache_position"] = torch.arange(a, b, device=h.device)
                 y = layer(x, **kw)
                 h[:, a:b] = y[0] if isinstance(y, tuple) else y
-        logits = model.lm_head(inner.norm(h[:, -1:]))
+        # the final norm over the last chunk's rows, as the model's forward applies it to its
+        # last chunk (a norm of the last row alone rounds differently on some CPU builds:
+        # torch 2.13 under tensor parallelism), then the head of the last position
+        last = (N - 1) // chunk_size * chunk_size
+        logits = model.lm_head(inner.norm(h[:, last:].contiguous())[:, -1:])
         return _causal_lm_output(logits, self)
 
     @property
