@@ -392,14 +392,10 @@ class Engine:
         was read."""
         if ids.device.type != "cuda":
             return ids
-        if not self._host_ids:
-            n = max(self.max_batch, ids.shape[0])
-            self._host_ids = [torch.empty(n, dtype=ids.dtype, pin_memory=True)
+        if not self._host_ids:               # B <= max_batch (admission and fork check it)
+            self._host_ids = [torch.empty(self.max_batch, dtype=ids.dtype, pin_memory=True)
                               for _ in range(2)]
         buf = self._host_ids[self._host_turn]
-        if buf.shape[0] < ids.shape[0]:      # (max_batch bounds B; kept for safety)
-            buf = self._host_ids[self._host_turn] = torch.empty(
-                ids.shape[0], dtype=ids.dtype, pin_memory=True)
         self._host_turn ^= 1
         out = buf[:ids.shape[0]]
         out.copy_(ids, non_blocking=True)

@@ -47,6 +47,35 @@ __all__ = ["PagedKVStore", "OutOfPages", "StoreSnapshot", "METHODS", "have_paged
 _INT32_MAX = 2**31 - 1
 
 
+def chunk_attention(query: Tensor, key: Tensor, value: Tensor,
+                    scale: Optional[float] = None) -> Tensor:
+    """A prompt chunk's causal attention over the prompt so far, without a materialised mask:
+    ``query [B, Hq, n, D]`` sits at positions ``N - n + t`` of ``key`` / ``value [B, Hk, N, D]``
+    (``causal_lower_right``, which SDPA runs on its flash / memory-efficient kernels). Returns
+    ``[B, n, Hq, D]`` (the Hugging Face attention layout).
+
+    GQA without repeating K/V over the group (``repeat_interleave`` would copy the prompt so
+    far ``G`` times): one SDPA call per group member ``g`` on the query heads ``g, G + g,
+    2G + g, ...``, which read KV heads ``0, 1, 2, ...`` (query head ``j`` reads KV head
+    ``j // G``, the Hugging Face order), written back interleaved. (SDPA's ``enable_gqa``
+    would do the same in one call, but some backends serve it with the math kernel, which
+    materialises the ``[n, N]`` scores.)"""
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, Hq, n, _ = query.shape
+    Hk, N, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = Hq // Hk
+    mask = causal_lower_right(n, N)
+    if G == 1:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous()
+    out = query.new_empty((B, n, Hk, G, Dv))          # head k * G + g at [..., k, g, :]
+    for g in range(G):
+        out[:, :, :, g] = F.scaled_dot_product_attention(
+            query[:, g::G], key, value, attn_mask=mask, scale=scale).transpose(1, 2)
+    return out.view(B, n, Hq, Dv)
+
+
 def have_paged_ops() -> bool:
     """Whether the paged ops (``torch.ops.adakv.paged_*``) are registered."""
     ns = getattr(torch.ops, "adakv", None)
@@ -488,12 +517,7 @@ class PagedKVStore:
         Hq, Hk = q_chunk.shape[1], self.num_kv_heads
         if Hq % Hk or n > N:
             raise ValueError(f"q_chunk [1, Hq, n, D] needs Hq % {Hk} == 0 and n <= {N}")
-        G = Hq // Hk
-        if G > 1:
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        mask = (torch.arange(N, device=k.device).unsqueeze(0)
-                <= torch.arange(N - n, N, device=k.device).unsqueeze(1))
-        return F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=mask, scale=scale)
+        return chunk_attention(q_chunk, k, v, scale).transpose(1, 2)
 
     def finish_prefill(self, layer: int, seq_id: int, q_window: Optional[Tensor] = None, *,
                        method: str = "ada_snapkv", budget: Optional[int] = None,

@@ -491,14 +491,12 @@ class AdaKVCache(Cache):
             for l in self.adakv_layers:
                 l.seen = 0
         ctl.lower_right = lower_right
-        ctl.layer_major = layer_major_len > 0
         ctl.prompt_len = layer_major_len
         try:
             yield
         finally:
             ctl.final = True
             ctl.lower_right = False
-            ctl.layer_major = False
             ctl.prompt_len = 0
             ctl.chunk_queries.clear()
             for l in self.adakv_layers:      # a prefill that raised keeps no prompt buffer

@@ -45,6 +45,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .. import ops as _ops
 from ..cascade import LayerCascade, true_positions
 from ..policy import EvictionPolicy, Kept
+from ..store import chunk_attention
 from .registration import is_compiling, key_start_from_mask, mark_static, o_proj_weight
 
 __all__ = ["EvictedLayer", "LayerSettings", "PrefillControl"]
@@ -79,40 +80,22 @@ class PrefillControl:
 
     final: bool = True
     lower_right: bool = False  # chunks attend with causal_lower_right (no mask was built)
-    layer_major: bool = False  # one layer's chunks at a time: held in the layer's own buffer
-    prompt_len: int = 0        # N of the layer-major prefill in flight (the buffers' length)
+    prompt_len: int = 0        # layer-major prefill in flight: its N (the buffers' length)
     adding: bool = False      # the forward prefills new batch rows into an evicted cache
     chunk_queries: dict = field(default_factory=dict)  # layer_idx -> last window queries
     cascade: Optional[tuple] = None  # layer_defensivekv: (LayerCascade, layers so far)
 
+    @property
+    def layer_major(self) -> bool:
+        """One layer's chunks at a time, held in the layer's own buffer."""
+        return self.prompt_len > 0
+
 
 def _chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale) -> tuple[Tensor, None]:
-    """A chunk's causal attention over the prompt so far without a materialised mask: query
-    ``t`` of ``n`` sits at position ``N - n + t`` (``causal_lower_right``, which SDPA runs on
-    its flash / memory-efficient kernels). Returns ``([B, n, Hq, D], None)`` like the
-    transformers attention functions.
-
-    GQA without repeating K/V over the group (``repeat_interleave`` would copy the prompt so
-    far ``G`` times): one SDPA call per group member ``g`` on the query heads ``g, G + g,
-    2G + g, ...``, which read KV heads ``0, 1, 2, ...`` (query head ``j`` reads KV head
-    ``j // G``, the Hugging Face order), written back interleaved. (SDPA's ``enable_gqa``
-    would do the same in one call, but some backends serve it with the math kernel, which
-    materialises the ``[n, N]`` scores.)"""
-    from torch.nn.attention.bias import causal_lower_right
-
-    B, Hq, n, _ = query.shape
-    Hk, N, Dv = key.shape[1], key.shape[2], value.shape[-1]
-    G = Hq // Hk
-    mask = causal_lower_right(n, N)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if G == 1:
-        out = sdpa(query, key, value, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2).contiguous(), None
-    out = query.new_empty((B, n, Hk, G, Dv))          # head k * G + g at [..., k, g, :]
-    for g in range(G):
-        out[:, :, :, g] = sdpa(query[:, g::G], key, value, attn_mask=mask,
-                               scale=scale).transpose(1, 2)
-    return out.view(B, n, Hq, Dv), None
+    """A chunk's causal attention over the prompt so far (``store.chunk_attention``: no mask,
+    no K/V repeated over the GQA group), returned like the transformers attention functions:
+    ``([B, n, Hq, D], None)``."""
+    return chunk_attention(query, key, value, scale), None
 
 
 class EvictedLayer(CacheLayerMixin):
