@@ -26,7 +26,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["LayerCascade", "true_positions"]
+from . import ops as _ops
+
+__all__ = ["LayerCascade", "top_k_mask", "true_positions"]
 
 
 def true_positions(mask: Tensor) -> Tensor:
@@ -35,6 +37,34 @@ def true_positions(mask: Tensor) -> Tensor:
     w = mask.shape[-1]
     idx = torch.arange(w, device=mask.device)
     return torch.where(mask, idx, torch.full_like(idx, w)).sort(dim=-1).values
+
+
+def top_k_mask(scores: Tensor, candidate: Tensor, k: int) -> Tensor:
+    """``[B, M]`` bool: per row the top ``k`` of the ``candidate`` entries of ``scores [B, M]``
+    in the library's order (higher first, NaN lowest, ties to the lower position), on the
+    ``select`` kernel (the same radix select and order keys as every other selection).
+
+    The candidates of each row are packed, in order, to the row's end, and the columns before
+    them are ``select``'s excluded ``key_start`` columns: positions are kept, so ties still go to
+    the lower position, and a non-candidate can never displace a candidate (whatever its
+    value, NaN included). No sort, no host read."""
+    B, M = scores.shape
+    dev = scores.device
+    m = candidate.sum(dim=1)                                     # [B] candidates per row
+    pos = (M - m).unsqueeze(1) + candidate.cumsum(dim=1) - 1     # packed column of each one
+    dest = torch.where(candidate, pos, torch.full_like(pos, M))  # M: a spare column
+    packed = torch.full((B, M + 1), float("-inf"), device=dev, dtype=torch.float32)
+    packed.scatter_(1, dest, scores.float())
+    src = torch.full((B, M + 1), M, device=dev, dtype=torch.int64)
+    src.scatter_(1, dest, torch.arange(M, device=dev).expand(B, M))
+    budgets = torch.full((B, 1), min(k, M), device=dev, dtype=torch.int32)
+    idx, _ = _ops.select(packed[:, :M].contiguous().view(B, 1, M), budgets,
+                         key_start=(M - m).to(torch.int32))
+    idx = idx.view(B, M).to(torch.int64)
+    hit = idx >= 0
+    out = torch.zeros(B, M + 1, device=dev, dtype=torch.bool)
+    out.scatter_(1, torch.where(hit, src.gather(1, idx.clamp(min=0)), M), hit)
+    return out[:, :M]
 
 
 @dataclass
@@ -81,21 +111,7 @@ class LayerCascade:
         ok = torch.cat(valid, dim=1)
         M = v.shape[1]
         K = self.n_layers * H * self.budget
-        if K >= M:
-            survive = ok
-        else:
-            nan = v.isnan()
-            # score descending, stable: ties keep the (layer, head, token) order; then the
-            # tiers, stable: real scores, NaN, not a candidate
-            s = torch.where(ok & ~nan, v, torch.tensor(float("-inf"), device=dev))
-            o1 = s.sort(dim=1, descending=True, stable=True).indices
-            tier = torch.where(ok, nan.to(torch.int8), torch.tensor(2, dtype=torch.int8,
-                                                                     device=dev))
-            o2 = tier.gather(1, o1).sort(dim=1, stable=True).indices
-            order = o1.gather(1, o2)
-            survive = torch.zeros(B, M, device=dev, dtype=torch.bool)
-            survive.scatter_(1, order[:, :K], True)
-            survive &= ok
+        survive = ok if K >= M else top_k_mask(v, ok, K)
         keeps, dropped = [], []
         off = 0
         for r in self.layers:
