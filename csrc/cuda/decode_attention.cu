@@ -43,7 +43,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -54,6 +53,7 @@
 #include "cuda/decode_kernel.cuh"
 #include "cuda/decode_merge.cuh"
 #include "cuda/decode_params.cuh"
+#include "cuda/launch.cuh"
 #include "ops.h"
 
 namespace adakv {
@@ -64,36 +64,16 @@ using decode::DecodeParams;
 using decode::DecodeTraits;
 using decode::MergeParams;
 
-constexpr int kMaxDevices = 64;
-
 // Per (kernel instantiation, device), configured once: the occupancy of the split kernel (CTAs
 // per SM), the largest thread-block cluster it can run with (0: no cluster path: device or
 // binary older than sm_90, or no cluster of 2 fits), and whether programmatic dependent launch
-// is used (sm_90 binaries). Host-side attribute / occupancy calls
-// only: no stream work, no sync.
+// is used (sm_90 binaries). Host-side attribute / occupancy calls only, cached by
+// config_once_per_device (launch.cuh): no stream work, no sync.
 struct KernelConfig {
   int occ = 0;
   int max_cluster = 0;
   bool pdl = false;
 };
-
-// make(device) once per device for each instantiation of the caller (every distinct Make type
-// has its own cache), under a lock; devices past kMaxDevices are configured on every call.
-template <typename Make>
-KernelConfig config_once_per_device(int device, Make make) {
-  static std::mutex mu;
-  static KernelConfig cache[kMaxDevices];
-  static bool ready[kMaxDevices] = {};
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cacheable && ready[device]) return cache[device];
-  const KernelConfig kc = make(device);
-  if (cacheable) {
-    cache[device] = kc;
-    ready[device] = true;
-  }
-  return kc;
-}
 
 template <typename T, int D, bool kPaged>
 KernelConfig kernel_config(int device) {
@@ -172,53 +152,6 @@ std::optional<int64_t> env_int(const char* name) {
   return std::strtoll(v, nullptr, 10);
 }
 
-template <typename T, int D, bool kCluster, bool kPaged>
-void launch_split(const DecodeParams& p, int64_t grid, int cluster, int smem, bool pdl,
-                  cudaStream_t stream) {
-  using Tr = DecodeTraits<T, D>;
-  cudaLaunchAttribute attrs[2];
-  int n = 0;
-  if (kCluster) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attrs[n].val.clusterDim.y = 1;
-    attrs[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (pdl) {
-    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid), 1, 1);
-  cfg.blockDim = dim3(Tr::kThreads, 1, 1);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cfg.attrs = attrs;
-  cfg.numAttrs = n;
-  ADAKV_CUDA_CHECK(
-      cudaLaunchKernelEx(&cfg, decode::decode_split_kernel<T, D, kCluster, kPaged>, p));
-}
-
-// Launches with programmatic stream serialization when pdl (the kernel waits for its
-// predecessor with griddepcontrol.wait before reading anything).
-template <typename Kernel, typename Params>
-void launch_pdl(Kernel kernel, const Params& p, int64_t grid, int threads, int smem, bool pdl,
-                cudaStream_t stream) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid), 1, 1);
-  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
-}
-
 // The work-balanced kernel + its merge (decode_balanced.cuh, decode_merge.cuh).
 template <typename T, int D, bool kPaged>
 void launch_balanced(DecodeParams& p, const Tensor& query, const KernelConfig& kc,
@@ -241,8 +174,8 @@ void launch_balanced(DecodeParams& p, const Tensor& query, const KernelConfig& k
     p.num_splits = 1;
     p.num_mblocks = 1;
     const cudaStream_t stream = current_stream(query);
-    launch_pdl(decode::decode_balanced_kernel<T, D, kPaged>, p, grid, Tr::kThreads,
-               Tr::kSmemBytes, kc.pdl, stream);
+    launch_ex(decode::decode_balanced_kernel<T, D, kPaged>, grid, Tr::kThreads, Tr::kSmemBytes,
+              stream, LaunchOpts{0, kc.pdl}, p);
     MergeParams mp{};
     mp.part_o = p.part_o;
     mp.part_lse = p.part_lse;
@@ -256,8 +189,8 @@ void launch_balanced(DecodeParams& p, const Tensor& query, const KernelConfig& k
     mp.GT = GT;
     const int64_t merge_grid =
         (mp.n_rows + decode::kMergeRowsPerCta - 1) / decode::kMergeRowsPerCta;
-    launch_pdl(decode::decode_balanced_merge_kernel<T, D>, mp, merge_grid,
-               decode::kMergeThreads, 0, kc.pdl, stream);
+    launch_ex(decode::decode_balanced_merge_kernel<T, D>, merge_grid, decode::kMergeThreads, 0,
+              stream, LaunchOpts{0, kc.pdl}, mp);
   }
 }
 
@@ -314,8 +247,8 @@ void launch_decode_t(DecodeParams& p, const Tensor& query, int64_t avg_cap, cons
 
   const cudaStream_t stream = current_stream(query);
   if (use_cluster) {
-    launch_split<T, D, true, kPaged>(p, grid, static_cast<int>(num_splits),
-                                     Tr::kClusterSmemBytes, kc.pdl, stream);
+    launch_ex(decode::decode_split_kernel<T, D, true, kPaged>, grid, Tr::kThreads,
+              Tr::kClusterSmemBytes, stream, LaunchOpts{static_cast<int>(num_splits), kc.pdl}, p);
     return;
   }
   OptTensor part_o, part_lse;  // alive until the launches below are enqueued
@@ -325,7 +258,8 @@ void launch_decode_t(DecodeParams& p, const Tensor& query, int64_t avg_cap, cons
     p.part_o = ptr<float>(part_o);
     p.part_lse = ptr<float>(part_lse);
   }
-  launch_split<T, D, false, kPaged>(p, grid, 1, Tr::kSmemBytes, kc.pdl, stream);
+  launch_ex(decode::decode_split_kernel<T, D, false, kPaged>, grid, Tr::kThreads, Tr::kSmemBytes,
+            stream, LaunchOpts{0, kc.pdl}, p);
 
   if (num_splits > 1) {
     MergeParams mp;

@@ -61,7 +61,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -69,6 +68,7 @@
 #include "allocation_rules.h"
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/launch.cuh"
 #include "ops.h"
 
 namespace adakv {
@@ -1099,81 +1099,21 @@ void launch_passes(const RadixParams& p, size_t smem, cudaStream_t stream) {
   ADAKV_LAUNCH_CHECK();
 }
 
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-}
-
-// Cluster size of allocate_cluster_kernel on this device (a power of two, 0: not available:
-// device or binary older than sm_90, or no cluster of 2 fits). Configured once per device.
+// Cluster size of allocate_cluster_kernel / select_cluster_kernel on this device (a power of
+// two; 0: not available: device or binary older than sm_90, or no cluster of 2 fits).
+// Configured once per device.
 int allocate_cluster_size(int device) {
-  static std::mutex mu;
-  static int cache[64];
-  static bool ready[64] = {};
-  const bool cacheable = device >= 0 && device < 64;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cacheable && ready[device]) return cache[device];
-  int size = 0;
-  int major = 0;
-  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  cudaFuncAttributes fa{};
-  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, allocate_cluster_kernel<true>));
-  if (major >= 9 && fa.binaryVersion >= 90) {
-    const size_t smem = cluster_alloc_smem(kClusterMaxHk);
-    for (auto kernel : {allocate_cluster_kernel<true>, allocate_cluster_kernel<false>}) {
-      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      allow_dynamic_smem(kernel, smem);
-    }
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(kClusterMax, 1, 1);
-    cfg.blockDim = dim3(kPassThreads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    int max_size = 0;
-    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, allocate_cluster_kernel<true>, &cfg));
-    size = 1;
-    while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
-    if (size < 2) size = 0;
-  }
-  if (cacheable) {
-    cache[device] = size;
-    ready[device] = true;
-  }
-  return size;
+  return config_once_per_device(device, [](int device) {
+    return pow2_cluster_size(device, kPassThreads, cluster_alloc_smem(kClusterMaxHk), kClusterMax,
+                             allocate_cluster_kernel<true>, allocate_cluster_kernel<false>);
+  });
 }
 
-// Cluster size of select_cluster_kernel on this device (as allocate_cluster_size).
 int select_cluster_size(int device) {
-  static std::mutex mu;
-  static int cache[64];
-  static bool ready[64] = {};
-  const bool cacheable = device >= 0 && device < 64;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cacheable && ready[device]) return cache[device];
-  int size = 0;
-  int major = 0;
-  ADAKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  cudaFuncAttributes fa{};
-  ADAKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, select_cluster_kernel<true>));
-  if (major >= 9 && fa.binaryVersion >= 90) {
-    for (auto kernel : {select_cluster_kernel<true>, select_cluster_kernel<false>})
-      ADAKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(kClusterMax, 1, 1);
-    cfg.blockDim = dim3(kPassThreads, 1, 1);
-    cfg.dynamicSmemBytes = kClusterSelectSmem;
-    int max_size = 0;
-    ADAKV_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&max_size, select_cluster_kernel<true>, &cfg));
-    size = 1;
-    while (size * 2 <= std::min(max_size, kClusterMax)) size *= 2;
-    if (size < 2) size = 0;
-  }
-  if (cacheable) {
-    cache[device] = size;
-    ready[device] = true;
-  }
-  return size;
+  return config_once_per_device(device, [](int device) {
+    return pow2_cluster_size(device, kPassThreads, kClusterSelectSmem, kClusterMax,
+                             select_cluster_kernel<true>, select_cluster_kernel<false>);
+  });
 }
 
 void check_cuda(const Tensor& t, const char* op) {
@@ -1235,20 +1175,9 @@ Tensor allocate(const Tensor& scores, int64_t budget, double floor_alpha, bool a
     p.alpha = floor_alpha;
     p.Hk = static_cast<int>(Hk);
     p.official = round == Rounding::kOfficial;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(B * cs), 1, 1);
-    cfg.blockDim = dim3(kPassThreads, 1, 1);
-    cfg.dynamicSmemBytes = cluster_alloc_smem(static_cast<int>(Hk));
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
     ADAKV_BOOL_SWITCH(scores_vectorizable(scores, L), kVec, [&] {
-      ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, allocate_cluster_kernel<kVec>, p));
+      launch_ex(allocate_cluster_kernel<kVec>, B * cs, kPassThreads,
+                cluster_alloc_smem(static_cast<int>(Hk)), stream, LaunchOpts{cs, false}, p);
     });
     return out;
   }
@@ -1269,9 +1198,9 @@ Tensor allocate(const Tensor& scores, int64_t budget, double floor_alpha, bool a
   // AllocateSmem: [Hk] doubles and 2 x [Hk] uint32 (<= 64 KB for Hk <= 4096)
   const size_t smem = static_cast<size_t>(Hk) * (sizeof(double) + 2 * sizeof(uint32_t));
   ADAKV_BOOL_SWITCH(scores_vectorizable(scores, L), kVec, [&] {
-    allow_dynamic_smem(radix_pass_kernel<0, false, kVec>, smem);
-    allow_dynamic_smem(radix_pass_kernel<1, false, kVec>, smem);
-    allow_dynamic_smem(radix_pass_kernel<2, false, kVec>, smem);
+    set_smem(radix_pass_kernel<0, false, kVec>, smem);
+    set_smem(radix_pass_kernel<1, false, kVec>, smem);
+    set_smem(radix_pass_kernel<2, false, kVec>, smem);
     launch_passes<false, kVec>(p, smem, stream);
   });
   return out;
@@ -1312,20 +1241,9 @@ std::tuple<Tensor, Tensor> select(const Tensor& scores, const Tensor& budgets,
     p.kept_idx = ptr<int32_t>(kept_idx);
     p.kept_count = ptr<int32_t>(kept_count);
     p.Hk = static_cast<int>(Hk);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(S * cs), 1, 1);
-    cfg.blockDim = dim3(kPassThreads, 1, 1);
-    cfg.dynamicSmemBytes = kClusterSelectSmem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
     ADAKV_BOOL_SWITCH(vec, kVec, [&] {
-      ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_cluster_kernel<kVec>, p));
+      launch_ex(select_cluster_kernel<kVec>, S * cs, kPassThreads, kClusterSelectSmem, stream,
+                LaunchOpts{cs, false}, p);
     });
     return {kept_idx, kept_count};
   }
@@ -1345,7 +1263,7 @@ std::tuple<Tensor, Tensor> select(const Tensor& scores, const Tensor& budgets,
     sp.Hk = static_cast<int>(Hk);
     ADAKV_BOOL_SWITCH(vec, kVec, [&] {
       auto kernel = select_smem_kernel<kVec>;
-      allow_dynamic_smem(kernel, smem);
+      set_smem(kernel, smem);
       kernel<<<S, kSmemThreads, smem, stream>>>(sp);
       ADAKV_LAUNCH_CHECK();
     });
