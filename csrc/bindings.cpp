@@ -2,7 +2,8 @@
 //
 //   op                    CPU                    CUDA                    fake (meta)
 //   score                 cpu/score.cpp          cuda/score.cu           python/adakv_ops/_fake.py
-//   allocate, select      cpu/topk.cpp           cuda/topk.cu            "
+//   allocate              cpu/topk.cpp           cuda/allocate.cu        "
+//   select                cpu/topk.cpp           cuda/select.cu          "
 //   compact, append_      cpu/cache.cpp          cuda/cache.cu           "
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
