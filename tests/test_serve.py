@@ -246,6 +246,61 @@ def test_compiled_engine_with_buckets_gives_the_eager_tokens(family):
     assert st.pages_used == 0                         # pad rows hold no page
 
 
+def test_compiled_engine_runs_more_buckets_than_dynamo_recompile_limit():
+    """One graph per bucket: with fullgraph=True a 9th graph (max_batch 256 has 9 buckets)
+    would hit dynamo's default recompile limit of 8 and fail the step; the engine raises the
+    limit. Here the limit is 2 and the batch grows through 4 buckets."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    model = make_model("llama")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    prompts = _prompts(8, seed=3)
+    rids, seen = [], set()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        eng = Engine(model, num_pages=4000, max_batch=8, chunk_size=8, compile=True,
+                     backend=counter, **KW)
+        assert eng.buckets == [1, 2, 4, 8]
+        for i, p in enumerate(prompts):
+            rids.append(eng.add_request(p, 3 + 2 * i))
+            eng.step()
+            seen.add(eng._bucket(len(eng.running)))
+        eng.run()
+    assert seen == {1, 2, 4, 8} and counter.frame_count == 4
+    for rid, p, i in zip(rids, prompts, range(8)):
+        assert eng.result(rid) == _alone(model, p, 3 + 2 * i, chunk=8), rid
+
+
+def test_warmup_compiles_every_bucket_before_the_first_request():
+    """warmup(): every bucket's graph exists before a request arrives; serving then compiles
+    nothing, gives each request its tokens alone, and leaves no trace of the warm-up (ids from
+    0, statistics from zero, every page free)."""
+    import torch._dynamo.testing
+
+    model = make_model("llama")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    eng = Engine(model, num_pages=4000, max_batch=6, chunk_size=8, compile=True,
+                 backend=counter, **KW)
+    assert eng.buckets == [1, 2, 4, 6]
+    assert eng.warmup() > 0
+    assert counter.frame_count == 4
+    assert eng.pages_free == 4000 and not eng.has_work()
+    assert eng.stats["decode_steps"] == 0 and eng.stats["prefills"] == 0
+    prompts, news = _prompts(6, seed=21), [5, 2, 7, 3, 6, 4]
+    rids = [eng.add_request(p, n) for p, n in zip(prompts, news)]
+    assert rids == list(range(6))
+    out = eng.run()
+    assert counter.frame_count == 4                  # nothing compiled while serving
+    assert set(out) == set(rids)
+    for rid, p, n in zip(rids, prompts, news):
+        assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
+    assert eng.pages_free == 4000
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.add_request(prompts[0], 3)
+        eng.warmup()
+    assert Engine(model, num_pages=100, max_batch=2, **KW).warmup() == 0.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_engine_join_and_leave(compile):

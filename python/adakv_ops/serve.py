@@ -169,6 +169,63 @@ class Engine:
                          if compile else model.forward)
         self._compiled = compile
         self._mode = mode
+        if compile:
+            # one compiled graph per bucket: with fullgraph=True, dynamo's recompile limit
+            # (8 by default) would fail the step that reaches a 9th bucket (max_batch 256 has
+            # 9), so the limit is raised to the buckets + a margin (a process-wide setting)
+            from torch._dynamo import config as dynamo_config
+            need = len(self.buckets) + 4
+            if dynamo_config.recompile_limit < need:
+                dynamo_config.recompile_limit = need
+
+    @property
+    def buckets(self) -> List[int]:
+        """The decode batch shapes of ``compile=True``: powers of two up to ``max_batch``,
+        and ``max_batch`` itself."""
+        out, b = [], 1
+        while b < self.max_batch:
+            out.append(b)
+            b *= 2
+        return out + [self.max_batch]
+
+    @torch.no_grad()
+    def warmup(self, buckets: Optional[Sequence[int]] = None) -> float:
+        """Compile (and with ``mode="reduce-overhead"`` record the CUDA graph of) the decode
+        step of every bucket in ``buckets`` (default: :attr:`buckets`, all of them) before any
+        request is served, as serving engines capture their graphs at start-up: otherwise the
+        first step at each new batch bucket compiles it while every running request waits
+        (tens of seconds per bucket for an 8B model). Each bucket: a one-token request is
+        prefilled, forked to the bucket's size and decoded for three steps (compile, graph
+        warm-up, recording), then cancelled; its pages go back, its ids are not kept, and the
+        statistics start from zero. Runs only on an idle engine; returns the seconds taken
+        (0 without ``compile``)."""
+        if not self._compiled:
+            return 0.0
+        if self.has_work():
+            raise RuntimeError("adakv: warmup() runs on an idle engine (no request queued or "
+                               "running)")
+        todo = sorted(set(self.buckets if buckets is None else
+                          [self._bucket(int(b)) for b in buckets]))
+        t0 = time.perf_counter()
+        next_id, gen_state = self._next_id, self._gen.get_state()
+        for b in todo:
+            rid = self.add_request([0], 8)
+            while rid not in self.running:
+                self.step()
+            rids = [rid] + (self.fork(rid, b - 1) if b > 1 else [])
+            for _ in range(3):
+                self.step()
+            for r in rids:
+                self.cancel(r)
+            while self.has_work():
+                self.step()
+        for r in range(next_id, self._next_id):
+            self._requests.pop(r, None)
+        self._next_id = next_id
+        self._gen.set_state(gen_state)
+        for k in self.stats:
+            self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
+        return time.perf_counter() - t0
 
     # -- requests ------------------------------------------------------------------------------
 
