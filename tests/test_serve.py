@@ -302,6 +302,26 @@ def test_warmup_compiles_every_bucket_before_the_first_request():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_engine_warmup_with_cuda_graphs():
+    """warmup() with mode="reduce-overhead" (inductor + CUDA graphs) on the CUDA kernels: the
+    graphs recorded for dummy requests then serve real ones with the tokens of the same
+    compiled engine without a warm-up (same graphs, same arithmetic)."""
+    model = make_model("llama").cuda()
+    prompts, news = _prompts(4, seed=29), [6, 3, 8, 5]
+    kw = dict(num_pages=4000, max_batch=4, chunk_size=8, compile=True, mode="reduce-overhead",
+              **KW)
+    want = Engine(model, **kw)
+    wids = [want.add_request(p, n) for p, n in zip(prompts, news)]
+    want.run()
+    eng = Engine(model, **kw)
+    assert eng.warmup() > 0 and eng.pages_free == 4000
+    rids = [eng.add_request(p, n) for p, n in zip(prompts, news)]
+    eng.run()
+    for rid, wid in zip(rids, wids):
+        assert eng.result(rid) == want.result(wid), rid
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_engine_join_and_leave(compile):
     """On the CUDA kernels (fp32 tiny model): joins, leaves, a gathered batch, bucket pads."""
