@@ -117,21 +117,25 @@ def main(argv=None):
     pages = args.num_pages
     if pages is None:
         pages = 4000 if cpu else int(torch.cuda.mem_get_info()[0] * 0.85 // page_bytes)
-    eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
-                 compile=args.compile, mode=None if cpu else "reduce-overhead",
-                 method="ada_snapkv", budget=C, window=W, page_size=P,
-                 max_growth=args.max_growth)
-    g = torch.Generator().manual_seed(args.seed)
     if targets:    # every request outlives the measurement
         n_buckets = len(targets) + 2
         lo = hi = n_buckets * (args.warmup + args.steps) + 8
+    mix = [int(x) for x in args.prompt_mix.split(",")] if args.prompt_mix else [N]
+    # the longest request (the fork mode's joins have 512 prompt tokens): fixes the page
+    # tables' width, so the decode graphs keep one shape (Engine docstring)
+    max_seq_len = max(mix + [N, 512]) + hi
+    eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
+                 compile=args.compile, mode=None if cpu else "reduce-overhead",
+                 method="ada_snapkv", budget=C, window=W, page_size=P,
+                 max_growth=args.max_growth, max_seq_len=max_seq_len)
+    g = torch.Generator().manual_seed(args.seed)
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "requests": R, "prompt": N, "new": [lo, hi], "budget": C, "window": W,
               "page_size": P, "num_pages": pages, "pool_gib": pages * page_bytes / 2**30,
               "max_batch": max_batch, "chunk": args.chunk, "compile": args.compile,
-              "max_growth": args.max_growth,
+              "max_growth": args.max_growth, "max_seq_len": max_seq_len,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:
@@ -149,7 +153,6 @@ def main(argv=None):
         print(f"warm-up (compile + CUDA graphs of the buckets): {warm_s:.1f} s", flush=True)
     t0 = time.perf_counter()
     rids = []
-    mix = [int(x) for x in args.prompt_mix.split(",")] if args.prompt_mix else [N]
     lens = [mix[int(i)] for i in torch.randint(0, len(mix), (len(news),), generator=g)]
     for n, n_prompt in zip(news, lens):
         prompt = torch.randint(0, cfg.vocab_size, (n_prompt,), generator=g).tolist()

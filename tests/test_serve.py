@@ -280,13 +280,15 @@ def test_warmup_compiles_every_bucket_before_the_first_request():
     model = make_model("llama")
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     eng = Engine(model, num_pages=4000, max_batch=6, chunk_size=8, compile=True,
-                 backend=counter, **KW)
+                 backend=counter, max_seq_len=200, **KW)
     assert eng.buckets == [1, 2, 4, 6]
     assert eng.warmup() > 0
     assert counter.frame_count == 4
     assert eng.pages_free == 4000 and not eng.has_work()
     assert eng.stats["decode_steps"] == 0 and eng.stats["prefills"] == 0
-    prompts, news = _prompts(6, seed=21), [5, 2, 7, 3, 6, 4]
+    # the last request's segments outgrow 16 pages of 4 rows (the tables' initial width):
+    # max_seq_len fixed the width, so that is no new shape
+    prompts, news = _prompts(6, seed=21), [5, 2, 7, 3, 6, 100]
     rids = [eng.add_request(p, n) for p, n in zip(prompts, news)]
     assert rids == list(range(6))
     out = eng.run()
@@ -295,10 +297,16 @@ def test_warmup_compiles_every_bucket_before_the_first_request():
     for rid, p, n in zip(rids, prompts, news):
         assert eng.result(rid) == _alone(model, p, n, chunk=8), rid
     assert eng.pages_free == 4000
+    assert eng.cache.pool.store.table_width == 200 // 4 + 1
+    with pytest.raises(AdmissionError, match="max_seq_len=200"):
+        eng.add_request(prompts[0], 200 - len(prompts[0]) + 1)
+    eng.add_request(prompts[0], 200 - len(prompts[0]))       # exactly max_seq_len: admitted
     with pytest.raises(RuntimeError, match="idle engine"):
-        eng.add_request(prompts[0], 3)
         eng.warmup()
     assert Engine(model, num_pages=100, max_batch=2, **KW).warmup() == 0.0
+    with pytest.warns(UserWarning, match="without max_seq_len"):
+        Engine(model, num_pages=4000, max_batch=1, compile=True, backend="eager",
+               **KW).warmup()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

@@ -57,6 +57,7 @@ the request alone.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -121,7 +122,11 @@ class Engine:
             so joins and leaves change no shape; ``False``: eager, exact batch.
             ``backend`` is torch.compile's. ``seed``: the sampling generator's seed.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
-            ``page_size``, ``max_growth``, ...). With ``max_growth`` (decode-time
+            ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
+            new tokens of one request; a longer request is refused) fixes the page tables'
+            shape: with ``compile=True`` it keeps every step on the graphs :meth:`warmup`
+            recorded (without it a table that doubles is a new shape: every bucket compiles
+            again). With ``max_growth`` (decode-time
             re-eviction) each request re-evicts on its own schedule, exactly when it would
             alone, and its pages are bounded by ``C + window + max_growth`` rows per head
             whatever ``max_new_tokens`` is (admission counts that bound).
@@ -198,12 +203,19 @@ class Engine:
         prefilled, forked to the bucket's size and decoded for three steps (compile, graph
         warm-up, recording), then cancelled; its pages go back, its ids are not kept, and the
         statistics start from zero. Runs only on an idle engine; returns the seconds taken
-        (0 without ``compile``)."""
+        (0 without ``compile``). Set ``max_seq_len`` (see the class): otherwise the first
+        request whose segments outgrow the tables' initial width changes their shape and every
+        bucket compiles again (a warning says so)."""
         if not self._compiled:
             return 0.0
         if self.has_work():
             raise RuntimeError("adakv: warmup() runs on an idle engine (no request queued or "
                                "running)")
+        if self.cache.settings.max_seq_len is None:
+            warnings.warn("adakv: Engine.warmup() without max_seq_len: the page tables start "
+                          "16 pages wide and a longer sequence widens them, a new shape that "
+                          "recompiles every bucket; pass max_seq_len to the Engine",
+                          stacklevel=2)
         todo = sorted(set(self.buckets if buckets is None else
                           [self._bucket(int(b)) for b in buckets]))
         t0 = time.perf_counter()
@@ -251,6 +263,10 @@ class Engine:
                 or max_new_tokens < 1:
             raise AdmissionError(f"adakv: max_new_tokens must be an int >= 1, got "
                                  f"{max_new_tokens!r}")
+        longest = self.cache.settings.max_seq_len
+        if longest is not None and len(prompt) + max_new_tokens > longest:
+            raise AdmissionError(f"adakv: {len(prompt)} prompt tokens + {max_new_tokens} new "
+                                 f"tokens exceed max_seq_len={longest}")
         req = Request(self._next_id, prompt, max_new_tokens, eos_token_id, sampling=sampling)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
         need = max(req.pages_bound, req.raw_pages)

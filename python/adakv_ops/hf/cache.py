@@ -136,6 +136,13 @@ class AdaKVCache(Cache):
         max_batch: sequence slots of the paged store (``None``: the first prompt's batch, grown
             by doubling when :meth:`prefill` adds rows). Fixing it keeps every table at one
             address while rows are added.
+        max_seq_len: the most tokens (prompt + generated) of one sequence (paged storage). It
+            fixes the page-table width at ``ceil(max_seq_len / page_size) + 1`` pages per
+            segment (a segment never holds more rows than its sequence has tokens), so the
+            tables keep one shape and address for the cache's life: a compiled decode step
+            then never meets a new table shape (``None``: the tables start 16 pages wide and
+            double when a segment needs more, a new shape each time). A segment that would
+            need more pages raises a ``RuntimeError`` naming it.
     """
 
     def __init__(self, model, method: str = "ada_snapkv", budget: int = 256, window: int = 32,
@@ -145,7 +152,7 @@ class AdaKVCache(Cache):
                  pyramid_beta: int = 20, pyramid_exact_mean: bool = False,
                  as_written: bool = False, tensor_parallel=None,
                  storage: str = "paged", page_size: int = 64, num_pages: Optional[int] = None,
-                 max_batch: Optional[int] = None):
+                 max_batch: Optional[int] = None, max_seq_len: Optional[int] = None):
         if method not in METHODS:
             raise ValueError(f"adakv: method must be one of {METHODS}, got {method!r}")
         # Every size-like argument, up front (SPEC section 9): an int in a range that keeps
@@ -159,7 +166,7 @@ class AdaKVCache(Cache):
         if storage not in STORAGES:
             raise ValueError(f"adakv: storage must be one of {STORAGES}, got {storage!r}")
         for name, val in (("page_size", page_size), ("num_pages", num_pages),
-                          ("max_batch", max_batch)):
+                          ("max_batch", max_batch), ("max_seq_len", max_seq_len)):
             if val is None and name != "page_size":
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= INT32_MAX:
@@ -225,7 +232,7 @@ class AdaKVCache(Cache):
                 pyramid_exact_mean=pyramid_exact_mean, as_written=bool(as_written)),
             per_query_head=bool(per_query_head), reserve=reserve, max_growth=max_growth,
             n_full_layers=max(n_full, 1), storage=storage, page_size=page_size,
-            num_pages=num_pages, max_batch=max_batch, shards=shards)
+            num_pages=num_pages, max_batch=max_batch, max_seq_len=max_seq_len, shards=shards)
         self._control = PrefillControl()
         self.pool = None
         if storage == "paged":

@@ -66,6 +66,7 @@ class LayerSettings:
     page_size: int
     num_pages: Optional[int]
     max_batch: Optional[int] = None
+    max_seq_len: Optional[int] = None  # fixes the paged tables' width (AdaKVCache docstring)
     shards: Optional[object] = None   # adakv_ops.distributed.HeadShards (tensor parallelism)
 
     def __getattr__(self, name):  # method, budget, window, alpha, ... read through

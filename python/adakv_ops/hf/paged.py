@@ -62,9 +62,13 @@ class PagedPool:
                 pages = min(pages + pages // 8 + 1, INT32_MAX)
             # max_batch fixes the slots (tables never move); None: the store doubles them
             slots = None if s.max_batch is None else max(s.max_batch, B)
+            # max_seq_len fixes the table width: no segment holds more rows than its
+            # sequence has tokens (+ 1 page: a partly filled first page is not assumed)
+            width = None if s.max_seq_len is None else \
+                min(-(-s.max_seq_len // P) + 1, INT32_MAX)
             self.store = PagedKVStore(self.n_layers, self.heads, self.head_dim, page_size=P,
                                       num_pages=pages, dtype=dtype, device=device,
-                                      max_sequences=slots)
+                                      max_sequences=slots, max_pages_per_segment=width)
             self.seqs = [self.store.add_sequence() for _ in range(B)]
             self.rows = None
             self._membership_changed()
