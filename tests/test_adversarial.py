@@ -1177,6 +1177,27 @@ def test_hf_paged_sizes_checked_at_growth(hf):
         hf.AdaKVCache(model, storage="dense")
 
 
+def test_hf_max_seq_len_bounds_the_tables(hf):
+    """max_seq_len: bad values named up front; a sequence that outgrows it is refused with a
+    clear error when its pages are reserved, the tables keep their width and the decode
+    before it still stands."""
+    model = hf.make_model("llama")
+    for bad in (0, -1, 2.0, True, 2**31):
+        with pytest.raises(ValueError, match=r"adakv: max_seq_len must be an int"):
+            hf.AdaKVCache(model, max_seq_len=bad)
+    ids, mask = hf.make_batch(2, 20)
+    cache = hf.AdaKVCache(model, method="full", page_size=4, max_seq_len=24)
+    cache.compress(ids, mask)
+    st = cache.pool.store
+    assert st.table_width == 24 // 4 + 1
+    cache.prepare_decode(4)                           # 20 + 4 tokens: within max_seq_len
+    lens = [list(layer.segment_lengths()) for layer in cache.adakv_layers]
+    with pytest.raises(RuntimeError, match=r"max_pages_per_segment=7"):
+        cache.ensure_capacity(64)
+    assert st.table_width == 7
+    assert [list(layer.segment_lengths()) for layer in cache.adakv_layers] == lens
+
+
 def test_hf_derived_sizes_checked_at_prefill_and_growth(hf):
     model = hf.make_model("llama")
     ids, mask = hf.make_batch(2, 20)
