@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
-#                                            benchprefill|benchserve|benchfollowups|all]...
-#   benchpaged / benchprefill / benchserve / benchfollowups: the evidence runs of issues 12, 13
-#   and 14 (each a few minutes on an H100/H200; not part of "all")
+#                                            benchprefill|benchserve|benchstreams|benchpeers|
+#                                            benchfollowups|all]...
+#   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
+#   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all")
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -86,6 +87,19 @@ if [[ " $steps " == *" benchserve "* ]]; then
   timeout 420 $PY benchmarks/bench_serve.py --requests 2 --prompt 32768 --fork-to 64,128,256 --compile \
     --warmup 3 --steps 12 --out "$out/serve32k.jsonl" > "$out/bench_serve.log" 2>&1; echo "bench_serve rc=$?"
   sed -n '/^prompt /,$p' "$out/bench_serve.log"
+fi
+if [[ " $steps " == *" benchstreams "* ]]; then  # issue 13's three streams (Engine.warmup first)
+  timeout 400 $PY benchmarks/bench_serve.py --requests 32 --prompt 32768 --new 256,1024 --compile \
+    --out "$out/stream32k.jsonl" > "$out/stream32k.log" 2>&1; echo "stream 32K rc=$?"; tail -n 1 "$out/stream32k.log"
+  timeout 300 $PY benchmarks/bench_serve.py --requests 16 --prompt 4096 --new 8192,8192 --max-growth 256 \
+    --compile --out "$out/heavy.jsonl" > "$out/heavy.log" 2>&1; echo "decode-heavy rc=$?"; tail -n 1 "$out/heavy.log"
+  timeout 500 $PY benchmarks/bench_serve.py --requests 12 --prompt-mix 8192,32768,131072 --new 256,1024 \
+    --compile --out "$out/mixed.jsonl" > "$out/mixed.log" 2>&1; echo "mixed 8K-128K rc=$?"; tail -n 1 "$out/mixed.log"
+fi
+if [[ " $steps " == *" benchpeers "* ]]; then  # the engine at batch 8 x 32K and its peers, same run
+  timeout 500 $PY benchmarks/bench_serve.py --requests 2 --prompt 32768 --fork-to 8 --compile \
+    --warmup 3 --steps 12 --peers 8 --peer-new 64 --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
+  echo "bench_serve peers rc=$?"; tail -n 12 "$out/peers.log"
 fi
 if [[ " $steps " == *" benchfollowups "* ]]; then
   timeout 300 $PY benchmarks/bench_followups.py --out "$out/followups.jsonl" > "$out/bench_followups.log" 2>&1
