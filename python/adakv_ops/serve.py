@@ -186,12 +186,9 @@ class Engine:
     @property
     def buckets(self) -> List[int]:
         """The decode batch shapes of ``compile=True``: powers of two up to ``max_batch``,
-        and ``max_batch`` itself."""
-        out, b = [], 1
-        while b < self.max_batch:
-            out.append(b)
-            b *= 2
-        return out + [self.max_batch]
+        and ``max_batch`` itself (what :meth:`_bucket` maps each batch size to)."""
+        return sorted({self._bucket(1 << i) for i in range(self.max_batch.bit_length())}
+                      | {self.max_batch})
 
     @torch.no_grad()
     def warmup(self, buckets: Optional[Sequence[int]] = None) -> float:
