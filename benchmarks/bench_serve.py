@@ -57,6 +57,8 @@ from bench_capacity import copy_bandwidth  # noqa: E402
 
 from adakv_ops.serve import Engine  # noqa: E402
 
+JOIN_PROMPT = 512   # prompt tokens of the request admitted to time a join (fork mode)
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,9 +123,9 @@ def main(argv=None):
         n_buckets = len(targets) + 2
         lo = hi = n_buckets * (args.warmup + args.steps) + 8
     mix = [int(x) for x in args.prompt_mix.split(",")] if args.prompt_mix else [N]
-    # the longest request (the fork mode's joins have 512 prompt tokens): fixes the page
-    # tables' width, so the decode graphs keep one shape (Engine docstring)
-    max_seq_len = max(mix + [N, 512]) + hi
+    # the longest request (the fork mode's joins have JOIN_PROMPT prompt tokens): fixes the
+    # page tables' width, so the decode graphs keep one shape (Engine docstring)
+    max_seq_len = max(mix + [N, JOIN_PROMPT]) + hi
     eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
                  compile=args.compile, mode=None if cpu else "reduce-overhead",
                  method="ada_snapkv", budget=C, window=W, page_size=P,
@@ -269,7 +271,7 @@ def _category(name: str) -> str:
     return "other kernels"
 
 
-def join_leave(eng, cfg, g, new, cpu, n_join=512):
+def join_leave(eng, cfg, g, new, cpu, n_join=JOIN_PROMPT):
     """At the current batch: the cost of a leave (a forked request cancelled: its pages freed,
     the tables' rows zeroed, a new segment index) and of a join (a request of ``n_join``
     prompt tokens admitted by the next step: its prefill and eviction; ``prefill_s`` of the
