@@ -77,6 +77,9 @@ def main(argv=None):
     ap.add_argument("--num-pages", type=int, default=None,
                     help="pool size (default: 85%% of the free memory after the weights)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="leave q/k/v_proj and gate/up_proj unfused (Engine(fuse_projections="
+                         "False)): the A/B of the fused projections")
     ap.add_argument("--max-growth", type=int, default=None,
                     help="decode-time re-eviction every this many tokens per head (the "
                          "decode-heavy stream: e.g. --prompt 4096 --new 8192,8192 "
@@ -129,7 +132,8 @@ def main(argv=None):
     eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
                  compile=args.compile, mode=None if cpu else "reduce-overhead",
                  method="ada_snapkv", budget=C, window=W, page_size=P,
-                 max_growth=args.max_growth, max_seq_len=max_seq_len)
+                 max_growth=args.max_growth, max_seq_len=max_seq_len,
+                 fuse_projections=not args.no_fuse)
     g = torch.Generator().manual_seed(args.seed)
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
@@ -138,6 +142,7 @@ def main(argv=None):
               "page_size": P, "num_pages": pages, "pool_gib": pages * page_bytes / 2**30,
               "max_batch": max_batch, "chunk": args.chunk, "compile": args.compile,
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
+              "fused_projections": eng.fused_projections,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:
@@ -372,7 +377,8 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
         with open(args.out, "w") as fh:
             for r in [header] + recs:
                 fh.write(json.dumps(r) + "\n")
-    print(f"\nprompt {N}, {len(real)} real prefills ({prefill_wall:.1f} s), the rest forked")
+    print(f"\nprompt {N}, {len(real)} real prefills ({prefill_wall:.1f} s), the rest forked, "
+          f"{header['fused_projections']} projection groups fused")
     print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'roof ms':>8} {'%roof':>6} {'KV GiB':>7}"
           f" {'host':>6} {'launch':>6} {'wait':>6} {'leave':>7} {'join':>7}")
     for r in recs:

@@ -65,6 +65,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import fusion
 from .hf import AdaKVCache, cache_kwarg
 from .sampling import SamplingParams, select_next
 from .store import to_device
@@ -121,6 +122,11 @@ class Engine:
             (``-1`` entries of the paged ops' ``segment_index``: no slot, no page, output 0),
             so joins and leaves change no shape; ``False``: eager, exact batch.
             ``backend`` is torch.compile's. ``seed``: the sampling generator's seed.
+        fuse_projections: fuse the model's ``q/k/v_proj`` and ``gate/up_proj`` in place into
+            one GEMM each (:func:`adakv_ops.fusion.fuse_projections`; the same outputs up to
+            a GEMM's rounding, the same memory), as serving engines load their weights: at
+            decode the small ``k/v_proj`` GEMMs read their weights far below the copy
+            bandwidth. ``False`` leaves the model as it is.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
@@ -135,10 +141,12 @@ class Engine:
     def __init__(self, model, *, num_pages: int, max_batch: int,
                  chunk_size: Optional[int] = None, compile: bool = False,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
-                 **cache_kwargs):
+                 fuse_projections: bool = True, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         self.model = model
+        #: the projection groups fused into one GEMM each (0 without ``fuse_projections``)
+        self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
         # bucket pad rows are -1 entries of the segment index: no slot, no page
         self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch, **cache_kwargs)
         if len(self.cache.adakv_layers) != len(self.cache.layers):
