@@ -108,6 +108,9 @@ def main(argv=None):
     C = args.budget or (8 if cpu else 1024)
     W, P = (4, 8) if cpu else (args.window, args.page_size)
     targets = sorted(int(x) for x in args.fork_to.split(",")) if args.fork_to else []
+    if targets and targets[0] < R:
+        ap.error(f"--fork-to: every batch must hold the {R} real requests (--requests); "
+                 f"got {targets[0]}")
     max_batch = args.max_batch or (max(targets) if targets else (4 if cpu else 256))
     dev = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16

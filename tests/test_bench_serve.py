@@ -26,6 +26,13 @@ def test_fork_mode_records(tmp_path):
         assert r["step_ms"] > 0 and r["tok_s"] > 0 and r["kv_rows"] > 0
         assert r["leave_ms"] >= 0 and r["join_prefill_ms"] > 0
         assert set(r["step_phases_mean"]) == {"host_ms", "launch_ms", "wait_ms"}
+    assert recs[0]["fused_projections"] == 4            # the default: 2 layers x (q/k/v, gate/up)
+
+
+def test_fork_mode_refuses_batches_smaller_than_the_real_requests(tmp_path):
+    import bench_serve
+    with pytest.raises(SystemExit):                     # was a crash in Engine.fork(rid, -1)
+        bench_serve.main(["--cpu", "--fork-to", "2", "--requests", "3"])
 
 
 def test_stream_mode_mixed_prompts_with_reeviction(tmp_path):
