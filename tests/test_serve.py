@@ -131,6 +131,32 @@ def test_admission_queues_what_does_not_fit_now_and_refuses_what_never_fits():
             eng.add_request([3, 4, 5], bad)
 
 
+def test_a_step_prefills_at_most_max_prefill_tokens_and_decodes_in_between():
+    model = make_model("llama")
+    prompts = _prompts(5, seed=7, lo=20, hi=21)       # 20 tokens each
+    eng = Engine(model, num_pages=4000, max_batch=8, max_prefill_tokens=45, **KW)
+    first = eng.add_request(prompts[0], 30)
+    eng.step()                                        # the first request runs
+    rids = [eng.add_request(p, 6) for p in prompts[1:]]
+    out = eng.step()                                  # 2 x 20 <= 45: two admitted, the rest wait
+    assert [r for r in rids if r in out] == rids[:2] and eng.queued == rids[2:]
+    assert first in out                               # the running request got its token
+    out = eng.step()
+    assert eng.queued == [] and set(rids[2:]) <= set(out) and first in out
+    res = eng.run()
+    for p, r in zip(prompts[1:], rids):
+        assert res[r] == _alone(model, p, 6)
+    alone = Engine(model, num_pages=4000, max_batch=8, max_prefill_tokens=1, **KW)
+    a, b = alone.add_request(prompts[0], 2), alone.add_request(prompts[1], 2)
+    assert a in alone.step() and alone.queued == [b]  # the first always, however long
+    unbounded = Engine(model, num_pages=4000, max_batch=8, max_prefill_tokens=None, **KW)
+    rids = [unbounded.add_request(p, 2) for p in prompts]
+    assert set(unbounded.step()) == set(rids)
+    for bad in (0, -3, 2.5, "8"):
+        with pytest.raises(ValueError, match="max_prefill_tokens"):
+            Engine(model, num_pages=10, max_batch=2, max_prefill_tokens=bad, **KW)
+
+
 def test_cancel_and_eos():
     model = make_model("qwen2")
     prompts = _prompts(3, seed=7)

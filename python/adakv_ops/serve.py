@@ -17,7 +17,8 @@ Each :meth:`Engine.step`:
 1. retires the requests that need no further step (``max_new_tokens`` reached, counting the
    token in flight; ``eos_token_id`` read; also :meth:`cancel`): ``AdaKVCache.remove_rows``
    gives their pages back at once, nobody else's rows move;
-2. admits queued requests in arrival order while they fit: each is prefilled alone (in chunks
+2. admits queued requests in arrival order while they fit, up to ``max_prefill_tokens``
+   prompt tokens per step (the first always): each is prefilled alone (in chunks
    of ``chunk_size``; ``AdaKVCache.prefill(order="auto")``: layer-major on the supported
    models, whose every layer is evicted, so the raw prompt never enters the pool),
    evicted into pages, and joins the batch with its first token;
@@ -116,6 +117,13 @@ class Engine:
         num_pages: the page pool (all layers); fixed, so memory is what admission says.
         max_batch: the most requests running at once (sequence slots of the store).
         chunk_size: prefill chunk (``None``: each prompt in one forward).
+        max_prefill_tokens: the prompt tokens one :meth:`step` prefills at most before it
+            launches the decode step (the first request admitted in a step always is, however
+            long): a burst of queued prompts is admitted over several steps, so each request's
+            first token comes after its own prefill and those before it in *this* step, and
+            the running requests decode between the prefills instead of waiting for all of
+            them (serving schedulers' per-step token budget). ``None``: admit everything that
+            fits in one step.
         compile: decode with ``torch.compile(model.forward, fullgraph=True)`` (``mode`` as
             given, e.g. ``"reduce-overhead"`` for CUDA graphs) at a fixed shape per batch-size
             bucket (powers of two up to ``max_batch``): the batch is padded with pad rows
@@ -140,6 +148,7 @@ class Engine:
 
     def __init__(self, model, *, num_pages: int, max_batch: int,
                  chunk_size: Optional[int] = None, compile: bool = False,
+                 max_prefill_tokens: Optional[int] = 16384,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
                  fuse_projections: bool = True, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
@@ -153,6 +162,11 @@ class Engine:
             raise NotImplementedError("adakv: the engine does not support models with "
                                       "sliding-window layers yet")
         self.chunk_size = chunk_size
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                               or max_prefill_tokens < 1):
+            raise ValueError(f"adakv: max_prefill_tokens must be a positive int or None, "
+                             f"got {max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch
         self.num_pages = num_pages
         cfg = model.config.get_text_config(decoder=True)
@@ -374,7 +388,8 @@ class Engine:
 
         1. retire the requests that need no further decode step (``max_new_tokens`` reached
            counting the token in flight, eos read, cancelled): pages back to the free list;
-        2. admit queued requests while they fit (each prefilled alone; its first token is
+        2. admit queued requests in arrival order while they fit and their prompts stay within
+           ``max_prefill_tokens`` (the first always; each prefilled alone; its first token is
            returned now);
         3. launch the decode step of every running request: inputs are the tokens of the
            step in flight, still on the device, so nothing waits for them;
@@ -389,8 +404,13 @@ class Engine:
         out: Dict[int, int] = {}
         t0 = time.perf_counter()
         self._retire([i for i, r in enumerate(self._running) if r.ends])
-        prefill = 0.0
+        prefill, tokens = 0.0, 0
         while self._queue and self._fits(self._queue[0]):
+            n = len(self._queue[0].prompt)
+            if tokens and self.max_prefill_tokens is not None and \
+                    tokens + n > self.max_prefill_tokens:
+                break                                     # the next step admits it
+            tokens += n
             req = self._queue.popleft()
             t1 = time.perf_counter()
             out[req.rid] = self._admit(req)
