@@ -100,3 +100,20 @@ def test_the_engine_fuses_unless_told_not_to():
     plain = make_model("mistral")
     assert Engine(plain, fuse_projections=False, **kw).fused_projections == 0
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_an_engine_that_refuses_its_settings_leaves_the_model_unfused():
+    from conftest import HAVE_OPS
+    if not HAVE_OPS:
+        pytest.skip("adakv_ops extension not built")
+    from adakv_ops.serve import Engine
+    kw = dict(num_pages=500, max_batch=2, method="ada_snapkv", budget=10, window=4,
+              page_size=4)
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Engine(model, max_prefill_tokens=0, **kw)
+    sliding = make_model("gemma3")
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        Engine(sliding, **kw)
+    for m in (model, sliding):
+        assert type(m.model.layers[0].self_attn.q_proj) is nn.Linear

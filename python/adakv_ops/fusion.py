@@ -58,7 +58,6 @@ class FusedLinear(nn.Module):
         for lin in linears:
             self.bounds.append((start, start + lin.out_features))
             start += lin.out_features
-        self.parts = len(linears)
         # the product of the current call, its input, and how many slices have read it
         self._input: Optional[Tensor] = None
         self._product: Optional[Tensor] = None
@@ -76,7 +75,7 @@ class FusedLinear(nn.Module):
             self._reads = 0
         out = self._product
         self._reads += 1
-        if self._reads == self.parts:
+        if self._reads == len(self.bounds):
             self._product = None
             self._input = None
             self._reads = 0
@@ -115,7 +114,7 @@ def _fusable(linears: List[nn.Module]) -> bool:
     w = [lin.weight for lin in linears]
     if any(type(t) is not nn.Parameter or t.is_meta for t in w):
         return False
-    if any(t.__class__.__name__ == "DTensor" or type(t.data) is not Tensor for t in w):
+    if any(type(t.data) is not Tensor for t in w):     # tensor subclasses (DTensor, ...)
         return False
     return (len({(t.dtype, t.device) for t in w}) == 1
             and len({lin.in_features for lin in linears}) == 1)

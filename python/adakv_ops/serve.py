@@ -153,19 +153,20 @@ class Engine:
                  fuse_projections: bool = True, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                               or max_prefill_tokens < 1):
+            raise ValueError(f"adakv: max_prefill_tokens must be a positive int or None, "
+                             f"got {max_prefill_tokens!r}")
         self.model = model
-        #: the projection groups fused into one GEMM each (0 without ``fuse_projections``)
-        self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
         # bucket pad rows are -1 entries of the segment index: no slot, no page
         self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch, **cache_kwargs)
         if len(self.cache.adakv_layers) != len(self.cache.layers):
             raise NotImplementedError("adakv: the engine does not support models with "
                                       "sliding-window layers yet")
+        # the model is changed only once every setting is accepted
+        #: the projection groups fused into one GEMM each (0 without ``fuse_projections``)
+        self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
         self.chunk_size = chunk_size
-        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
-                                               or max_prefill_tokens < 1):
-            raise ValueError(f"adakv: max_prefill_tokens must be a positive int or None, "
-                             f"got {max_prefill_tokens!r}")
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch
         self.num_pages = num_pages
