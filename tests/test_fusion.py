@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf import FAMILY_NAMES, make_batch, make_model  # noqa: E402
 
-from adakv_ops.fusion import FusedLinear, ProjectionSlice, fuse_projections  # noqa: E402
+from adakv_ops.fusion import (FusedLinear, ProjectionSlice, fuse_projections,  # noqa: E402
+                              unfuse_projections)
 
 
 def _params(model):
@@ -36,6 +37,68 @@ def test_fused_model_gives_the_logits_of_the_unfused_one(family):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     # nothing kept between calls: the product is dropped once every slice has read it
     assert attn.q_proj.fused._product is None and attn.q_proj.fused._input is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # qwen2: q/k/v with bias, gate/up without
+def test_a_fused_model_has_the_unfused_state_dict_and_loads_an_unfused_checkpoint(family):
+    ref, fused = make_model(family), make_model(family)
+    fuse_projections(fused)
+    a, b = ref.state_dict(), fused.state_dict()
+    assert list(b) == list(a)                           # same keys, same order, no "fused."
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    # a checkpoint of another (unfused) model loads into the fused one, strictly
+    other = make_model(family)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fused.load_state_dict(other.state_dict())
+    ids, mask = make_batch(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids, attention_mask=mask).logits,
+                                   other(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+    # and the fused model's own state dict round-trips into an unfused one
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids, attention_mask=mask).logits,
+                                   other(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_bad_checkpoint_into_a_fused_model_names_the_key():
+    model = make_model("qwen2")
+    fuse_projections(model)
+    sd = make_model("qwen2").state_dict()
+    k = "model.layers.0.self_attn.k_proj.weight"
+    bad = dict(sd)
+    bad[k] = sd[k][:-1]
+    with pytest.raises(RuntimeError, match="size mismatch for " + k.replace(".", r"\.")):
+        model.load_state_dict(bad)
+    missing = {n: t for n, t in sd.items() if n != k}
+    res = model.load_state_dict(missing, strict=False)
+    assert res.missing_keys == [k] and res.unexpected_keys == []
+    extra = dict(sd)
+    extra["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(1)   # gate_proj has no bias
+    with pytest.raises(RuntimeError, match="gate_proj.bias"):
+        model.load_state_dict(extra)
+
+
+def test_unfusing_gives_back_the_linears_and_the_outputs():
+    ref, model = make_model("qwen2"), make_model("qwen2")
+    n = fuse_projections(model)
+    assert unfuse_projections(model) == n
+    assert unfuse_projections(model) == 0
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_proj) is nn.Linear and type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert model.model.layers[0].mlp.up_proj.bias is None and attn.v_proj.bias is not None
+    assert _params(model) == _params(ref)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids, mask = make_batch(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   ref(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_fusing_twice_fuses_nothing_more():

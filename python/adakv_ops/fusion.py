@@ -17,6 +17,14 @@ its own product alone, so the outputs are those of the unfused model in every ca
 rounding a GEMM of another width may choose. The bookkeeping is Python state that
 ``torch.compile`` traces (set and cleared within one forward: nothing crosses the graph).
 
+State dicts keep the unfused names: a slice saves its rows of the fused weight (and bias) as
+``weight`` (``bias``), views like any module's tensors, and loads a checkpoint's ``weight`` /
+``bias`` into those rows; the shared :class:`FusedLinear` has no key of its own. So
+``load_state_dict`` of an unfused checkpoint works on a fused model, and the two models' state
+dicts have the same keys. :func:`unfuse_projections` gives the model its ``nn.Linear``
+projections back (for code that wants them, e.g. ``save_pretrained``: safetensors refuses
+tensors that share memory).
+
 Scope: modules with ``q_proj``, ``k_proj``, ``v_proj`` (attention) or ``gate_proj``,
 ``up_proj`` (MLP) that are plain ``nn.Linear`` of one dtype and device, with or without bias
 (Llama, Mistral, Qwen2, Qwen3, Gemma 3 and their relatives); anything else is left as it is.
@@ -31,7 +39,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-__all__ = ["FusedLinear", "ProjectionSlice", "fuse_projections"]
+__all__ = ["FusedLinear", "ProjectionSlice", "fuse_projections", "unfuse_projections"]
 
 #: the groups of sibling projections fused, by attribute name
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -54,6 +62,7 @@ class FusedLinear(nn.Module):
         else:
             self.bias = None
         self.bounds = []
+        self.has_bias = has_bias       # per part: whether its linear had a bias
         start = 0
         for lin in linears:
             self.bounds.append((start, start + lin.out_features))
@@ -81,6 +90,11 @@ class FusedLinear(nn.Module):
             self._reads = 0
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Nothing of its own to load: its slices load their rows (a fused model's state dict
+        has no key under a ``FusedLinear``)."""
+
 
 class ProjectionSlice(nn.Module):
     """Stands for one of the fused projections: its output columns of the shared product."""
@@ -91,6 +105,8 @@ class ProjectionSlice(nn.Module):
         self.start, self.stop = fused.bounds[index]
         self.in_features = fused.weight.shape[1]
         self.out_features = self.stop - self.start
+        self._has_bias = fused.has_bias[index]
+        self.register_state_dict_post_hook(_slice_state_dict)
 
     @property
     def weight(self) -> Tensor:
@@ -98,14 +114,51 @@ class ProjectionSlice(nn.Module):
 
     @property
     def bias(self) -> Optional[Tensor]:
+        """Its rows of the fused bias; ``None`` where its linear had none (the fused bias is
+        zero there)."""
         b = self.fused.bias
-        return None if b is None else b[self.start:self.stop]
+        return None if b is None or not self._has_bias else b[self.start:self.stop]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``prefix + "weight"`` (and ``"bias"``) copied into its rows of the fused tensors,
+        with ``nn.Module``'s reporting of missing, unexpected and mis-shaped keys."""
+        for name, mine in (("weight", self.weight), ("bias", self.bias)):
+            key = prefix + name
+            if mine is None:
+                continue                 # a "bias" key is reported as unexpected below
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            src = state_dict[key]
+            if not isinstance(src, Tensor) or src.shape != mine.shape:
+                shape = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{shape} from checkpoint, the shape in current model is "
+                                  f"{tuple(mine.shape)}.")
+                continue
+            with torch.no_grad():
+                mine.copy_(src)
+        if strict:
+            ours = {prefix + "weight"} | ({prefix + "bias"} if self.bias is not None else set())
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k not in ours)
 
     def extra_repr(self) -> str:
         return f"columns {self.start}:{self.stop} of the fused projection"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused.product(x)[..., self.start:self.stop]
+
+
+def _slice_state_dict(module: ProjectionSlice, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of a slice: its rows under the unfused names, the shared fused
+    tensors (saved by the recursion under ``prefix + "fused."``) dropped."""
+    for k in [k for k in state_dict if k.startswith(prefix + "fused.")]:
+        del state_dict[k]
+    state_dict[prefix + "weight"] = module.weight.detach()    # a view: rows of the fused one
+    if module.bias is not None:
+        state_dict[prefix + "bias"] = module.bias.detach()
 
 
 def _fusable(linears: List[nn.Module]) -> bool:
@@ -137,3 +190,29 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(module, n, ProjectionSlice(group, i))
             fused += 1
     return fused
+
+
+@torch.no_grad()
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo :func:`fuse_projections` in place: each group's slices become ``nn.Linear`` modules
+    again, with their rows of the fused weight (and their bias) copied out, the fused tensors
+    freed; returns the number of groups unfused. Peak memory grows by one group's weights at a
+    time."""
+    unfused = 0
+    for module in list(model.modules()):
+        for names in GROUPS:
+            slices = [getattr(module, n, None) for n in names]
+            if not all(isinstance(s, ProjectionSlice) for s in slices) or \
+                    len({id(s.fused) for s in slices}) != 1:
+                continue
+            grad = slices[0].fused.weight.requires_grad
+            for n, s in zip(names, slices):
+                w = s.weight
+                lin = nn.Linear(s.in_features, s.out_features, bias=s.bias is not None,
+                                device="meta", dtype=w.dtype)
+                lin.weight = nn.Parameter(w.clone(), requires_grad=grad)
+                if s.bias is not None:
+                    lin.bias = nn.Parameter(s.bias.clone(), requires_grad=grad)
+                setattr(module, n, lin)
+            unfused += 1
+    return unfused
