@@ -277,4 +277,14 @@ def test_authors_ordering_on_eviction_loss():
         records += [rec(m, 0.1, a), rec(m, 0.2, b)]
     rows = aggregate(records, [])["authors_ordering"]
     assert [(r["budget_frac"], r["holds"]) for r in rows] == [(0.1, True), (0.2, False)]
-    assert rows[1]["loss"]["defensivekv"] == 2.2
+    assert rows[1]["loss"]["defensivekv"] == 2.2 and rows[1]["form"] == "default"
+    # the authors' forms as written, where they ran, in the follow-ups' places
+    records += [rec("defensivekv:as_written", 0.2, 1.9), rec("layer_defensivekv:as_written", 0.2, 1.5)]
+    rows = aggregate(records, [])["authors_ordering"]
+    aw = [r for r in rows if r["form"] == "as_written"]
+    assert [(r["budget_frac"], r["holds"]) for r in aw] == [(0.2, True)]
+    assert aw[0]["loss"] == {"snapkv": 3.0, "ada_snapkv": 2.5,      # no ada_criticalkv:as_written
+                             "defensivekv": 1.9, "layer_defensivekv": 1.5}
+    pairs = {(r["ada"], r["uniform"]) for r in aggregate(records, [])["ada_vs_uniform"]}
+    assert ("defensivekv:as_written", "ada_snapkv") in pairs
+    assert ("layer_defensivekv:as_written", "layer_defensivekv") in pairs

@@ -21,6 +21,10 @@ _ORDER = ("full", "streaming", "snapkv", "ada_snapkv", "pyramid", "ada_pyramid",
 _PAIRS = (("ada_snapkv", "snapkv"), ("ada_pyramid", "pyramid"), ("criticalkv", "ada_snapkv"),
           ("ada_criticalkv", "ada_snapkv"), ("defensivekv", "ada_snapkv"),
           ("layer_defensivekv", "ada_snapkv"))
+# the follow-ups as the authors' code runs them: against ada_snapkv and against the default form
+_AS_WRITTEN = ("criticalkv", "ada_criticalkv", "defensivekv", "layer_defensivekv")
+_PAIRS += tuple((f"{m}:as_written", "ada_snapkv") for m in _AS_WRITTEN) + \
+    tuple((f"{m}:as_written", m) for m in _AS_WRITTEN)
 
 
 def _mean(xs):
@@ -109,20 +113,29 @@ AUTHORS_ORDER = ("snapkv", "ada_snapkv", "ada_criticalkv", "defensivekv", "layer
 
 
 def _ordering(loss: dict) -> list[dict]:
-    """Per setting and budget: the mean eviction loss of each method of ``AUTHORS_ORDER`` that
-    ran, and whether it never increases along that order (equal is allowed: with one KV head
-    per layer, AdaKV is SnapKV)."""
+    """Per setting, budget and form: the mean eviction loss of each method of ``AUTHORS_ORDER``
+    that ran, and whether it never increases along that order (equal is allowed: with one KV
+    head per layer, AdaKV is SnapKV). Form ``"default"``: the library's methods; form
+    ``"as_written"`` (where any ran): the follow-ups' ``:as_written`` forms in their places,
+    SnapKV and AdaKV as they are. Each row's ``loss`` is keyed by the ``AUTHORS_ORDER`` name."""
     rows = []
     for setting, table in loss.items():
         fracs = sorted({float(k.split("@")[1]) for k in table if not k.startswith("full@")})
-        for f in fracs:
-            vals = [(m, table[f"{m}@{f:g}"]["mean"]) for m in AUTHORS_ORDER
-                    if f"{m}@{f:g}" in table]
-            if len(vals) < 2:
-                continue
-            holds = all(a[1] >= b[1] for a, b in zip(vals, vals[1:]))
-            rows.append({"setting": setting, "budget_frac": f, "loss": dict(vals),
-                         "holds": holds})
+        for form in ("default", "as_written"):
+            for f in fracs:
+                vals = []
+                for m in AUTHORS_ORDER:
+                    run = f"{m}:as_written" if form == "as_written" and m in _AS_WRITTEN else m
+                    if f"{run}@{f:g}" in table:
+                        vals.append((m, table[f"{run}@{f:g}"]["mean"]))
+                if form == "as_written" and not any(f"{m}:as_written@{f:g}" in table
+                                                    for m in _AS_WRITTEN):
+                    continue
+                if len(vals) < 2:
+                    continue
+                holds = all(a[1] >= b[1] for a, b in zip(vals, vals[1:]))
+                rows.append({"setting": setting, "budget_frac": f, "form": form,
+                             "loss": dict(vals), "holds": holds})
     return rows
 
 
@@ -207,11 +220,12 @@ def markdown(result: dict) -> str:
                      "AdaCriticalKV >= DefensiveKV >= Layer-DefensiveKV expected, SPEC 7.4)\n")
         ms = [m for m in AUTHORS_ORDER
               if any(m in r["loss"] for r in agg["authors_ordering"])]
-        lines.append("| setting | budget | " + " | ".join(ms) + " | holds |")
-        lines.append("|---|---|" + "---|" * (len(ms) + 1))
+        lines.append("| setting | budget | form | " + " | ".join(ms) + " | holds |")
+        lines.append("|---|---|---|" + "---|" * (len(ms) + 1))
         for r in agg["authors_ordering"]:
             cells = [f"{r['loss'][m]:.4g}" if m in r["loss"] else "-" for m in ms]
-            lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | " + " | ".join(cells)
+            lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | "
+                         f"{r.get('form', 'default')} | " + " | ".join(cells)
                          + f" | {'yes' if r['holds'] else 'no'} |")
     if agg.get("ada_vs_uniform"):
         lines.append("\n**Paired comparisons, A vs B (Ada vs uniform; the follow-ups vs "
