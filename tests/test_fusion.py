@@ -150,13 +150,19 @@ def test_compiled_fused_forward_is_one_graph_with_the_eager_logits():
     assert model.model.layers[0].mlp.gate_proj.fused._product is None
 
 
-def test_the_engine_fuses_unless_told_not_to():
+@pytest.fixture
+def engine_and_settings():
+    """The serving engine (skips without the extension) and small settings for it."""
     from conftest import HAVE_OPS
     if not HAVE_OPS:
         pytest.skip("adakv_ops extension not built")
     from adakv_ops.serve import Engine
-    kw = dict(num_pages=500, max_batch=2, method="ada_snapkv", budget=10, window=4,
-              page_size=4)
+    return Engine, dict(num_pages=500, max_batch=2, method="ada_snapkv", budget=10, window=4,
+                        page_size=4)
+
+
+def test_the_engine_fuses_unless_told_not_to(engine_and_settings):
+    Engine, kw = engine_and_settings
     model = make_model("mistral")
     assert Engine(model, **kw).fused_projections == 8
     assert isinstance(model.model.layers[3].mlp.up_proj, ProjectionSlice)
@@ -165,13 +171,8 @@ def test_the_engine_fuses_unless_told_not_to():
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
-def test_an_engine_that_refuses_its_settings_leaves_the_model_unfused():
-    from conftest import HAVE_OPS
-    if not HAVE_OPS:
-        pytest.skip("adakv_ops extension not built")
-    from adakv_ops.serve import Engine
-    kw = dict(num_pages=500, max_batch=2, method="ada_snapkv", budget=10, window=4,
-              page_size=4)
+def test_an_engine_that_refuses_its_settings_leaves_the_model_unfused(engine_and_settings):
+    Engine, kw = engine_and_settings
     model = make_model("llama")
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         Engine(model, max_prefill_tokens=0, **kw)
