@@ -123,14 +123,14 @@ def _ordering(loss: dict) -> list[dict]:
         fracs = sorted({float(k.split("@")[1]) for k in table if not k.startswith("full@")})
         for form in ("default", "as_written"):
             for f in fracs:
+                if form == "as_written" and not any(f"{m}:as_written@{f:g}" in table
+                                                    for m in _AS_WRITTEN):
+                    continue
                 vals = []
                 for m in AUTHORS_ORDER:
                     run = f"{m}:as_written" if form == "as_written" and m in _AS_WRITTEN else m
                     if f"{run}@{f:g}" in table:
                         vals.append((m, table[f"{run}@{f:g}"]["mean"]))
-                if form == "as_written" and not any(f"{m}:as_written@{f:g}" in table
-                                                    for m in _AS_WRITTEN):
-                    continue
                 if len(vals) < 2:
                     continue
                 holds = all(a[1] >= b[1] for a, b in zip(vals, vals[1:]))
@@ -225,7 +225,7 @@ def markdown(result: dict) -> str:
         for r in agg["authors_ordering"]:
             cells = [f"{r['loss'][m]:.4g}" if m in r["loss"] else "-" for m in ms]
             lines.append(f"| {r['setting']} | {r['budget_frac']:.0%} | "
-                         f"{r.get('form', 'default')} | " + " | ".join(cells)
+                         f"{r['form']} | " + " | ".join(cells)
                          + f" | {'yes' if r['holds'] else 'no'} |")
     if agg.get("ada_vs_uniform"):
         lines.append("\n**Paired comparisons, A vs B (Ada vs uniform; the follow-ups vs "
