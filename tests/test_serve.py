@@ -152,7 +152,7 @@ def test_a_step_prefills_at_most_max_prefill_tokens_and_decodes_in_between():
     unbounded = Engine(model, num_pages=4000, max_batch=8, max_prefill_tokens=None, **KW)
     rids = [unbounded.add_request(p, 2) for p in prompts]
     assert set(unbounded.step()) == set(rids)
-    for bad in (0, -3, 2.5, "8"):
+    for bad in (0, -3, 2.5, "8", True):
         with pytest.raises(ValueError, match="max_prefill_tokens"):
             Engine(model, num_pages=10, max_batch=2, max_prefill_tokens=bad, **KW)
 

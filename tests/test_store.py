@@ -412,6 +412,9 @@ def test_validation():
         store.prefill_chunk(0, s, torch.zeros(1, 3, 3, D), torch.zeros(1, 3, 3, D))
     with pytest.raises(KeyError):
         store.append(0, [5], torch.zeros(1, Hk, 1, D), torch.zeros(1, Hk, 1, D))
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="T must be"):
+            store.reserve([s], bad)
     with pytest.raises(RuntimeError, match="before any prompt"):
         store.finish_prefill(0, s, torch.zeros(1, Hq, 1, D), budget=4)
     store.prefill_chunk(0, s, torch.randn(1, Hk, 20, D), torch.randn(1, Hk, 20, D))

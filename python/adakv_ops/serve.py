@@ -154,6 +154,7 @@ class Engine:
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                               or isinstance(max_prefill_tokens, bool)
                                                or max_prefill_tokens < 1):
             raise ValueError(f"adakv: max_prefill_tokens must be a positive int or None, "
                              f"got {max_prefill_tokens!r}")
