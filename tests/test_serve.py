@@ -108,6 +108,59 @@ def test_remove_rows_keeps_the_others_untouched():
         flat.remove_rows([0])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])   # layer-major, chunk-major units
+def test_a_long_prompt_is_prefilled_over_steps_while_the_others_decode(attn):
+    model = make_model("llama", attn)
+    short = _prompts(2, seed=11, lo=9, hi=14)
+    long = _prompts(1, seed=12, lo=61, hi=62)[0]
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, max_prefill_tokens=16,
+                 **KW)
+    assert eng.cache.prefill_order(61, chunk_size=8) == ("layer" if attn == "sdpa" else "chunk")
+    a, b = (eng.add_request(p, 30) for p in short)
+    while eng.running != [a, b]:
+        eng.step()
+    c = eng.add_request(long, 6)
+    prefilling, most = 0, 0
+    while eng.state(c) in ("queued", "prefilling"):
+        got = eng.step()
+        if eng.state(c) == "prefilling":
+            prefilling += 1
+            assert a in got and b in got            # the others decode between the units
+            most = max(most, eng.pages_held(c))
+            assert eng.running == [a, b]
+    # 61 tokens x 4 layers at 16 tokens' worth a step: at least 3 steps with c in between
+    assert prefilling >= 3 and c in got
+    # chunk-major holds the raw prompt in pages until its last chunk; layer-major never does
+    kept = eng.pages_held(c)
+    assert (most > kept) if attn == "eager" else (most <= kept)
+    out = eng.run()
+    for rid, p, n in ((a, short[0], 30), (b, short[1], 30), (c, long, 6)):
+        assert out[rid] == _alone(model, p, n, chunk=8), rid
+    assert eng.pages_free == 4000
+
+
+def test_cancel_a_request_while_it_is_prefilled():
+    model = make_model("qwen2", "eager")                  # chunk-major: raw pages held
+    first, long = _prompts(2, seed=13, lo=40, hi=50)
+    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, max_prefill_tokens=8,
+                 **KW)
+    a = eng.add_request(first, 12)
+    while a not in eng.running:
+        eng.step()
+    c = eng.add_request(long, 4)
+    eng.step()
+    assert eng.state(c) == "prefilling" and eng.pages_held(c) > 0
+    assert eng.pages_free == 4000 - eng.pages_held(a) - eng.pages_held(c)
+    eng.cancel(c)
+    assert eng.state(c) == "cancelled" and eng.pages_held(c) == 0
+    assert eng.pages_free == 4000 - eng.pages_held(a)
+    d = eng.add_request(long, 4)                          # the slot is free again
+    out = eng.run()
+    assert out[a] == _alone(model, first, 12, chunk=8) and out[c] == []
+    assert out[d] == _alone(model, long, 4, chunk=8)
+    assert eng.pages_free == 4000
+
+
 def test_admission_queues_what_does_not_fit_now_and_refuses_what_never_fits():
     model = make_model("llama")
     prompts = _prompts(3, seed=5, lo=30, hi=31)

@@ -17,11 +17,15 @@ Each :meth:`Engine.step`:
 1. retires the requests that need no further step (``max_new_tokens`` reached, counting the
    token in flight; ``eos_token_id`` read; also :meth:`cancel`): ``AdaKVCache.remove_rows``
    gives their pages back at once, nobody else's rows move;
-2. admits queued requests in arrival order while they fit, up to ``max_prefill_tokens``
-   prompt tokens per step (the first always): each is prefilled alone (in chunks
-   of ``chunk_size``; ``AdaKVCache.prefill(order="auto")``: layer-major on the supported
-   models, whose every layer is evicted, so the raw prompt never enters the pool),
-   evicted into pages, and joins the batch with its first token;
+2. prefills: admits queued requests in arrival order while they fit, and runs their prefills
+   (each alone, in chunks of ``chunk_size``: ``AdaKVCache.prefill``'s computation with
+   ``order="auto"``, layer-major on the supported models, whose every layer is evicted, so the
+   raw prompt never enters the pool) a unit at a time (:class:`adakv_ops.hf.PrefillJob`: a
+   chunk of a layer, or of the model), up to ``max_prefill_tokens`` prompt tokens' worth per
+   step (the first unit always). A prompt longer than that is prefilled over several steps
+   while the running requests decode in between (a side cache over the same page store:
+   nobody's rows move); once its last unit ran it is evicted into pages and joins the batch
+   with its first token;
 3. launches one decode step for every running request (one forward over the cache's batch,
    each row at its own position; greedy or sampled per request), fed with the previous step's
    tokens *on the device*;
@@ -37,7 +41,8 @@ step, and after an eos one extra step was computed for that request (its token i
 Admission control (host-side page arithmetic, before any device work): a request is admitted
 only when the pool can hold, next to the worst case of every running request, its own worst
 case (kept rows of every layer + ``max_new_tokens``, rounded up to pages) and, while it is
-prefilled, what its prefill holds in the pool besides: nothing for a one-forward prompt or a
+prefilled (the running requests decode meanwhile), what its prefill holds in the pool
+instead: nothing more for a one-forward prompt or a
 layer-major chunked prefill (each layer holds its raw prompt in a buffer of its own, outside
 the pool, and writes only its kept rows), the raw prompt of every layer for a chunk-major one
 (held in pages until the last chunk; ``AdaKVCache.prefill_order`` says which order a prompt
@@ -67,7 +72,7 @@ import torch
 from torch import Tensor
 
 from . import fusion
-from .hf import AdaKVCache, cache_kwarg
+from .hf import AdaKVCache, PrefillJob, cache_kwarg
 from .sampling import SamplingParams, select_next
 from .store import to_device
 
@@ -82,7 +87,7 @@ class AdmissionError(ValueError):
 @dataclass
 class Request:
     """One request: its prompt, limits, generated tokens and state
-    (``"queued"``, ``"running"``, ``"finished"``, ``"cancelled"``)."""
+    (``"queued"``, ``"prefilling"``, ``"running"``, ``"finished"``, ``"cancelled"``)."""
 
     rid: int
     prompt: List[int]
@@ -116,14 +121,17 @@ class Engine:
             Qwen3), attention ``sdpa`` or ``eager``.
         num_pages: the page pool (all layers); fixed, so memory is what admission says.
         max_batch: the most requests running at once (sequence slots of the store).
-        chunk_size: prefill chunk (``None``: each prompt in one forward).
-        max_prefill_tokens: the prompt tokens one :meth:`step` prefills at most before it
-            launches the decode step (the first request admitted in a step always is, however
-            long): a burst of queued prompts is admitted over several steps, so each request's
-            first token comes after its own prefill and those before it in *this* step, and
-            the running requests decode between the prefills instead of waiting for all of
-            them (serving schedulers' per-step token budget). ``None``: admit everything that
-            fits in one step.
+        chunk_size: prefill chunk (``None``: each prompt in one forward, one unit of work
+            that no decode step interrupts).
+        max_prefill_tokens: the prompt tokens' worth of prefill work one :meth:`step` does
+            at most before it launches the decode step (serving schedulers' per-step token
+            budget), counted in units (:meth:`AdaKVCache.prefill_unit_costs`: a chunk of
+            ``n`` tokens through one layer costs ``n / L`` tokens) and never splitting one (the
+            first unit of a step always runs, however long): a burst of queued prompts is
+            prefilled over several steps, and so is one prompt longer than the budget when
+            ``chunk_size`` splits it, the running requests decoding in between instead of
+            stalling for the whole prefill. ``None``: every prefill that fits, whole, in one
+            step.
         compile: decode with ``torch.compile(model.forward, fullgraph=True)`` (``mode`` as
             given, e.g. ``"reduce-overhead"`` for CUDA graphs) at a fixed shape per batch-size
             bucket (powers of two up to ``max_batch``): the batch is padded with pad rows
@@ -178,6 +186,8 @@ class Engine:
         self._device = next(model.parameters()).device
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
+        self._job: Optional[tuple] = None       # (request, PrefillJob) being prefilled
+        self._depth = model.config.get_text_config(decoder=True).num_hidden_layers
         self._requests: Dict[int, Request] = {}
         self._inflight = None                   # (ids on the device, requests, host copy)
         self._host_ids: List[Tensor] = []       # two pinned buffers for the ids (CUDA)
@@ -315,8 +325,8 @@ class Engine:
                                  f"can be forked")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise AdmissionError(f"adakv: n must be an int >= 1, got {n!r}")
-        reserved = sum(r.pages_bound for r in self._running)
-        if len(self._running) + n > self.max_batch or \
+        reserved = self._reserved()
+        if self._slots_taken() + n > self.max_batch or \
                 self.num_pages - reserved < n * req.pages_bound:
             raise AdmissionError(
                 f"adakv: {n} copies of request {rid} do not fit now ({len(self._running)} of "
@@ -339,10 +349,13 @@ class Engine:
         return out
 
     def cancel(self, rid: int) -> None:
-        """Drop a queued or running request (a running one gives its pages back now)."""
+        """Drop a queued, prefilling or running request (its pages go back now)."""
         req = self._get(rid)
         if req.state == "queued":
             self._queue.remove(req)
+        elif req.state == "prefilling":
+            self._job[1].cancel()
+            self._job = None
         elif req.state == "running":
             self._retire([self._running.index(req)])
         else:
@@ -357,7 +370,8 @@ class Engine:
         return self._get(rid).state
 
     def has_work(self) -> bool:
-        return bool(self._queue or self._running or self._inflight is not None)
+        return bool(self._queue or self._running or self._job is not None
+                    or self._inflight is not None)
 
     # -- memory accounting ---------------------------------------------------------------------
 
@@ -369,6 +383,8 @@ class Engine:
 
     def pages_held(self, rid: int) -> int:
         req = self._get(rid)
+        if req.state == "prefilling":
+            return self._job[1].pages_held()
         if req.state != "running":
             return 0
         return self.cache.pool.store.pages_held(self.cache.pool.seqs[self._running.index(req)])
@@ -390,9 +406,10 @@ class Engine:
 
         1. retire the requests that need no further decode step (``max_new_tokens`` reached
            counting the token in flight, eos read, cancelled): pages back to the free list;
-        2. admit queued requests in arrival order while they fit and their prompts stay within
-           ``max_prefill_tokens`` (the first always; each prefilled alone; its first token is
-           returned now);
+        2. prefill: admit queued requests in arrival order while they fit and run their
+           prefills' units while the step's ``max_prefill_tokens`` last (the first unit
+           always; one prompt at a time; a request whose last unit ran joins the batch and
+           its first token is returned now);
         3. launch the decode step of every running request: inputs are the tokens of the
            step in flight, still on the device, so nothing waits for them;
         4. read the outputs of the *previous* step (the device is busy with the one just
@@ -406,18 +423,10 @@ class Engine:
         out: Dict[int, int] = {}
         t0 = time.perf_counter()
         self._retire([i for i, r in enumerate(self._running) if r.ends])
-        prefill, tokens = 0.0, 0
-        while self._queue and self._fits(self._queue[0]):
-            n = len(self._queue[0].prompt)
-            if tokens and self.max_prefill_tokens is not None and \
-                    tokens + n > self.max_prefill_tokens:
-                break                                     # the next step admits it
-            tokens += n
-            req = self._queue.popleft()
-            t1 = time.perf_counter()
-            out[req.rid] = self._admit(req)
-            prefill += time.perf_counter() - t1           # int(argmax) waited too
-            self.stats["prefills"] += 1
+        t1 = time.perf_counter()
+        if self._prefill(out):
+            self._sync()                 # prefill_s is device time, as the decode parts are
+        prefill = time.perf_counter() - t1
         self.stats["prefill_s"] += prefill
         launched, t_launch = None, 0.0
         if self._running:
@@ -537,7 +546,8 @@ class Engine:
     def run(self) -> Dict[int, List[int]]:
         """Step until every request is done; returns ``{request id: tokens}``."""
         while self.has_work():
-            if not self._running and self._queue and not self._fits(self._queue[0]):
+            if not self._running and self._job is None and self._queue and \
+                    not self._fits(self._queue[0]):
                 raise RuntimeError("adakv: the next queued request does not fit an idle "
                                    "engine")  # cannot happen: add_request refuses it
             self.step()
@@ -580,30 +590,72 @@ class Engine:
             b *= 2
         return min(b, self.max_batch) if B <= self.max_batch else B
 
-    def _fits(self, req: Request) -> bool:
-        if len(self._running) >= self.max_batch:
-            return False
-        reserved = sum(r.pages_bound for r in self._running)
-        if self.num_pages - reserved < req.pages_bound:
-            return False
-        if not req.raw_pages:          # its prefill takes no page beyond its reserved bound
-            return True                # (the same on every rank: no exchange needed)
-        free = self.pages_free
-        if self._shards is not None:   # every rank decides alike: the fewest free pages
-            free = self._shards.min_int(free)
-        return free >= req.raw_pages
+    def _reserved(self) -> int:
+        """Pages reserved by the running requests and the one being prefilled."""
+        job = [] if self._job is None else [self._job[0]]
+        return sum(r.pages_bound for r in self._running + job)
 
-    def _admit(self, req: Request) -> int:
-        ids = torch.tensor([req.prompt], device=self._device)
-        # joins as the last row; "auto" is the order _page_bounds counted (prefill_order)
-        out = self.cache.prefill(ids, chunk_size=self.chunk_size, order="auto")
-        first = int(self._next_tokens(out.logits[:, -1], [req])[0])
+    def _slots_taken(self) -> int:
+        return len(self._running) + (self._job is not None)
+
+    def _fits(self, req: Request) -> bool:
+        """Host page arithmetic, the same on every rank (no exchange): the request's worst
+        case next to every reserved one, and while it is prefilled (running requests decode
+        meanwhile, each within its reservation) what its prefill holds besides."""
+        if self._slots_taken() >= self.max_batch:
+            return False
+        return self.num_pages - self._reserved() >= max(req.pages_bound, req.raw_pages)
+
+    def _prefill(self, out: Dict[int, int]) -> bool:
+        """Step part 2 (see :meth:`step`); returns whether any unit ran."""
+        budget = None if self.max_prefill_tokens is None else \
+            self.max_prefill_tokens * self._depth          # token-layers (unit costs)
+        spent = 0
+        while True:
+            if self._job is None:
+                if not (self._queue and self._fits(self._queue[0])):
+                    break
+                req = self._queue[0]
+                first = self.cache.prefill_unit_costs(len(req.prompt),
+                                                      chunk_size=self.chunk_size)[0]
+                if spent and budget is not None and spent + first > budget:
+                    break                                  # the next step starts it
+                self._queue.popleft()
+                ids = torch.tensor([req.prompt], device=self._device)
+                # "auto": the order _page_bounds counted (prefill_order)
+                self._job = (req, PrefillJob(self.cache, ids, chunk_size=self.chunk_size,
+                                             order="auto"))
+                req.state = "prefilling"
+            req, job = self._job
+            if spent and budget is not None and spent + job.next_cost > budget:
+                break
+            try:
+                spent += job.step()
+            except BaseException:
+                job.cancel()                               # its pages back, nothing joined
+                self._job = None
+                req.state = "cancelled"
+                raise
+            if job.done:
+                out[req.rid] = self._join(req, job)
+        return spent > 0
+
+    def _join(self, req: Request, job: PrefillJob) -> int:
+        """A finished prefill joins the batch as its last row; returns its first token."""
+        job.commit()
+        self._job = None
+        first = int(self._next_tokens(job.output.logits[:, -1], [req])[0])
         req.tokens.append(first)
         req.state = "running"
         self._running.append(req)
+        self.stats["prefills"] += 1
         if req.ends:
             self._retire([len(self._running) - 1])
         return first
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
 
     def _retire(self, rows: List[int]) -> None:
         if not rows:

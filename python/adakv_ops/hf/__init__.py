@@ -105,6 +105,7 @@ Exact semantics of the ops: ``docs/semantics.md``; user guide: ``docs/hf.md``.
 
 from .cache import ORDERS, STORAGES, AdaKVCache, CacheSnapshot, generate_chunked
 from .flat import FlatLayer
+from .join import PrefillJob
 from .layer import EvictedLayer
 from .paged import PagedLayer
 from .registration import (CACHE_KWARG, QueryRecorder, cache_kwarg, original_attn_implementation,
@@ -115,6 +116,6 @@ from ..policy import METHODS
 AdaKVLayer = EvictedLayer
 
 __all__ = ["AdaKVCache", "AdaKVLayer", "CACHE_KWARG", "CacheSnapshot", "EvictedLayer",
-           "FlatLayer", "METHODS", "ORDERS", "PagedLayer", "QueryRecorder", "STORAGES",
-           "cache_kwarg", "generate_chunked", "original_attn_implementation",
+           "FlatLayer", "METHODS", "ORDERS", "PagedLayer", "PrefillJob", "QueryRecorder",
+           "STORAGES", "cache_kwarg", "generate_chunked", "original_attn_implementation",
            "restore_attention"]

@@ -153,6 +153,9 @@ class AdaKVCache(Cache):
                  as_written: bool = False, tensor_parallel=None,
                  storage: str = "paged", page_size: int = 64, num_pages: Optional[int] = None,
                  max_batch: Optional[int] = None, max_seq_len: Optional[int] = None):
+        # every constructor argument but the model: a side cache (PrefillJob) is built alike
+        self._arguments = {k: v for k, v in locals().items()
+                           if k not in ("self", "model", "__class__")}
         if method not in METHODS:
             raise ValueError(f"adakv: method must be one of {METHODS}, got {method!r}")
         # Every size-like argument, up front (SPEC section 9): an int in a range that keeps
@@ -383,6 +386,21 @@ class AdaKVCache(Cache):
         logical length (``get_seq_length``) becomes the longest prompt; decode forwards must
         then pass each row's ``position_ids`` (or an attention mask left-padded to that
         length)."""
+        units = self._prefill_units(input_ids, attention_mask, chunk_size, order, kwargs)
+        while True:
+            try:
+                next(units)
+            except StopIteration as done:
+                return done.value
+
+    def _prefill_units(self, input_ids: Tensor, attention_mask: Optional[Tensor],
+                       chunk_size: Optional[int], order: str, kwargs: dict):
+        """:meth:`prefill` as a generator: runs one unit of work per ``next`` and yields its
+        cost (:meth:`prefill_unit_costs`, the same list in the same order); returns the output.
+        Its prefill state (``_prompt``) stays open between units, so only this cache's own
+        decode must wait for the end: a :class:`~adakv_ops.hf.join.PrefillJob` runs it on a
+        side cache while the cache decodes. The caller sets the grad mode around each
+        ``next`` (a ``no_grad`` held across a ``yield`` would leak into the caller)."""
         model = self._model()
         adding = self.get_seq_length() != 0
         if adding:
@@ -394,19 +412,39 @@ class AdaKVCache(Cache):
                                           "supported with sliding-window layers")
         N = input_ids.shape[1]
         chunk_size = _chunk_size(N, chunk_size)
+        kwargs = dict(kwargs)
         pos = kwargs.pop("position_ids", None)
         how, lower_right = self._plan(model, N, attention_mask, chunk_size, order, kwargs)
         if pos is None and attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        with self._prompt(input_ids.shape[0], adding, lower_right,
-                          N if how == "layer" else 0):
+        with self._prompt(input_ids.shape[0], adding, lower_right, N if how == "layer" else 0):
             if how == "layer":
-                out = self._prefill_layer_major(model, input_ids, pos, chunk_size)
+                out = yield from self._prefill_layer_major(model, input_ids, pos, chunk_size)
             else:
-                out = self._prefill_chunk_major(model, input_ids, attention_mask, pos,
-                                                chunk_size, lower_right, kwargs)
+                out = yield from self._prefill_chunk_major(model, input_ids, attention_mask,
+                                                           pos, chunk_size, lower_right,
+                                                           kwargs)
         self.check_claimed()
         return out
+
+    def prefill_unit_costs(self, num_tokens: int, attention_mask: Optional[Tensor] = None,
+                           chunk_size: Optional[int] = None, order: str = "auto",
+                           **kwargs) -> list[int]:
+        """The units :meth:`prefill` runs a prompt of ``num_tokens`` tokens in, in order, each
+        as its cost in token-layers (tokens x decoder layers they pass; nothing is run): one
+        unit of ``N L`` for a one-forward prompt, one of ``n L`` per chunk of ``n`` tokens
+        (chunk-major), one of ``n`` per chunk of each layer (layer-major). A
+        :class:`~adakv_ops.hf.join.PrefillJob` runs them one at a time; a serving step spends
+        a budget of them."""
+        how = self.prefill_order(num_tokens, attention_mask, chunk_size, order, **kwargs)
+        c = _chunk_size(num_tokens, chunk_size)
+        L = self._model().config.get_text_config(decoder=True).num_hidden_layers
+        chunks = [min(a + c, num_tokens) - a for a in range(0, num_tokens, c)]
+        if how == "one-shot":
+            return [num_tokens * L]
+        if how == "chunk":
+            return [n * L for n in chunks]
+        return [n for _ in range(L) for n in chunks]
 
     def prefill_order(self, num_tokens: int, attention_mask: Optional[Tensor] = None,
                       chunk_size: Optional[int] = None, order: str = "auto", **kwargs) -> str:
@@ -516,8 +554,10 @@ class AdaKVCache(Cache):
 
     def _prefill_chunk_major(self, model, input_ids, attention_mask, pos, chunk_size: int,
                              lower_right: bool, kwargs: dict):
-        """Each chunk through the model's forward (one-shot: a single chunk)."""
+        """Each chunk through the model's forward (one-shot: a single chunk); a generator
+        (:meth:`_prefill_units`)."""
         N = input_ids.shape[1]
+        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         out = None
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
@@ -529,6 +569,7 @@ class AdaKVCache(Cache):
                             position_ids=None if pos is None else pos[..., a:b],
                             **cache_kwarg(self, model), use_cache=True, logits_to_keep=1,
                             **kwargs)
+            yield (b - a) * n_layers
         return out
 
     def _prefill_layer_major(self, model, input_ids: Tensor, pos: Optional[Tensor],
@@ -538,7 +579,8 @@ class AdaKVCache(Cache):
         prompt, is updated in place: chunk ``[a, b)`` of a layer reads its own rows of ``h``
         and the layer's held K/V, exactly what it reads in the chunk-major order, so every
         chunk computes the same values. Returns an output with ``.logits`` of the last
-        position (``logits_to_keep=1``)."""
+        position (``logits_to_keep=1``); a generator (:meth:`_prefill_units`): one unit per
+        chunk of a layer."""
         inner, _ = _decoder_glue(model)
         cfg = model.config.get_text_config(decoder=True)
         N = input_ids.shape[1]
@@ -566,12 +608,36 @@ class AdaKVCache(Cache):
                     kw["cache_position"] = torch.arange(a, b, device=h.device)
                 y = layer(x, **kw)
                 h[:, a:b] = y[0] if isinstance(y, tuple) else y
+                yield b - a
         # the final norm over the last chunk's rows, as the model's forward applies it to its
         # last chunk (a norm of the last row alone rounds differently on some CPU builds:
         # torch 2.13 under tensor parallelism), then the head of the last position
         last = (N - 1) // chunk_size * chunk_size
         logits = model.lm_head(inner.norm(h[:, last:].contiguous())[:, -1:])
         return _causal_lm_output(logits, self)
+
+    def _side_cache(self) -> "AdaKVCache":
+        """A new cache of the same model and settings whose sequences go into this cache's
+        page store (:class:`~adakv_ops.hf.join.PrefillJob`)."""
+        if self.pool is None:
+            raise NotImplementedError("adakv: a prefill job needs storage='paged'")
+        if len(self.adakv_layers) != len(self.layers):
+            raise NotImplementedError("adakv: a prefill job is not supported with "
+                                      "sliding-window layers")
+        side = type(self)(self._model(), **self._arguments)
+        side.pool.parent = self.pool
+        return side
+
+    def _adopt(self, side: "AdaKVCache") -> list[int]:
+        """The sequences a finished prefill put in ``side`` (:meth:`_side_cache`) join this
+        cache's batch as its last rows, pages untouched; returns their batch rows."""
+        self.check_claimed()
+        side.check_claimed()
+        seqs = list(side.pool.seqs)
+        rows = self.pool.adopt(side.pool)
+        for mine, theirs in zip(self.adakv_layers, side.adakv_layers):
+            mine._adopt(theirs, seqs)
+        return rows
 
     @property
     def batch_size(self) -> int:

@@ -34,8 +34,12 @@ __all__ = ["PagedLayer", "PagedPool"]
 class PagedPool:
     """The one store of a cache's evicted layers, created at the first prompt."""
 
-    def __init__(self, settings, n_layers: int, heads: int, head_dim: int):
+    def __init__(self, settings, n_layers: int, heads: int, head_dim: int,
+                 parent: Optional["PagedPool"] = None):
         self.settings = settings
+        #: a side cache's pool (:class:`~adakv_ops.hf.join.PrefillJob`): it opens the parent's
+        #: store (creating it on the parent's first use) and takes its sequences there
+        self.parent = parent
         self.n_layers, self.heads, self.head_dim = n_layers, heads, head_dim
         self.store: Optional[PagedKVStore] = None
         self.seqs: list[int] = []
@@ -52,13 +56,17 @@ class PagedPool:
     def open(self, B: int, rows_per_segment: int, dtype, device) -> PagedKVStore:
         """The store (built for ``B`` sequences on first use). A forward's batch must be the
         cache's, or the rows being added (:meth:`AdaKVCache.prefill` on a non-empty cache)."""
+        if self.store is None and self.parent is not None:
+            if self.parent.store is None:
+                self.parent.open(0, rows_per_segment, dtype, device)
+            self.store = self.parent.store
         if self.store is None:
             s = self.settings
             P = s.page_size
             pages = s.num_pages
             if pages is None:  # auto: every segment of every layer at the given size, + 1/8
                 per_seg = -(-max(rows_per_segment, 1) // P)
-                pages = B * self.heads * self.n_layers * per_seg
+                pages = max(B, 1) * self.heads * self.n_layers * per_seg
                 pages = min(pages + pages // 8 + 1, INT32_MAX)
             # max_batch fixes the slots (tables never move); None: the store doubles them
             slots = None if s.max_batch is None else max(s.max_batch, B)
@@ -161,6 +169,27 @@ class PagedPool:
             self._membership_changed()
             self.mark()
         return new
+
+    def adopt(self, side: "PagedPool") -> list[int]:
+        """The sequences of ``side`` (a side pool over this pool's store, not in a prefill)
+        become this pool's last batch rows, pages untouched; ``side`` is left empty and
+        detached. Returns their batch rows."""
+        if side.store is not self.store or side.rows is not None or self.rows is not None:
+            raise RuntimeError("adakv: only a finished prefill of a side cache over this "
+                               "cache's store can join its batch")
+        first = len(self.seqs)
+        self.seqs.extend(side.seqs)
+        side.seqs, side.store, side._marked = [], None, None
+        side._membership_changed()
+        self._membership_changed()
+        self.mark()
+        return list(range(first, len(self.seqs)))
+
+    def drop(self) -> None:
+        """Every sequence of this pool leaves, its pages back to the free list (a side pool's
+        cancel)."""
+        if self.store is not None:
+            self.remove(list(range(len(self.seqs))))
 
     def active(self) -> list[int]:
         """The sequences of the forward in flight: the rows being added, or the batch."""
@@ -434,6 +463,30 @@ class PagedLayer(EvictedLayer):
             self.free[new] = self.free[src]
             self.slot_budget[new] = self.slot_budget[src]
         self._batch += len(rows)
+
+    def _adopt(self, side: "PagedLayer", seqs: list[int]) -> None:
+        """Sequences ``seqs`` (store slots), prefilled by ``side`` (the same layer of a side
+        cache over this layer's store), joined the pool's batch as its last rows: this layer's
+        state becomes what a prefill of added rows leaves (the prompt's layer budget, window,
+        scale and kept window; per-slot re-eviction state copied)."""
+        if not side.evicted:
+            raise RuntimeError(f"adakv: layer {self.layer_idx}: the side prefill did not evict")
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = side.dtype, side.device, True
+        self._batch = (self._batch or 0) + side._batch
+        self.seen = max(self.seen, side.seen)
+        self.n_heads, self.budget, self.window = side.n_heads, side.budget, side.window
+        self._scale, self._o_proj = side._scale, side._o_proj
+        self._kept_window = side._kept_window
+        self._evicted = True
+        self.keys, self.values = self.store.k_pages, self.store.v_pages
+        if side.qbuf is not None:
+            _, Hq, _, D = side.qbuf.shape
+            self._ensure_slot_state(Hq, D, side.qbuf.dtype, side.qbuf.device)
+            idx = to_device(torch.tensor(seqs, dtype=torch.int64), side.qbuf.device)
+            self.qbuf.index_copy_(0, idx, side.qbuf.index_select(0, idx))
+            self.free[seqs] = side.free[seqs]
+            self.slot_budget[seqs] = side.slot_budget[seqs]
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Only batch rows ``keep`` stay (the pool frees the others' pages; the per-slot

@@ -1,0 +1,169 @@
+"""``adakv_ops.hf.PrefillJob``: a prompt prefilled a unit at a time into a side cache over the
+cache's page store while the cache decodes, then committed as the cache's last batch row.
+
+The reference is the same prompt added by ``AdaKVCache.prefill`` after the same decode steps:
+the committed cache holds the same rows bit for bit and decodes the same logits, for each order
+(layer-major, chunk-major, one forward), method and re-eviction; a cancelled job gives its pages
+back and leaves the cache as it was. Tiny random-weight models of ``test_hf`` (CPU, float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAVE_OPS
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="adakv_ops extension not built")
+
+from test_hf import COMMON, make_model  # noqa: E402
+from test_hf import _one_thread  # noqa: E402,F401  (autouse: one thread for tiny matmuls)
+from test_chunked_prefill import _assert_identical_rows  # noqa: E402
+
+if HAVE_OPS:
+    from adakv_ops.hf import CACHE_KWARG, AdaKVCache, PrefillJob
+
+L = COMMON["num_hidden_layers"]
+
+
+def _prompts(*lens, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 128, (1, n), generator=g) for n in lens]
+
+
+def _decode(model, cache, tok, pos):
+    """One eager decode step of every row; returns the logits ``[B, vocab]``."""
+    with torch.no_grad():
+        return model(input_ids=tok, position_ids=pos, use_cache=True,
+                     **{CACHE_KWARG: cache}).logits[:, -1]
+
+
+@pytest.mark.parametrize("chunk,order", [(None, "auto"), (7, "auto"), (7, "chunk"), (16, "auto")])
+@pytest.mark.parametrize("method", ["ada_snapkv", "layer_defensivekv", "ada_pyramid", "full"])
+def test_a_job_between_decode_steps_gives_the_added_prompt(method, chunk, order):
+    model = make_model("llama")
+    first, joining = _prompts(33, 41)
+    kw = dict(method=method, budget=10, window=6, page_size=4, max_batch=3)
+    direct, job_cache = AdaKVCache(model, **kw), AdaKVCache(model, **kw)
+    tok = torch.tensor([[5]])
+    for c in (direct, job_cache):
+        c.prefill(first)
+    job = PrefillJob(job_cache, joining, chunk_size=chunk, order=order)
+    costs = list(job.costs)
+    assert sum(costs) == 41 * L
+    assert len(costs) == (1 if chunk is None else
+                          -(-41 // chunk) * (L if order == "auto" else 1))
+    steps = 0
+    ran = []
+    while not job.done:                     # a decode step of the cache after every unit
+        assert job.next_cost == costs[len(ran)]
+        ran.append(job.step())
+        logits = _decode(model, job_cache, tok, torch.tensor([[33 + steps]]))
+        ref = _decode(model, direct, tok, torch.tensor([[33 + steps]]))
+        assert torch.equal(logits, ref)      # the job does not touch the cache's rows
+        steps += 1
+        tok = logits.argmax(-1, keepdim=True)
+    assert ran == costs and job.next_cost == 0 and job.remaining_cost == 0
+    assert job_cache.batch_size == 1
+    out = direct.prefill(joining, chunk_size=chunk, order=order)
+    assert job.commit() == [1]
+    assert job.state == "committed" and job_cache.batch_size == 2
+    assert torch.equal(job.output.logits, out.logits)
+    _assert_identical_rows(job_cache, direct)
+    assert job_cache.get_seq_length() == direct.get_seq_length()
+    assert job_cache.layer_budgets == direct.layer_budgets
+    toks = torch.tensor([[7], [9]])
+    pos = torch.tensor([[33 + steps], [41]])
+    for i in range(3):
+        a, b = _decode(model, job_cache, toks, pos + i), _decode(model, direct, toks, pos + i)
+        assert torch.equal(a, b)
+        toks = a.argmax(-1, keepdim=True)
+    assert job_cache.pool.store.pages_used == direct.pool.store.pages_used
+
+
+def test_a_job_into_an_empty_cache_and_with_re_eviction():
+    """The first prompt of a cache as a job (the store is created for the cache), and the
+    per-slot re-eviction state carried by the commit: both caches re-evict alike."""
+    model = make_model("qwen2")
+    a_prompt, b_prompt = _prompts(30, 26, seed=7)
+    kw = dict(method="ada_snapkv", budget=8, window=4, page_size=4, max_growth=6,
+              max_batch=2)
+    direct, jobbed = AdaKVCache(model, **kw), AdaKVCache(model, **kw)
+    direct.prefill(a_prompt, chunk_size=8)
+    job = PrefillJob(jobbed, a_prompt, chunk_size=8)
+    assert jobbed.pool.store is None
+    job.run()
+    assert job.commit() == [0] and jobbed.pool.store is not None
+    direct.prefill(b_prompt)
+    job = PrefillJob(jobbed, b_prompt)
+    job.run()
+    job.commit()
+    _assert_identical_rows(jobbed, direct)
+    toks, pos = torch.tensor([[3], [4]]), torch.tensor([[30], [26]])
+    for i in range(20):                               # past max_growth: re-evicts twice
+        a, b = _decode(model, jobbed, toks, pos + i), _decode(model, direct, toks, pos + i)
+        assert torch.equal(a, b)
+        toks = a.argmax(-1, keepdim=True)
+    assert [l.n_reevict for l in jobbed.adakv_layers] == \
+        [l.n_reevict for l in direct.adakv_layers]
+    assert all(l.n_reevict > 0 for l in jobbed.adakv_layers)
+    _assert_identical_rows(jobbed, direct)
+
+
+@pytest.mark.parametrize("order", ["auto", "chunk"])
+def test_a_cancelled_job_gives_its_pages_back(order):
+    model = make_model("llama")
+    first, joining = _prompts(20, 45)
+    c = AdaKVCache(model, method="ada_snapkv", budget=8, window=4, page_size=4, max_batch=2)
+    c.prefill(first)
+    used = c.pool.store.pages_used
+    job = PrefillJob(c, joining, chunk_size=8, order=order)
+    for _ in range(3):
+        job.step()
+    # chunk-major holds the raw chunks in pages; layer-major (3 chunks of layer 0) none yet
+    assert (job.pages_held() > 0) == (order == "chunk")
+    assert c.pool.store.pages_used == used + job.pages_held()
+    job.cancel()
+    assert job.state == "cancelled" and job.pages_held() == 0
+    assert c.pool.store.pages_used == used and c.batch_size == 1
+    job.cancel()                                   # idempotent
+    with pytest.raises(RuntimeError, match="cancelled"):
+        job.step()
+    ref = AdaKVCache(model, method="ada_snapkv", budget=8, window=4, page_size=4, max_batch=2)
+    ref.prefill(first)
+    tok = torch.tensor([[6]])
+    assert torch.equal(_decode(model, c, tok, torch.tensor([[20]])),
+                       _decode(model, ref, tok, torch.tensor([[20]])))
+    job = PrefillJob(c, joining, chunk_size=8, order=order)   # the slot is free again
+    job.run()
+    assert job.commit() == [1]
+
+
+def test_job_errors():
+    model = make_model("llama")
+    first, joining = _prompts(20, 25)
+    c = AdaKVCache(model, budget=8, window=4, page_size=4, max_batch=1)
+    c.prefill(first)
+    job = PrefillJob(c, joining, chunk_size=10)
+    with pytest.raises(RuntimeError, match="run every unit first"):
+        job.commit()
+    with pytest.raises(RuntimeError, match="max_sequences=1"):
+        job.run()                           # no slot left: layer 0's eviction fails
+    assert job.state == "failed"
+    job.cancel()
+    assert c.batch_size == 1 and c.pool.store.pages_used > 0
+    with pytest.raises(ValueError, match="input_ids"):
+        PrefillJob(c, joining[0])
+    with pytest.raises(NotImplementedError, match="storage='paged'"):
+        PrefillJob(AdaKVCache(model, budget=8, window=4, storage="flat"), joining)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        PrefillJob(AdaKVCache(make_model("gemma3"), budget=8, window=4), joining)
+    ok = AdaKVCache(model, budget=8, window=4, page_size=4)
+    job = PrefillJob(ok, joining)
+    job.run()
+    with pytest.raises(RuntimeError, match="done"):
+        job.step()
+    job.commit()
+    with pytest.raises(RuntimeError, match="committed"):
+        job.commit()
