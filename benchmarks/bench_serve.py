@@ -70,6 +70,9 @@ def main(argv=None):
                          "8192,32768,131072 (the mixed stream of issue 13; burst mode only)")
     ap.add_argument("--new", default=None, help="lo,hi new tokens per request")
     ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--max-prefill-tokens", type=int, default=16384,
+                    help="Engine(max_prefill_tokens=...): prefill work per step; 0: no bound "
+                         "(every prefill whole in the step that admits it)")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--page-size", type=int, default=64)
@@ -133,6 +136,7 @@ def main(argv=None):
     # page tables' width, so the decode graphs keep one shape (Engine docstring)
     max_seq_len = max(mix + [N, JOIN_PROMPT]) + hi
     eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
+                 max_prefill_tokens=args.max_prefill_tokens or None,
                  compile=args.compile, mode=None if cpu else "reduce-overhead",
                  method="ada_snapkv", budget=C, window=W, page_size=P,
                  max_growth=args.max_growth, max_seq_len=max_seq_len,
@@ -143,7 +147,8 @@ def main(argv=None):
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "requests": R, "prompt": N, "new": [lo, hi], "budget": C, "window": W,
               "page_size": P, "num_pages": pages, "pool_gib": pages * page_bytes / 2**30,
-              "max_batch": max_batch, "chunk": args.chunk, "compile": args.compile,
+              "max_batch": max_batch, "chunk": args.chunk,
+              "max_prefill_tokens": args.max_prefill_tokens or None, "compile": args.compile,
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
               "fused_projections": eng.fused_projections,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
@@ -167,7 +172,7 @@ def main(argv=None):
     for n, n_prompt in zip(news, lens):
         prompt = torch.randint(0, cfg.vocab_size, (n_prompt,), generator=g).tolist()
         rids.append(eng.add_request(prompt, n))
-    first = {}
+    first, last, gaps = {}, {}, []   # gaps: between a request's consecutive tokens (ITL)
     max_conc, max_pages = 0, 0
     steps = []   # (batch, decode seconds of the step, kv rows)
     while eng.has_work():
@@ -179,6 +184,9 @@ def main(argv=None):
         now = time.perf_counter() - t0
         for rid in out:
             first.setdefault(rid, now)
+            if rid in last:
+                gaps.append(now - last[rid])
+            last[rid] = now
         if B:
             steps.append((B, eng.stats["decode_s"] - before, kv_rows))
         max_conc = max(max_conc, len(eng.running))
@@ -197,6 +205,10 @@ def main(argv=None):
     kv = statistics.median(s[2] for s in at_max) if at_max else 0
     roof = (step_weights + kv * 2 * D * el) / bw if not cpu else float("nan")
     ttft = sorted(first[r] for r in rids)
+    gaps.sort()
+    itl = {"itl_median_ms": statistics.median(gaps) * 1e3 if gaps else None,
+           "itl_p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3 if gaps else None,
+           "itl_max_ms": gaps[-1] * 1e3 if gaps else None}
     rec = {"kind": "serve", "max_concurrent": max_conc, "prompt_lengths": lens,
            "engine_warmup_s": warm_s,
            "decode_tok_s": (sum(x[0] for x in timed) / max(sum(x[1] for x in timed), 1e-9)
@@ -204,7 +216,8 @@ def main(argv=None):
            "warmup_steps": len(warm), "warmup_s": sum(x[1] for x in warm),
            "prefill_s_total": st["prefill_s"], "prefills": st["prefills"],
            "tok_s_incl_prefill": sum(len(eng.result(r)) for r in rids) / wall,
-           "ttft_median_s": statistics.median(ttft), "ttft_max_s": ttft[-1], "wall_s": wall,
+           "ttft_median_s": statistics.median(ttft), "ttft_max_s": ttft[-1], **itl,
+           "wall_s": wall,
            "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30,
            "kv_held_max_gib": max_pages * page_bytes / 2**30,
            "step_ms_at_max_batch": med * 1e3, "max_batch_seen": Bmax,
@@ -216,7 +229,9 @@ def main(argv=None):
     print(f"\nmax concurrent {max_conc}, decode {rec['decode_tok_s'] or 0:.0f} tok/s "
           f"(after {len(warm)} warm-up steps, {rec['warmup_s']:.1f} s), incl. prefill "
           f"{rec['tok_s_incl_prefill']:.0f} tok/s, TTFT median {rec['ttft_median_s']:.2f} s "
-          f"(max {rec['ttft_max_s']:.2f}), KV held max {rec['kv_held_max_gib']:.2f} GiB, step "
+          f"(max {rec['ttft_max_s']:.2f}), inter-token gap median / p99 / max "
+          f"{rec['itl_median_ms'] or 0:.1f} / {rec['itl_p99_ms'] or 0:.1f} / "
+          f"{rec['itl_max_ms'] or 0:.1f} ms, KV held max {rec['kv_held_max_gib']:.2f} GiB, step "
           f"at batch {Bmax}: {rec['step_ms_at_max_batch']:.2f} ms")
 
 

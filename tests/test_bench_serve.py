@@ -39,8 +39,11 @@ def test_stream_mode_mixed_prompts_with_reeviction(tmp_path):
     import bench_serve
     out = tmp_path / "stream.jsonl"
     bench_serve.main(["--cpu", "--requests", "4", "--prompt-mix", "20,48,90", "--new", "5,9",
-                      "--max-growth", "6", "--out", str(out)])
+                      "--max-growth", "6", "--chunk", "16", "--max-prefill-tokens", "16",
+                      "--out", str(out)])
     head, rec = bench_records(out)
-    assert head["max_growth"] == 6
+    assert head["max_growth"] == 6 and head["max_prefill_tokens"] == 16
     assert rec["kind"] == "serve" and set(rec["prompt_lengths"]) <= {20, 48, 90}
     assert rec["max_concurrent"] >= 1 and rec["tok_s_incl_prefill"] > 0
+    # inter-token gaps of the running requests (prefills run between their steps)
+    assert 0 < rec["itl_median_ms"] <= rec["itl_p99_ms"] <= rec["itl_max_ms"]
