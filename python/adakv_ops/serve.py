@@ -121,8 +121,10 @@ class Engine:
             Qwen3), attention ``sdpa`` or ``eager``.
         num_pages: the page pool (all layers); fixed, so memory is what admission says.
         max_batch: the most requests running at once (sequence slots of the store).
-        chunk_size: prefill chunk (``None``: each prompt in one forward, one unit of work
-            that no decode step interrupts).
+        chunk_size: prefill chunk (default 16384, as ``max_prefill_tokens``: a longer prompt
+            is prefilled over several steps with activation memory bounded by the chunk;
+            ``None``: each prompt in one forward, one unit of work that no decode step
+            interrupts).
         max_prefill_tokens: the prompt tokens' worth of prefill work one :meth:`step` does
             at most before it launches the decode step (serving schedulers' per-step token
             budget), counted in units (:meth:`AdaKVCache.prefill_unit_costs`: a chunk of
@@ -155,7 +157,7 @@ class Engine:
     """
 
     def __init__(self, model, *, num_pages: int, max_batch: int,
-                 chunk_size: Optional[int] = None, compile: bool = False,
+                 chunk_size: Optional[int] = 16384, compile: bool = False,
                  max_prefill_tokens: Optional[int] = 16384,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
                  fuse_projections: bool = True, **cache_kwargs):
