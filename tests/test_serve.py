@@ -598,3 +598,29 @@ def test_reeviction_engine_compiled_with_buckets():
         assert eng.result(rid) == _alone(model, p, n, **kw), rid
     assert eng.result(copy) == eng.result(rids[0])
     assert counter.frame_count <= 3               # buckets 2 and 4 (and 1 as requests end)
+
+
+def test_a_prefill_that_fails_gives_its_pages_back_and_the_engine_goes_on(monkeypatch):
+    from adakv_ops.hf import PrefillJob
+    model = make_model("llama", "eager")                  # chunk-major: raw pages held
+    first, long = _prompts(2, seed=17, lo=40, hi=50)
+    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, max_prefill_tokens=8, **KW)
+    a = eng.add_request(first, 10)
+    while a not in eng.running:
+        eng.step()
+    c = eng.add_request(long, 4)
+    eng.step()
+    assert eng.state(c) == "prefilling" and eng.pages_held(c) > 0
+    real = PrefillJob.step
+
+    def broken(self):
+        raise RuntimeError("unit failed")
+    monkeypatch.setattr(PrefillJob, "step", broken)
+    with pytest.raises(RuntimeError, match="unit failed"):
+        eng.step()
+    monkeypatch.setattr(PrefillJob, "step", real)
+    assert eng.state(c) == "cancelled" and eng.pages_held(c) == 0
+    assert eng.pages_free == 4000 - eng.pages_held(a)
+    out = eng.run()
+    assert out[a] == _alone(model, first, 10, chunk=8)
+    assert eng.pages_free == 4000
