@@ -409,14 +409,16 @@ def test_cuda_engine_warmup_with_cuda_graphs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("max_prefill", [16384, 16])       # 16: prompts split over steps
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_engine_join_and_leave(compile):
-    """On the CUDA kernels (fp32 tiny model): joins, leaves, a gathered batch, bucket pads."""
+def test_cuda_engine_join_and_leave(compile, max_prefill):
+    """On the CUDA kernels (fp32 tiny model): joins, leaves, a gathered batch, bucket pads,
+    prefills a unit at a time between (compiled) decode steps."""
     model = make_model("llama").cuda()
     prompts = _prompts(5, seed=17)
     news = [4, 8, 2, 6, 5]
     eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, compile=compile,
-                 backend="aot_eager", **KW)
+                 backend="aot_eager", max_prefill_tokens=max_prefill, **KW)
     rids = [eng.add_request(p, n) for p, n in zip(prompts[:3], news[:3])]
     eng.step()
     rids += [eng.add_request(p, n) for p, n in zip(prompts[3:], news[3:])]
