@@ -331,8 +331,9 @@ class Engine:
         if self._slots_taken() + n > self.max_batch or \
                 self.num_pages - reserved < n * req.pages_bound:
             raise AdmissionError(
-                f"adakv: {n} copies of request {rid} do not fit now ({len(self._running)} of "
-                f"max_batch={self.max_batch} running, {self.num_pages - reserved} of "
+                f"adakv: {n} copies of request {rid} do not fit now ({self._slots_taken()} of "
+                f"max_batch={self.max_batch} running or prefilling, "
+                f"{self.num_pages - reserved} of "
                 f"{self.num_pages} pages unreserved, {req.pages_bound} needed per copy)")
         self._drain()
         if req.ends:
@@ -601,9 +602,10 @@ class Engine:
         return len(self._running) + (self._job is not None)
 
     def _fits(self, req: Request) -> bool:
-        """Host page arithmetic, the same on every rank (no exchange): the request's worst
-        case next to every reserved one, and while it is prefilled (running requests decode
-        meanwhile, each within its reservation) what its prefill holds besides."""
+        """Host page arithmetic, the same on every rank (no exchange): a free slot, and next
+        to every reserved worst case the larger of the request's own worst case and what its
+        prefill holds in the pool (the running requests decode meanwhile, each within its
+        reservation)."""
         if self._slots_taken() >= self.max_batch:
             return False
         return self.num_pages - self._reserved() >= max(req.pages_bound, req.raw_pages)
