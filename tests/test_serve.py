@@ -139,17 +139,23 @@ def test_a_long_prompt_is_prefilled_over_steps_while_the_others_decode(attn):
     assert eng.pages_free == 4000
 
 
-def test_cancel_a_request_while_it_is_prefilled():
-    model = make_model("qwen2", "eager")                  # chunk-major: raw pages held
-    first, long = _prompts(2, seed=13, lo=40, hi=50)
-    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, max_prefill_tokens=8,
-                 **KW)
-    a = eng.add_request(first, 12)
+def _one_running_one_prefilling(family, seed, new_a):
+    """An engine (chunk-major: an eager model holds the raw prompt in pages) with request
+    ``a`` running and request ``c`` (4 new tokens) prefilled part of the way."""
+    model = make_model(family, "eager")
+    first, long = _prompts(2, seed=seed, lo=40, hi=50)
+    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, max_prefill_tokens=8, **KW)
+    a = eng.add_request(first, new_a)
     while a not in eng.running:
         eng.step()
     c = eng.add_request(long, 4)
     eng.step()
     assert eng.state(c) == "prefilling" and eng.pages_held(c) > 0
+    return model, eng, first, long, a, c
+
+
+def test_cancel_a_request_while_it_is_prefilled():
+    model, eng, first, long, a, c = _one_running_one_prefilling("qwen2", 13, 12)
     assert eng.pages_free == 4000 - eng.pages_held(a) - eng.pages_held(c)
     eng.cancel(c)
     assert eng.state(c) == "cancelled" and eng.pages_held(c) == 0
@@ -604,15 +610,7 @@ def test_reeviction_engine_compiled_with_buckets():
 
 def test_a_prefill_that_fails_gives_its_pages_back_and_the_engine_goes_on(monkeypatch):
     from adakv_ops.hf import PrefillJob
-    model = make_model("llama", "eager")                  # chunk-major: raw pages held
-    first, long = _prompts(2, seed=17, lo=40, hi=50)
-    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, max_prefill_tokens=8, **KW)
-    a = eng.add_request(first, 10)
-    while a not in eng.running:
-        eng.step()
-    c = eng.add_request(long, 4)
-    eng.step()
-    assert eng.state(c) == "prefilling" and eng.pages_held(c) > 0
+    model, eng, first, long, a, c = _one_running_one_prefilling("llama", 17, 10)
     real = PrefillJob.step
 
     def broken(self):

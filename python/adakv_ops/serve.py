@@ -97,6 +97,7 @@ class Request:
     state: str = "queued"
     pages_bound: int = 0        # worst-case pages once evicted, incl. its max_new_tokens
     raw_pages: int = 0          # pages its chunked prefill holds until the last chunk
+    first_unit: int = 0         # cost of its prefill's first unit (token-layers)
     pending: int = 0            # tokens of decode steps launched but not read yet
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
@@ -302,6 +303,8 @@ class Engine:
                                  f"tokens exceed max_seq_len={longest}")
         req = Request(self._next_id, prompt, max_new_tokens, eos_token_id, sampling=sampling)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
+        req.first_unit = self.cache.prefill_unit_costs(len(prompt),
+                                                       chunk_size=self.chunk_size)[0]
         need = max(req.pages_bound, req.raw_pages)
         if need > self.num_pages:
             raise AdmissionError(
@@ -344,7 +347,7 @@ class Engine:
         for _ in range(n):
             c = Request(self._next_id, req.prompt, req.max_new_tokens, req.eos_token_id,
                         list(req.tokens), "running", req.pages_bound, req.raw_pages,
-                        sampling=req.sampling)
+                        req.first_unit, sampling=req.sampling)
             self._next_id += 1
             self._requests[c.rid] = c
             self._running.append(c)
@@ -620,9 +623,7 @@ class Engine:
                 if not (self._queue and self._fits(self._queue[0])):
                     break
                 req = self._queue[0]
-                first = self.cache.prefill_unit_costs(len(req.prompt),
-                                                      chunk_size=self.chunk_size)[0]
-                if spent and budget is not None and spent + first > budget:
+                if spent and budget is not None and spent + req.first_unit > budget:
                     break                                  # the next step starts it
                 self._queue.popleft()
                 ids = torch.tensor([req.prompt], device=self._device)
