@@ -80,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--num-pages", type=int, default=None,
                     help="pool size (default: 85%% of the free memory after the weights)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--mode", default="reduce-overhead",
+                    help="torch.compile mode of the decode step with --compile; max-autotune "
+                         "also records CUDA graphs and lets Inductor pick Triton GEMMs")
     ap.add_argument("--no-fuse", action="store_true",
                     help="leave q/k/v_proj and gate/up_proj unfused (Engine(fuse_projections="
                          "False)): the A/B of the fused projections")
@@ -137,7 +140,7 @@ def main(argv=None):
     max_seq_len = max(mix + [N, JOIN_PROMPT]) + hi
     eng = Engine(model, num_pages=pages, max_batch=max_batch, chunk_size=args.chunk,
                  max_prefill_tokens=args.max_prefill_tokens or None,
-                 compile=args.compile, mode=None if cpu else "reduce-overhead",
+                 compile=args.compile, mode=None if cpu else args.mode,
                  method="ada_snapkv", budget=C, window=W, page_size=P,
                  max_growth=args.max_growth, max_seq_len=max_seq_len,
                  fuse_projections=not args.no_fuse)
@@ -149,6 +152,7 @@ def main(argv=None):
               "page_size": P, "num_pages": pages, "pool_gib": pages * page_bytes / 2**30,
               "max_batch": max_batch, "chunk": args.chunk,
               "max_prefill_tokens": args.max_prefill_tokens or None, "compile": args.compile,
+              "mode": args.mode if args.compile else None,
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
               "fused_projections": eng.fused_projections,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}

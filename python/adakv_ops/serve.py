@@ -229,8 +229,8 @@ class Engine:
 
     @torch.no_grad()
     def warmup(self, buckets: Optional[Sequence[int]] = None) -> float:
-        """Compile (and with ``mode="reduce-overhead"`` record the CUDA graph of) the decode
-        step of every bucket in ``buckets`` (default: :attr:`buckets`, all of them) before any
+        """Compile (and with ``mode="reduce-overhead"`` or ``"max-autotune"`` record the CUDA
+        graph of) the decode step of every bucket in ``buckets`` (default: :attr:`buckets`, all of them) before any
         request is served, as serving engines capture their graphs at start-up: otherwise the
         first step at each new batch bucket compiles it while every running request waits
         (tens of seconds per bucket for an 8B model). Each bucket: a one-token request is
@@ -487,7 +487,7 @@ class Engine:
         if self._compiled:
             self.cache.pool.set_bucket(Bb)
             self.cache.prepare_decode(1)
-            if self._mode == "reduce-overhead":
+            if self._mode in ("reduce-overhead", "max-autotune"):    # CUDA graph trees
                 torch.compiler.cudagraph_mark_step_begin()
         logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
                                **cache_kwarg(self.cache), use_cache=True).logits
