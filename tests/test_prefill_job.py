@@ -167,3 +167,74 @@ def test_job_errors():
     job.commit()
     with pytest.raises(RuntimeError, match="committed"):
         job.commit()
+
+
+@pytest.mark.parametrize("order", ["auto", "chunk"])
+def test_the_cache_may_add_remove_fork_and_restore_rows_while_a_job_runs(order):
+    """Between two units the cache prefills a row, forks one, removes one and restores a
+    snapshot; the commit then joins the job's prompt after those rows, identical to the same
+    prompt prefilled directly at that point."""
+    model = make_model("llama")
+    a, b, c = _prompts(33, 41, 20)
+    kw = dict(method="ada_snapkv", budget=10, window=6, page_size=4, max_batch=5)
+    cache, ref = AdaKVCache(model, **kw), AdaKVCache(model, **kw)
+    for x in (cache, ref):
+        x.prefill(a)
+    job = PrefillJob(cache, b, chunk_size=7, order=order)
+    job.step()
+    snap = cache.snapshot()
+    tok = torch.tensor([[5]])
+    _decode(model, cache, tok, torch.tensor([[33]]))          # a token the restore drops
+    cache.restore(snap)
+    job.step()
+    for x in (cache, ref):
+        x.prefill(c)
+        x.fork_rows([0])
+        x.remove_rows([1])                                     # rows: a, fork of a
+    job.run()
+    ref.prefill(b, chunk_size=7, order=order)
+    assert job.commit() == [2]
+    _assert_identical_rows(cache, ref)
+    toks, pos = torch.tensor([[5], [6], [7]]), torch.tensor([[33], [33], [41]])
+    for i in range(2):
+        assert torch.equal(_decode(model, cache, toks, pos + i), _decode(model, ref, toks, pos + i))
+
+
+@pytest.mark.parametrize("order", ["auto", "chunk"])
+def test_a_reset_while_a_job_holds_pages_refuses_its_commit(order):
+    model = make_model("llama")
+    a, b, c = _prompts(33, 41, 20)
+    cache = AdaKVCache(model, budget=10, window=6, page_size=4, max_batch=3, num_pages=400)
+    cache.prefill(a)
+    old = cache.pool.store
+    job = PrefillJob(cache, b, chunk_size=7, order=order)
+    while job.pages_held() == 0:
+        job.step()
+    cache.reset()
+    cache.prefill(c)                                # a new store
+    assert cache.pool.store is not old
+    job.run()
+    with pytest.raises(RuntimeError, match="reset"):
+        job.commit()
+    held = job.pages_held()
+    assert cache.batch_size == 1 and held > 0
+    used = old.pages_used               # the old store: the job's pages and the reset row's
+    job.cancel()
+    assert job.pages_held() == 0 and old.pages_used == used - held
+    assert cache.batch_size == 1
+
+
+def test_a_reset_before_a_job_writes_a_page_lets_it_join_the_next_store():
+    model = make_model("llama")
+    a, b = _prompts(33, 41)
+    kw = dict(budget=10, window=6, page_size=4, max_batch=3)
+    cache, ref = AdaKVCache(model, **kw), AdaKVCache(model, **kw)
+    cache.prefill(a)
+    job = PrefillJob(cache, b, chunk_size=7)         # layer-major: pages at layer 0's end
+    job.step()
+    assert job.pages_held() == 0
+    cache.reset()
+    job.run()
+    assert job.commit() == [0]
+    ref.prefill(b, chunk_size=7)
+    _assert_identical_rows(cache, ref)

@@ -30,9 +30,14 @@ class PrefillJob:
 
     ``step()`` runs the next unit and returns its cost; once ``done``, ``commit()`` joins the
     prompt's rows to the cache's batch and returns them (``output``: the model output of the
-    prefill, logits of the last position). ``cancel()`` gives the pages back at any point. Only
-    the cache's decode may run between units: another prefill into the cache itself, a
-    ``reset()`` or a ``restore()`` of it meanwhile is not supported.
+    prefill, logits of the last position). ``cancel()`` gives the pages back at any point.
+
+    Between units the cache may decode, add rows (``prefill``), remove or fork rows and
+    ``restore()`` a snapshot: none of these touches the job's sequences, and the commit joins
+    them after whatever rows the cache then holds. A ``reset()`` of the cache drops its page
+    store; a job whose sequences are already in that store can no longer join (``commit()``
+    raises and says so; ``cancel()`` frees its pages), one that has not written a page yet
+    opens the cache's next store.
     """
 
     def __init__(self, cache, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

@@ -174,7 +174,11 @@ class PagedPool:
         """The sequences of ``side`` (a side pool over this pool's store, not in a prefill)
         become this pool's last batch rows, pages untouched; ``side`` is left empty and
         detached. Returns their batch rows."""
-        if side.store is not self.store or side.rows is not None or self.rows is not None:
+        if side.store is not self.store:
+            raise RuntimeError("adakv: the prefill job's sequences are in a page store this "
+                               "cache no longer uses (it was reset() while the job ran): "
+                               "they cannot join its batch; cancel() the job")
+        if side.rows is not None or self.rows is not None:
             raise RuntimeError("adakv: only a finished prefill of a side cache over this "
                                "cache's store can join its batch")
         first = len(self.seqs)
