@@ -624,3 +624,49 @@ def test_a_prefill_that_fails_gives_its_pages_back_and_the_engine_goes_on(monkey
     out = eng.run()
     assert out[a] == _alone(model, first, 10, chunk=8)
     assert eng.pages_free == 4000
+
+
+@pytest.mark.parametrize("seed,attn", [(0, "sdpa"), (1, "eager"), (2, "sdpa")])
+def test_a_random_stream_of_arrivals_and_cancels_keeps_the_pages_accounted(seed, attn):
+    """A long random run: requests arrive at random steps (prompts of 1-60 tokens, 1-12 new
+    tokens), some are cancelled while queued, prefilling or running, the pool is small enough
+    that requests wait, and prompts are prefilled over several steps (``max_prefill_tokens``
+    below a prompt). After every step: the pages held by the running and the prefilling
+    requests plus the free pages are the pool, and no running request holds more than its
+    reservation. At the end every page is back, and each request that was not cancelled got
+    exactly its tokens alone. ``attn``: sdpa prefills layer-major, eager chunk-major (its raw
+    prompt in pages)."""
+    model = make_model("llama", attn)
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def rnd(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    chunk = 7
+    pages = 150
+    eng = Engine(model, num_pages=pages, max_batch=3, chunk_size=chunk, max_prefill_tokens=9,
+                 **KW)
+    reqs = {}
+    for step in range(80):
+        if step < 50 and rnd(0, 2) == 0:
+            p = torch.randint(2, 128, (rnd(1, 60),), generator=g).tolist()
+            n = rnd(1, 12)
+            reqs[eng.add_request(p, n)] = (p, n)
+        live = [r for r in reqs if eng.state(r) in ("queued", "prefilling", "running")]
+        if live and rnd(0, 9) == 0:
+            eng.cancel(live[rnd(0, len(live) - 1)])
+        eng.step()
+        held = sum(eng.pages_held(r) for r in reqs)
+        assert held + eng.pages_free == pages, step
+        for r in eng.running:
+            assert eng.pages_held(r) <= eng._get(r).pages_bound, (step, r)
+        assert len(eng.running) + (eng._job is not None) <= 3
+    while eng.has_work():
+        eng.step()
+    assert eng.pages_free == pages
+    states = [eng.state(r) for r in reqs]
+    assert "finished" in states and "cancelled" in states
+    assert set(states) <= {"finished", "cancelled"}
+    for rid, (p, n) in reqs.items():
+        if eng.state(rid) == "finished":
+            assert eng.result(rid) == _alone(model, p, n, chunk=chunk), rid
