@@ -139,6 +139,71 @@ def test_a_long_prompt_is_prefilled_over_steps_while_the_others_decode(attn):
     assert eng.pages_free == 4000
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_short_prompt_is_prefilled_ahead_of_a_long_one_in_progress(attn):
+    """A short prompt queued behind a long one that is prefilled over steps joins in the next
+    step (its whole prefill fits in what is left of the step); the long one still runs a unit
+    every step; a long one queued behind the short keeps its place (arrival order among the
+    queued); every request gets its tokens alone."""
+    model = make_model("llama", attn)
+    long = _prompts(1, seed=12, lo=61, hi=62)[0]
+    short, short2 = _prompts(2, seed=13, lo=5, hi=8)
+    long2 = _prompts(1, seed=14, lo=50, hi=51)[0]
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, max_prefill_tokens=16,
+                 **KW)
+    c = eng.add_request(long, 6)
+    eng.step()
+    assert eng.state(c) == "prefilling"
+    s = eng.add_request(short, 5)
+    d = eng.add_request(long2, 3)                 # waits for c: one long prompt at a time
+    e = eng.add_request(short2, 4)                # behind d: no passing it
+    left = eng._job[1].remaining_cost
+    got = eng.step()
+    assert s in got and eng.state(s) == "running" and eng.state(c) == "prefilling"
+    assert eng._job[1].remaining_cost < left      # c ran a unit in the same step
+    assert eng.queued == [d, e]
+    while eng.state(c) == "prefilling":
+        assert s in eng.step()                    # s decodes between c's units
+    assert eng.state(e) == "queued" or eng.state(d) != "queued"
+    out = eng.run()
+    for rid, p, n in ((c, long, 6), (s, short, 5), (d, long2, 3), (e, short2, 4)):
+        assert out[rid] == _alone(model, p, n, chunk=8), rid
+    assert eng.pages_free == 4000
+
+
+def test_a_chunk_major_prefill_reserves_its_raw_pages_against_forks_and_short_prompts():
+    """While a chunk-major prompt holds its raw prompt in pages (more than its kept worst
+    case), neither a fork nor a short prompt ahead of it may take those pages."""
+    model = make_model("llama", "eager")
+    first = _prompts(1, seed=15, lo=12, hi=13)[0]
+    long = _prompts(1, seed=16, lo=61, hi=62)[0]
+    short = _prompts(1, seed=17, lo=6, hi=7)[0]
+    probe = Engine(model, num_pages=1, max_batch=4, chunk_size=8, **KW)
+    one, _ = probe._page_bounds(12, 8)
+    bound, raw = probe._page_bounds(61, 4)
+    sb, _ = probe._page_bounds(6, 3)
+    assert raw > bound
+    pool = one + raw + max(one, sb)               # one fork or the short fit beside raw, not bound
+    eng = Engine(model, num_pages=pool, max_batch=4, chunk_size=8, max_prefill_tokens=16,
+                 **KW)
+    a = eng.add_request(first, 8)
+    while a not in eng.running:
+        eng.step()
+    c = eng.add_request(long, 4)
+    eng.step()
+    assert eng.state(c) == "prefilling"
+    eng.fork(a)                                   # fits beside c's raw pages
+    with pytest.raises(AdmissionError, match="do not fit now"):
+        eng.fork(a)                               # would fit beside c's bound only
+    s = eng.add_request(short, 3)
+    eng.step()
+    assert eng.state(s) == "queued"               # not ahead of c: no pages for it now
+    out = eng.run()
+    assert out[c] == _alone(model, long, 4, chunk=8)
+    assert out[s] == _alone(model, short, 3, chunk=8)
+    assert eng.pages_free == pool
+
+
 def _one_running_one_prefilling(family, seed, new_a):
     """An engine (chunk-major: an eager model holds the raw prompt in pages) with request
     ``a`` running and request ``c`` (4 new tokens) prefilled part of the way."""

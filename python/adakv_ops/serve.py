@@ -25,7 +25,9 @@ Each :meth:`Engine.step`:
    step (the first unit always). A prompt longer than that is prefilled over several steps
    while the running requests decode in between (a side cache over the same page store:
    nobody's rows move); once its last unit ran it is evicted into pages and joins the batch
-   with its first token;
+   with its first token. Meanwhile, queued requests whose whole prefill fits in what is left
+   of a step are prefilled in it and join ahead of the long prompt (a short prompt does not
+   wait behind a long one; the queue's order is kept);
 3. launches one decode step for every running request (one forward over the cache's batch,
    each row at its own position; greedy or sampled per request), fed with the previous step's
    tokens *on the device*;
@@ -414,8 +416,9 @@ class Engine:
            counting the token in flight, eos read, cancelled): pages back to the free list;
         2. prefill: admit queued requests in arrival order while they fit and run their
            prefills' units while the step's ``max_prefill_tokens`` last (the first unit
-           always; one prompt at a time; a request whose last unit ran joins the batch and
-           its first token is returned now);
+           always; one prompt at a time, but the queue head's prompts that fit whole in the
+           rest of a step go ahead of a long one in progress; a request whose last unit ran
+           joins the batch and its first token is returned now);
         3. launch the decode step of every running request: inputs are the tokens of the
            step in flight, still on the device, so nothing waits for them;
         4. read the outputs of the *previous* step (the device is busy with the one just
@@ -597,9 +600,10 @@ class Engine:
         return min(b, self.max_batch) if B <= self.max_batch else B
 
     def _reserved(self) -> int:
-        """Pages reserved by the running requests and the one being prefilled."""
-        job = [] if self._job is None else [self._job[0]]
-        return sum(r.pages_bound for r in self._running + job)
+        """Pages reserved by the running requests and the one being prefilled (the larger of
+        its worst case and what its prefill holds: a chunk-major prompt's raw pages)."""
+        job = 0 if self._job is None else max(self._job[0].pages_bound, self._job[0].raw_pages)
+        return sum(r.pages_bound for r in self._running) + job
 
     def _slots_taken(self) -> int:
         return len(self._running) + (self._job is not None)
@@ -618,6 +622,7 @@ class Engine:
         budget = None if self.max_prefill_tokens is None else \
             self.max_prefill_tokens * self._depth          # token-layers (unit costs)
         spent = 0
+        ahead = budget is not None and self._job is not None   # a prompt left by the last step
         while True:
             if self._job is None:
                 if not (self._queue and self._fits(self._queue[0])):
@@ -626,29 +631,59 @@ class Engine:
                 if spent and budget is not None and spent + req.first_unit > budget:
                     break                                  # the next step starts it
                 self._queue.popleft()
-                ids = torch.tensor([req.prompt], device=self._device)
-                # "auto": the order _page_bounds counted (prefill_order)
-                self._job = (req, PrefillJob(self.cache, ids, chunk_size=self.chunk_size,
-                                             order="auto"))
-                req.state = "prefilling"
+                self._job = (req, self._start(req))
             req, job = self._job
             if spent and budget is not None and spent + job.next_cost > budget:
                 break
-            try:
-                spent += job.step()
-            except BaseException:
-                job.cancel()                               # its pages back, nothing joined
-                self._job = None
-                req.state = "cancelled"
-                raise
+            spent += self._run_unit(req, job)
             if job.done:
+                self._job = None
                 out[req.rid] = self._join(req, job)
+            elif ahead:         # once per step, after the long prompt's first unit of the step
+                ahead = False
+                spent += self._prefill_short(budget - spent, out)
         return spent > 0
+
+    def _prefill_short(self, left: int, out: Dict[int, int]) -> int:
+        """While a long prompt is prefilled over steps: the queued requests at the head of the
+        queue whose whole prefill fits in ``left`` token-layers (and in the pool and the
+        slots, next to the long one) are prefilled now, whole, and join ahead of it; returns
+        the token-layers spent. Arrival order among the queued requests is kept (a long one at
+        the head stops it)."""
+        spent = 0
+        while self._queue:
+            req = self._queue[0]
+            cost = len(req.prompt) * self._depth
+            if spent + cost > left or not self._fits(req):
+                break
+            self._queue.popleft()
+            job = self._start(req)
+            while not job.done:
+                spent += self._run_unit(req, job)
+            out[req.rid] = self._join(req, job)
+        return spent
+
+    def _start(self, req: Request) -> PrefillJob:
+        ids = torch.tensor([req.prompt], device=self._device)
+        req.state = "prefilling"
+        # "auto": the order _page_bounds counted (prefill_order)
+        return PrefillJob(self.cache, ids, chunk_size=self.chunk_size, order="auto")
+
+    def _run_unit(self, req: Request, job: PrefillJob) -> int:
+        """One unit of ``req``'s prefill; a unit that raises cancels the request (its pages
+        back, nothing joined) and the error propagates."""
+        try:
+            return job.step()
+        except BaseException:
+            job.cancel()
+            if self._job is not None and self._job[1] is job:
+                self._job = None
+            req.state = "cancelled"
+            raise
 
     def _join(self, req: Request, job: PrefillJob) -> int:
         """A finished prefill joins the batch as its last row; returns its first token."""
         job.commit()
-        self._job = None
         first = int(self._next_tokens(job.output.logits[:, -1], [req])[0])
         req.tokens.append(first)
         req.state = "running"
