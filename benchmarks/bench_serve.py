@@ -209,6 +209,10 @@ def main(argv=None):
     kv = statistics.median(s[2] for s in at_max) if at_max else 0
     roof = (step_weights + kv * 2 * D * el) / bw if not cpu else float("nan")
     ttft = sorted(first[r] for r in rids)
+    by_len = {}     # prompt length -> TTFT median (a short prompt behind long ones)
+    for n_prompt in sorted(set(lens)):
+        by_len[n_prompt] = statistics.median(first[r] for r, n in zip(rids, lens)
+                                             if n == n_prompt)
     gaps.sort()
     itl = {"itl_median_ms": statistics.median(gaps) * 1e3 if gaps else None,
            "itl_p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3 if gaps else None,
@@ -220,7 +224,8 @@ def main(argv=None):
            "warmup_steps": len(warm), "warmup_s": sum(x[1] for x in warm),
            "prefill_s_total": st["prefill_s"], "prefills": st["prefills"],
            "tok_s_incl_prefill": sum(len(eng.result(r)) for r in rids) / wall,
-           "ttft_median_s": statistics.median(ttft), "ttft_max_s": ttft[-1], **itl,
+           "ttft_median_s": statistics.median(ttft), "ttft_max_s": ttft[-1],
+           "ttft_median_s_by_prompt": by_len, **itl,
            "wall_s": wall,
            "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30,
            "kv_held_max_gib": max_pages * page_bytes / 2**30,
@@ -237,6 +242,9 @@ def main(argv=None):
           f"{rec['itl_median_ms'] or 0:.1f} / {rec['itl_p99_ms'] or 0:.1f} / "
           f"{rec['itl_max_ms'] or 0:.1f} ms, KV held max {rec['kv_held_max_gib']:.2f} GiB, step "
           f"at batch {Bmax}: {rec['step_ms_at_max_batch']:.2f} ms")
+    if len(by_len) > 1:
+        print("TTFT median by prompt length: " +
+              ", ".join(f"{n}: {t:.2f} s" for n, t in by_len.items()))
 
 
 def run_peers(args, model, N, cfg, g, cpu):

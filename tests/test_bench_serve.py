@@ -47,3 +47,6 @@ def test_stream_mode_mixed_prompts_with_reeviction(tmp_path):
     assert rec["max_concurrent"] >= 1 and rec["tok_s_incl_prefill"] > 0
     # inter-token gaps of the running requests (prefills run between their steps)
     assert 0 < rec["itl_median_ms"] <= rec["itl_p99_ms"] <= rec["itl_max_ms"]
+    by_len = {int(n): t for n, t in rec["ttft_median_s_by_prompt"].items()}
+    assert set(by_len) == set(rec["prompt_lengths"])
+    assert min(by_len.values()) >= 0 and max(by_len.values()) <= rec["ttft_max_s"]
