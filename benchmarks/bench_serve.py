@@ -133,7 +133,9 @@ def main(argv=None):
         pages = 4000 if cpu else int(torch.cuda.mem_get_info()[0] * 0.85 // page_bytes)
     if targets:    # every request outlives the measurement
         n_buckets = len(targets) + 2
-        lo = hi = n_buckets * (args.warmup + args.steps) + 8
+        mpt = args.max_prefill_tokens
+        join_steps = 1 if not mpt else -(-JOIN_PROMPT // mpt) + 1    # a join's prefill
+        lo = hi = n_buckets * (args.warmup + args.steps + join_steps) + 8
     mix = [int(x) for x in args.prompt_mix.split(",")] if args.prompt_mix else [N]
     # the longest request (the fork mode's joins have JOIN_PROMPT prompt tokens): fixes the
     # page tables' width, so the decode graphs keep one shape (Engine docstring)
@@ -309,8 +311,8 @@ def _category(name: str) -> str:
 def join_leave(eng, cfg, g, new, cpu, n_join=JOIN_PROMPT):
     """At the current batch: the cost of a leave (a forked request cancelled: its pages freed,
     the tables' rows zeroed, a new segment index) and of a join (a request of ``n_join``
-    prompt tokens admitted by the next step: its prefill and eviction; ``prefill_s`` of the
-    engine's stats), host wall time with the device synchronised. Neither should grow with
+    prompt tokens admitted by the next step: its prefill and eviction, over the steps it
+    takes; ``prefill_s`` of the engine's stats), host wall time with the device synchronised. Neither should grow with
     the batch."""
     def sync():
         if not cpu:
@@ -320,9 +322,12 @@ def join_leave(eng, cfg, g, new, cpu, n_join=JOIN_PROMPT):
     eng.cancel(eng.running[-1])
     sync()
     leave = time.perf_counter() - t0
-    eng.add_request(torch.randint(0, cfg.vocab_size, (n_join,), generator=g).tolist(), new)
+    rid = eng.add_request(torch.randint(0, cfg.vocab_size, (n_join,), generator=g).tolist(),
+                          new)
     before = eng.stats["prefill_s"]
     eng.step()
+    while eng.state(rid) in ("queued", "prefilling"):   # over steps (max_prefill_tokens)
+        eng.step()
     return {"leave_ms": leave * 1e3, "join_prefill_ms": (eng.stats["prefill_s"] - before) * 1e3,
             "join_prompt": n_join}
 
@@ -361,9 +366,9 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
     D = cfg.head_dim
     recs = []
     t0 = time.perf_counter()
-    for n in news:
-        eng.add_request(torch.randint(0, cfg.vocab_size, (N,), generator=g).tolist(), n)
-    while eng.queued:
+    rids = [eng.add_request(torch.randint(0, cfg.vocab_size, (N,), generator=g).tolist(), n)
+            for n in news]
+    while any(eng.state(r) in ("queued", "prefilling") for r in rids):   # prefilled, joined
         eng.step()
     prefill_wall = time.perf_counter() - t0
     real = list(eng.running)

@@ -16,8 +16,10 @@ sys.path.insert(0, str(BENCH_DIR))
 def test_fork_mode_records(tmp_path):
     import bench_serve
     out = tmp_path / "fork.jsonl"
+    # the real prompt prefilled over several steps, as 32K prompts are on the GPU
     bench_serve.main(["--cpu", "--fork-to", "3,5", "--requests", "1", "--warmup", "1",
-                      "--steps", "2", "--out", str(out)])
+                      "--steps", "2", "--chunk", "8", "--max-prefill-tokens", "8",
+                      "--out", str(out)])
     recs = bench_records(out)
     assert recs[0]["kind"] == "header"
     dec = [r for r in recs if r["kind"] == "fork_decode"]
