@@ -403,6 +403,9 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "kv_rows": kv_rows, "warmup_s": warm, "prefill_wall_s": prefill_wall,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
+        # the decode figures first: timing the join may compile another bucket's graph
+        print(f"batch {B}: step {med * 1e3:.2f} ms, {B / med:.0f} tok/s, roofline "
+              f"{roof * 1e3:.2f} ms ({100 * roof / med:.1f}%)", flush=True)
         rec.update(join_leave(eng, cfg, g, news[0], cpu))
         if args.profile and not cpu:
             rec["profile"] = profile_steps(eng)
