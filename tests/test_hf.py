@@ -391,6 +391,45 @@ def test_compressed_context_reuse(family, storage):
         big.restore(snap)
 
 
+@pytest.mark.parametrize("change", ["prefill", "fork", "remove", "remove_then_prefill", "reset"])
+def test_restore_refuses_a_batch_whose_rows_changed_and_changes_nothing(change):
+    """A snapshot restores the batch it recorded: after a row joined, left or was forked (or a
+    ``reset``) ``restore`` raises before touching anything, and the cache decodes as if it had
+    not been called (a half-restored batch would mix two states)."""
+    model = make_model("llama")
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(2, 128, (1, n), generator=g) for n in (33, 41, 20))
+    kw = dict(method="ada_snapkv", budget=10, window=6, page_size=4, max_batch=4)
+    cache, ref = AdaKVCache(model, **kw), AdaKVCache(model, **kw)
+    snap = None
+    for x in (cache, ref):
+        x.prefill(a)
+        x.prefill(b)
+        if x is cache:
+            snap = cache.snapshot()
+        if change == "prefill":
+            x.prefill(c)
+        elif change == "fork":
+            x.fork_rows([0])
+        elif change == "remove":
+            x.remove_rows([0])
+        elif change == "remove_then_prefill":     # the new row takes the freed slot's id
+            x.remove_rows([1])
+            x.prefill(c)
+        else:
+            x.reset()
+            x.prefill(c)
+    with pytest.raises(ValueError, match="rows changed|another sequence"):
+        cache.restore(snap)
+    from adakv_ops.hf import CACHE_KWARG
+    B = cache.batch_size
+    tok, pos = torch.full((B, 1), 7), torch.full((B, 1), 60)
+    with torch.no_grad():
+        got, want = (model(input_ids=tok, position_ids=pos, use_cache=True,
+                           **{CACHE_KWARG: x}).logits for x in (cache, ref))
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. decode-time re-eviction keeps the cache bounded
 

@@ -667,10 +667,9 @@ class PagedKVStore:
             tuple(tuple(len(self._pages[l][s]) for s in segs) for l in range(self.num_layers)),
             tuple(st.compressed))
 
-    def restore(self, seq_id: int, snap: StoreSnapshot) -> None:
-        """Put the sequence back to ``snap``: lengths restored (device ``seg_len`` too), pages
-        handed out after the snapshot go back to the free list. Valid any number of times while
-        the sequence lives and no ``finish_prefill`` ran on it since the snapshot."""
+    def check_restorable(self, seq_id: int, snap: StoreSnapshot) -> None:
+        """Raise (changing nothing) unless :meth:`restore` of ``snap`` into ``seq_id`` is valid:
+        the same sequence (not a later owner of its slot), not evicted again since."""
         self._check_seq(seq_id)
         st = self._seqs[seq_id]
         if snap.seq_id != seq_id or snap.generation != st.generation:
@@ -679,6 +678,13 @@ class PagedKVStore:
         if tuple(st.epoch) != snap.epochs:
             raise ValueError("adakv: the sequence was evicted again (finish_prefill) after "
                              "the snapshot; it cannot be restored")
+
+    def restore(self, seq_id: int, snap: StoreSnapshot) -> None:
+        """Put the sequence back to ``snap``: lengths restored (device ``seg_len`` too), pages
+        handed out after the snapshot go back to the free list. Valid any number of times while
+        the sequence lives and no ``finish_prefill`` ran on it since the snapshot."""
+        self.check_restorable(seq_id, snap)
+        st = self._seqs[seq_id]
         segs = list(self._segs(seq_id))
         for l in range(self.num_layers):
             for s, n, npg in zip(segs, snap.lens[l], snap.n_pages[l]):

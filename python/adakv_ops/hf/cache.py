@@ -87,6 +87,7 @@ class CacheSnapshot:
     layers: list
     store: Optional[list]
     owner: Any
+    rows: tuple = ()      # the batch's identity: (store, its sequences) paged, (batch,) flat
 
 
 class AdaKVCache(Cache):
@@ -765,13 +766,30 @@ class AdaKVCache(Cache):
         store = None
         if self.pool is not None and self.pool.store is not None:
             store = [self.pool.store.snapshot(q) for q in self.pool.seqs]
-        return CacheSnapshot(layers=states, store=store, owner=weakref.ref(self))
+        return CacheSnapshot(layers=states, store=store, owner=weakref.ref(self),
+                             rows=self._rows_identity())
+
+    def _rows_identity(self) -> tuple:
+        """What a snapshot's rows must still be for ``restore``: the page store and its
+        sequences in row order (paged), the batch size (flat)."""
+        if self.pool is not None:
+            st = self.pool.store     # (by weak reference: a snapshot keeps no pages alive)
+            return (None if st is None else weakref.ref(st), tuple(self.pool.seqs))
+        return (self.batch_size,)
 
     def restore(self, snap: CacheSnapshot) -> None:
-        """Put the cache back to ``snap`` (e.g. drop an answer appended after compression)."""
+        """Put the cache back to ``snap`` (e.g. drop an answer appended after compression).
+        The batch must hold the rows it held then: a row that joined, left or was forked
+        since, or a ``reset()``, makes it raise before anything changes."""
         if snap.owner() is not self:
             raise ValueError("adakv: snapshot of another cache")
+        if snap.rows != self._rows_identity():
+            raise ValueError("adakv: restore: the cache's batch rows changed since the snapshot "
+                             "(a row joined, left or was forked, or the cache was reset); a "
+                             "snapshot restores only the batch it recorded")
         if snap.store is not None:
+            for q, st in zip(self.pool.seqs, snap.store):
+                self.pool.store.check_restorable(q, st)     # all rows checked before any change
             for q, st in zip(self.pool.seqs, snap.store):
                 self.pool.store.restore(q, st)
         for layer, st in zip(self.layers, snap.layers):
