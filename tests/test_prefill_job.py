@@ -169,6 +169,44 @@ def test_job_errors():
         job.commit()
 
 
+@pytest.mark.parametrize("bad,err,pat", [
+    (lambda a: a - 100, ValueError, r"token ids in \[0, 128\)"),
+    (lambda a: a + 1000, ValueError, r"token ids in \[0, 128\)"),
+    (lambda a: a.float(), TypeError, "integer tensor"),
+    (lambda a: a.bool(), TypeError, "integer tensor"),
+    (lambda a: a.tolist(), TypeError, "tensor, got list"),
+    (lambda a: a[None], ValueError, r"\[B, N\]"),
+    (lambda a: a[:, :0], ValueError, r"N >= 1"),
+])
+@pytest.mark.parametrize("how", ["prefill", "job"])
+def test_a_bad_prompt_is_refused_before_any_work(bad, err, pat, how):
+    """Ids out of the vocabulary (on CUDA a device-side assert inside the embedding), a float,
+    bool or list prompt, a wrong shape: refused naming ``input_ids``, with the cache's rows and
+    pages as they were; an attention mask of another shape likewise."""
+    model = make_model("llama")
+    a, b = _prompts(20, 25)
+    cache = AdaKVCache(model, budget=8, window=4, page_size=4, max_batch=3)
+    cache.prefill(a)
+    used = cache.pool.store.pages_used
+
+    def run(ids, mask=None):
+        if how == "prefill":
+            cache.prefill(ids, mask, chunk_size=7)
+        else:
+            PrefillJob(cache, ids, mask, chunk_size=7).run()
+
+    with pytest.raises(err, match=pat):
+        run(bad(b))
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        run(b, torch.ones(1, 24, dtype=torch.long))
+    assert cache.batch_size == 1 and cache.pool.store.pages_used == used
+    run(b)                                   # the cache takes a good prompt after them
+    if how == "job":
+        assert cache.batch_size == 1         # (a job joins on commit)
+    else:
+        assert cache.batch_size == 2
+
+
 @pytest.mark.parametrize("order", ["auto", "chunk"])
 def test_the_cache_may_add_remove_fork_and_restore_rows_while_a_job_runs(order):
     """Between two units the cache prefills a row, forks one, removes one and restores a

@@ -366,6 +366,9 @@ def test_engine_rejects_hostile_input_before_any_device_work():
             eng.cancel(bad)
     with pytest.raises(ValueError, match="storage='paged'"):
         Engine(model, num_pages=10, max_batch=2, storage="flat")
+    for bad in (0, -5, True, 2.5, "16"):
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            Engine(model, num_pages=10, max_batch=2, chunk_size=bad, **KW)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -166,6 +166,10 @@ class Engine:
                  fuse_projections: bool = True, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
+        if chunk_size is not None and (not isinstance(chunk_size, int)
+                                       or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"adakv: chunk_size must be a positive int or None, got "
+                             f"{chunk_size!r}")
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool)
                                                or max_prefill_tokens < 1):

@@ -43,6 +43,35 @@ def _chunk_size(N: int, chunk_size) -> int:
     return chunk_size
 
 
+def check_prompt(model, input_ids, attention_mask=None) -> None:
+    """A prompt's ``input_ids`` (and ``attention_mask``) checked before any model work: a
+    ``[B, N]`` integer tensor with ``N >= 1`` and every id an embedding row (on CUDA an id out
+    of range would fail inside the embedding kernel as a device-side assert, which ends the
+    process's CUDA context); one device read of the ids' min and max per prompt."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"adakv: input_ids must be a [B, N] integer tensor, got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"adakv: input_ids must be [B, N] with N >= 1, got "
+                         f"{list(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or \
+            input_ids.dtype == torch.bool:
+        raise TypeError(f"adakv: input_ids must be an integer tensor, got {input_ids.dtype}")
+    # the config's vocabulary (with tensor parallelism the embedding module may be a shard)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    if input_ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(input_ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"adakv: input_ids must be token ids in [0, {vocab}), got values "
+                             f"in [{lo}, {hi}]")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        shape = (list(attention_mask.shape) if isinstance(attention_mask, Tensor)
+                 else type(attention_mask).__name__)
+        raise ValueError(f"adakv: attention_mask must have input_ids' shape "
+                         f"{list(input_ids.shape)}, got {shape}")
+
+
 def _decoder_glue(model) -> tuple[Any, list[str]]:
     """``(decoder, missing)``: the model's decoder (``get_decoder()``, else ``model.model``)
     and what a layer-major prefill needs of it and of the model that is missing."""
@@ -403,6 +432,7 @@ class AdaKVCache(Cache):
         side cache while the cache decodes. The caller sets the grad mode around each
         ``next`` (a ``no_grad`` held across a ``yield`` would leak into the caller)."""
         model = self._model()
+        check_prompt(model, input_ids, attention_mask)
         adding = self.get_seq_length() != 0
         if adding:
             if self.pool is None or self.pool.store is None:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .cache import check_prompt
+
 __all__ = ["PrefillJob"]
 
 
@@ -42,11 +44,9 @@ class PrefillJob:
 
     def __init__(self, cache, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                  chunk_size: Optional[int] = None, order: str = "auto", **kwargs):
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"adakv: input_ids must be [B, N] with N >= 1, got "
-                             f"{list(input_ids.shape)}")
         self.cache = cache
-        self._side = cache._side_cache()
+        self._side = cache._side_cache()       # (holds nothing until a unit runs)
+        check_prompt(self._side._model(), input_ids, attention_mask)
         #: the units' costs in token-layers, in the order ``step`` runs them
         self.costs = self._side.prefill_unit_costs(input_ids.shape[1], attention_mask,
                                                    chunk_size, order, **kwargs)
