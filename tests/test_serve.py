@@ -290,6 +290,9 @@ def test_cancel_and_eos():
     a = eng.add_request(prompts[0], 30)
     b = eng.add_request(prompts[1], 8, eos_token_id=eos)
     c = eng.add_request(prompts[2], 30)
+    # several stop tokens (generation_config.eos_token_id is often a list): the first read stops
+    d = eng.add_request(prompts[1], 8, eos_token_id=[127, ref[5], ref[2]])
+    e = eng.add_request(prompts[1], 8, eos_token_id=torch.tensor([ref[4]]))
     eng.step()
     eng.step()
     eng.cancel(c)
@@ -297,6 +300,9 @@ def test_cancel_and_eos():
     eng.cancel(a)
     eng.run()
     assert eng.result(b) == ref[:ref.index(eos) + 1]
+    stop = min(i for i, t in enumerate(ref) if t in (127, ref[5], ref[2]))
+    assert eng.result(d) == ref[:stop + 1]
+    assert eng.result(e) == ref[:ref.index(ref[4]) + 1]
     assert eng.pages_free == 3000
     with pytest.raises(KeyError):
         eng.result(99)
@@ -353,8 +359,15 @@ def test_engine_rejects_hostile_input_before_any_device_work():
     for prompt, n, pat in cases:
         with pytest.raises(AdmissionError, match=pat):
             eng.add_request(prompt, n)
-    with pytest.raises((AdmissionError, TypeError, ValueError)):
-        eng.add_request([3.5, "x"], 3)
+    for prompt in ([3.5, "x"], [3.5, 4.0], [True, 4], "abc", torch.tensor([3.0, 4.0]),
+                   torch.tensor([True, False]), [[3, 4]]):
+        with pytest.raises(AdmissionError, match="prompt must"):
+            eng.add_request(prompt, 3)
+    for eos in (2.5, "2", [3, None], True, torch.tensor([1.5])):
+        with pytest.raises(AdmissionError, match="eos_token_id must"):
+            eng.add_request([3, 4], 3, eos_token_id=eos)
+    assert eng.add_request(torch.tensor([[3, 4]]), 2) == 0      # an integer tensor is fine
+    eng.cancel(0)
     assert eng.queued == [] and eng.pages_free == 500
     assert eng.step() == {}                        # nothing to do is not an error
     rid = eng.add_request([3, 4, 5], 2)

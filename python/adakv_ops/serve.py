@@ -64,11 +64,12 @@ the request alone.
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -86,6 +87,28 @@ class AdmissionError(ValueError):
     bad arguments)."""
 
 
+def _token_ids(name: str, ids) -> List[int]:
+    """``ids`` (ints, or an integer tensor) as a list of Python ints; anything else (a float,
+    a bool, a string, a float tensor) raises :class:`AdmissionError` naming ``name``."""
+    if isinstance(ids, Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise AdmissionError(f"adakv: {name} must hold integer token ids, got a "
+                                 f"{ids.dtype} tensor")
+        return ids.reshape(-1).tolist()
+    if isinstance(ids, (str, bytes)):
+        raise AdmissionError(f"adakv: {name} must be token ids, got a {type(ids).__name__}")
+    out = []
+    for t in ids:
+        if isinstance(t, bool):
+            raise AdmissionError(f"adakv: {name} must be integer token ids, got {t!r}")
+        try:
+            out.append(operator.index(t))
+        except TypeError:
+            raise AdmissionError(f"adakv: {name} must be integer token ids, got "
+                                 f"{t!r}") from None
+    return out
+
+
 @dataclass
 class Request:
     """One request: its prompt, limits, generated tokens and state
@@ -94,7 +117,7 @@ class Request:
     rid: int
     prompt: List[int]
     max_new_tokens: int
-    eos_token_id: Optional[int]
+    eos_token_ids: Tuple[int, ...]     # stop tokens (none: () )
     tokens: List[int] = field(default_factory=list)
     state: str = "queued"
     pages_bound: int = 0        # worst-case pages once evicted, incl. its max_new_tokens
@@ -107,8 +130,7 @@ class Request:
     def done(self) -> bool:
         """Its tokens are complete (``max_new_tokens`` read, or the eos token)."""
         return (len(self.tokens) >= self.max_new_tokens
-                or (self.eos_token_id is not None and bool(self.tokens)
-                    and self.tokens[-1] == self.eos_token_id))
+                or (bool(self.tokens) and self.tokens[-1] in self.eos_token_ids))
 
     @property
     def ends(self) -> bool:
@@ -282,19 +304,23 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: Sequence[int], max_new_tokens: int,
-                    eos_token_id: Optional[int] = None, *, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0) -> int:
+                    eos_token_id: Union[int, Sequence[int], None] = None, *,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> int:
         """Queue a request; returns its id. Raises :class:`AdmissionError` if it can never
-        fit this engine. ``temperature`` (0: greedy), ``top_p``, ``top_k`` (0: no limit):
-        the request's sampling (:mod:`adakv_ops.sampling`; the engine's ``seed`` seeds one
-        device generator for all requests)."""
+        fit this engine or an argument is bad (named in the message). ``prompt``: token ids
+        (ints, or an integer tensor). ``eos_token_id``: a stop token, or several (a list, as
+        ``generation_config.eos_token_id`` often is), or ``None``. ``temperature`` (0:
+        greedy), ``top_p``, ``top_k`` (0: no limit): the request's sampling
+        (:mod:`adakv_ops.sampling`; the engine's ``seed`` seeds one device generator for all
+        requests)."""
         try:
             sampling = SamplingParams(temperature, top_p, top_k)
         except ValueError as e:
             raise AdmissionError(str(e)) from None
-        if isinstance(prompt, Tensor):
-            prompt = prompt.reshape(-1).tolist()
-        prompt = [int(t) for t in prompt]
+        prompt = _token_ids("prompt", prompt)
+        eos = () if eos_token_id is None else _token_ids(
+            "eos_token_id", [eos_token_id] if not isinstance(eos_token_id, (list, tuple, Tensor))
+            else eos_token_id)
         if not prompt:
             raise AdmissionError("adakv: the prompt is empty")
         if any(not 0 <= t < self._vocab for t in prompt):
@@ -307,7 +333,7 @@ class Engine:
         if longest is not None and len(prompt) + max_new_tokens > longest:
             raise AdmissionError(f"adakv: {len(prompt)} prompt tokens + {max_new_tokens} new "
                                  f"tokens exceed max_seq_len={longest}")
-        req = Request(self._next_id, prompt, max_new_tokens, eos_token_id, sampling=sampling)
+        req = Request(self._next_id, prompt, max_new_tokens, tuple(eos), sampling=sampling)
         req.pages_bound, req.raw_pages = self._page_bounds(len(prompt), max_new_tokens)
         req.first_unit = self.cache.prefill_unit_costs(len(prompt),
                                                        chunk_size=self.chunk_size)[0]
@@ -351,7 +377,7 @@ class Engine:
         self.cache.fork_rows([row] * n)
         out = []
         for _ in range(n):
-            c = Request(self._next_id, req.prompt, req.max_new_tokens, req.eos_token_id,
+            c = Request(self._next_id, req.prompt, req.max_new_tokens, req.eos_token_ids,
                         list(req.tokens), "running", req.pages_bound, req.raw_pages,
                         req.first_unit, sampling=req.sampling)
             self._next_id += 1
