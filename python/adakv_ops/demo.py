@@ -8,6 +8,11 @@ twice with greedy ``generate``: with the full cache and with
 ``AdaKVCache(model, method="ada_snapkv", budget=C)``, C = 15% of the prompt per KV head. It
 prints both answers, the KV bytes each cache holds and the time of every phase.
 
+``python -m adakv_ops.demo --serve 4`` serves 4 such questions (prompts of different lengths,
+arriving while the first ones decode) through the continuous-batching engine
+(``adakv_ops.serve.Engine``, paged per-head storage): it prints what each step did (prefill
+work, joins, leaves, pages held) and each request's answer.
+
 ``python -m adakv_ops.demo --tiny`` is the random-tensor demo of the ops alone (no model):
 evict a random prompt's KV cache, then decode a few tokens.
 """
@@ -50,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: float32 on the CPU, bfloat16 on CUDA")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the cores this process may use)")
+    g.add_argument("--serve", type=int, default=0, metavar="R",
+                   help="serve R questions through adakv_ops.serve.Engine instead (prompts of "
+                        "50-100%% of --prompt-tokens arriving over the first steps)")
     t = p.add_argument_group("--tiny demo")
     t.add_argument("--prompt", type=int, default=2048, help="prompt length N")
     t.add_argument("--budget", type=int, default=128, help="average kept tokens per KV head")
@@ -153,6 +161,14 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join([fmt(rows[0]), sep] + [fmt(r) for r in rows[1:]])
 
 
+def _answer_text(tok, sample, new: list[int]) -> str:
+    """The answer as printed: the sample's answer prefix + the new tokens decoded (special
+    tokens skipped where the tokenizer has them), unprintable characters as ``?``."""
+    text = (tok.decode(new, skip_special_tokens=True)
+            if getattr(tok, "eos_token_id", None) is not None else tok.decode(new))
+    return "".join(c if c.isprintable() else "?" for c in sample.answer_prefix + text).strip()
+
+
 @torch.no_grad()
 def model_demo(args) -> int:
     missing = _missing_requirements(args.model)
@@ -177,6 +193,10 @@ def model_demo(args) -> int:
     from .eval.models import OFFLINE_MODELS, cache_dir
     from .hf import AdaKVCache, cache_kwarg
 
+    if args.serve < 0:
+        print("adakv_ops.demo: --serve must be >= 1 requests (0: the full-cache comparison)",
+              file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -200,6 +220,8 @@ def model_demo(args) -> int:
     cfg = model.config.get_text_config(decoder=True)
     n_layers, hk = cfg.num_hidden_layers, cfg.num_key_value_heads
     print(f"model : {info['source']}")
+    if args.serve:
+        return serve_demo(args, model, tok, info, device, t_load)
 
     # 2. a needle question in a ~prompt-tokens prompt (question-aware: the question is part of
     #    the prompt, so SnapKV's observation window sees it)
@@ -229,9 +251,7 @@ def model_demo(args) -> int:
                              **cache_kwarg(cache), **gen)
         dt = time.perf_counter() - t
         new = out[0, N:].tolist()
-        text = tok.decode(new, skip_special_tokens=True) if eos is not None else tok.decode(new)
-        text = "".join(c if c.isprintable() else "?" for c in sample.answer_prefix + text)
-        return text.strip(), dt, len(new)
+        return _answer_text(tok, sample, new), dt, len(new)
 
     # 3. full cache, then Ada-KV
     full = DynamicCache(config=model.config)
@@ -264,6 +284,97 @@ def model_demo(args) -> int:
     print(_table(rows))
     print(f"Ada-KV's cache is {b_full / b_ada:.1f}x smaller than the full cache (bytes held after "
           f"generation, window and decode reserve included).")
+    return 0
+
+
+def serve_demo(args, model, tok, info, device, t_load: float) -> int:
+    """``--serve R``: R needle questions through :class:`adakv_ops.serve.Engine`."""
+    from .eval import PromptBuilder, make_samples
+    from .serve import Engine
+
+    R = args.serve
+    cfg = model.config.get_text_config(decoder=True)
+    builder = PromptBuilder(tok, bool(info["chat"]))
+    reqs = []                              # (arrival step, prompt ids, sample)
+    for i in range(R):
+        n = args.prompt_tokens * (4 - i % 3) // 4          # 100%, 75%, 50%, 100%, ...
+        sample = make_samples(args.task, n, 1, tok, seed=args.seed + i)[0]
+        p = builder.build(sample)
+        reqs.append((0 if i < 2 else 2 * (i - 1), p.context + p.question, sample))
+    longest = max(len(ids) for _, ids, _ in reqs)
+    C = max(1, round(args.budget_fraction * args.prompt_tokens))
+    W, P = min(32, min(len(ids) for _, ids, _ in reqs) - 1), 16
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    el = next(model.parameters()).element_size()
+    page_bytes = 2 * P * D * el
+    # the pool a full cache would need for these R prompts and their answers
+    per_seq = cfg.num_hidden_layers * cfg.num_key_value_heads
+    pool = sum(per_seq * -(-(len(ids) + args.max_new_tokens) // P) for _, ids, _ in reqs)
+    chunk = max(32, args.prompt_tokens // 2)
+    eng = Engine(model, num_pages=pool, max_batch=R, chunk_size=chunk,
+                 max_prefill_tokens=chunk, method="ada_snapkv", budget=C, window=W,
+                 page_size=P, max_seq_len=longest + args.max_new_tokens)
+    print(f"engine: {R} requests, prompts {', '.join(str(len(r[1])) for r in reqs)} tokens "
+          f"arriving at steps {', '.join(str(r[0]) for r in reqs)}; ada_snapkv budget {C} "
+          f"tokens per KV head (+ window {W}); pages of {P} rows; the pool ({pool} pages, "
+          f"{_mib(pool * page_bytes)}) is what a full cache needs for all {R} at once; besides "
+          f"decoding, a step prefills at most {chunk} prompt tokens' worth (chunks of {chunk} "
+          f"tokens, a layer at a time)")
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tok, "eos_token_id", None)
+    rids, arrived, first, finished, most, peak = {}, {}, {}, {}, {}, 0
+    step, t0 = 0, time.perf_counter()
+    print()
+    while len(rids) < R or eng.has_work():
+        for i, (at, ids, _) in enumerate(reqs):
+            if at == step and i not in rids:
+                rids[i] = eng.add_request(ids, args.max_new_tokens, eos_token_id=eos)
+                arrived[i] = step
+        before = {i: eng.state(r) for i, r in rids.items()}
+        out = eng.step()
+        held = eng.num_pages - eng.pages_free
+        peak = max(peak, held)
+        for i, r in rids.items():
+            if eng.state(r) in ("prefilling", "running"):
+                most[i] = max(most.get(i, 0), eng.pages_held(r))
+        events = []
+        for i, r in rids.items():
+            st = eng.state(r)
+            if r in out and i not in first:
+                first[i] = step
+                events.append(f"r{i} first token")
+            elif before[i] == "queued" and st == "prefilling":
+                events.append(f"r{i} prefilling")
+            if st in ("finished", "cancelled") and i not in finished:
+                finished[i] = step
+                events.append(f"r{i} done")
+        running = [f"r{i}" for i, r in rids.items() if eng.state(r) == "running"]
+        print(f"step {step:3d}: decoding {' '.join(running) or '-':12s} "
+              f"{', '.join(events) or '':34s} pages held {held:5d} "
+              f"({100 * held / pool:4.1f}% of the pool)")
+        step += 1
+    wall = time.perf_counter() - t0
+    print()
+    rows = [["request", "prompt", "arrived", "first token", "done", "pages held (full cache)",
+             "answer", "has the needle"]]
+    ok = 0
+    for i, (_, ids, sample) in enumerate(reqs):
+        new = eng.result(rids[i])
+        text = _answer_text(tok, sample, new)
+        hit = sample.answer.strip() in text
+        ok += hit
+        full = per_seq * -(-(len(ids) + len(new)) // P)
+        rows.append([f"r{i}", f"{len(ids)}", f"step {arrived[i]}", f"step {first[i]}",
+                     f"step {finished[i]}", f"{most.get(i, 0)} ({full})", text[:48],
+                     "yes" if hit else "no"])
+    print(_table(rows))
+    s = eng.stats
+    print(f"{ok} of {R} answers hold their needle; {step} steps in {wall:.1f} s "
+          f"(prefill {s['prefill_s']:.1f} s, {s['decode_tokens']} decode tokens in "
+          f"{s['decode_s']:.1f} s); at most {peak} pages held = {100 * peak / pool:.1f}% of "
+          f"what a full cache holds for these {R} sequences (load {t_load:.1f} s)")
     return 0
 
 
