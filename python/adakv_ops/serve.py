@@ -268,6 +268,12 @@ class Engine:
         (0 without ``compile``). Set ``max_seq_len`` (see the class): otherwise the first
         request whose segments outgrow the tables' initial width changes their shape and every
         bucket compiles again (a warning says so)."""
+        if buckets is not None:
+            buckets = list(buckets) if not isinstance(buckets, (str, bytes)) else [buckets]
+            for b in buckets:
+                if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= self.max_batch:
+                    raise ValueError(f"adakv: buckets must be batch sizes in [1, max_batch="
+                                     f"{self.max_batch}], got {b!r}")
         if not self._compiled:
             return 0.0
         if self.has_work():
@@ -279,7 +285,7 @@ class Engine:
                           "recompiles every bucket; pass max_seq_len to the Engine",
                           stacklevel=2)
         todo = sorted(set(self.buckets if buckets is None else
-                          [self._bucket(int(b)) for b in buckets]))
+                          [self._bucket(b) for b in buckets]))
         t0 = time.perf_counter()
         next_id, gen_state = self._next_id, self._gen.get_state()
         for b in todo:
