@@ -2,9 +2,11 @@
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
-#                                            benchfollowups|all]...
+#                                            benchfollowups|benchitl|benchautotune|all]...
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
-#   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all")
+#   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
+#   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
+#   benchautotune: the decode step at batch 64 compiled with max-autotune (issue 13's 85%)
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -100,6 +102,20 @@ if [[ " $steps " == *" benchpeers "* ]]; then  # the engine at batch 8 x 32K and
   timeout 500 $PY benchmarks/bench_serve.py --requests 2 --prompt 32768 --fork-to 8 --compile \
     --warmup 3 --steps 12 --peers 8 --peer-new 64 --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
   echo "bench_serve peers rc=$?"; tail -n 12 "$out/peers.log"
+fi
+if [[ " $steps " == *" benchitl "* ]]; then  # 8K and 128K prompts: split prefill vs whole
+  for mpt in 16384 0; do
+    timeout 200 $PY benchmarks/bench_serve.py --requests 4 --seed 2 --prompt-mix 8192,131072 \
+      --new 256,512 --compile --max-prefill-tokens $mpt --out "$out/itl-mpt$mpt.jsonl" \
+      > "$out/itl-mpt$mpt.log" 2>&1; echo "bench_serve max_prefill_tokens=$mpt rc=$?"
+    tail -n 2 "$out/itl-mpt$mpt.log"
+  done
+fi
+if [[ " $steps " == *" benchautotune "* ]]; then  # the decode figures print before the join
+  timeout 300 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64 --compile \
+    --mode max-autotune --warmup 3 --steps 12 --out "$out/serve-autotune.jsonl" \
+    > "$out/autotune.log" 2>&1; echo "bench_serve max-autotune rc=$?"
+  grep -E "^batch |^prompt |^ +64 " "$out/autotune.log" | tail -n 4
 fi
 if [[ " $steps " == *" benchfollowups "* ]]; then
   timeout 300 $PY benchmarks/bench_followups.py --out "$out/followups.jsonl" > "$out/bench_followups.log" 2>&1
