@@ -188,15 +188,9 @@ class Engine:
                  fuse_projections: bool = True, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
-        if chunk_size is not None and (not isinstance(chunk_size, int)
-                                       or isinstance(chunk_size, bool) or chunk_size < 1):
-            raise ValueError(f"adakv: chunk_size must be a positive int or None, got "
-                             f"{chunk_size!r}")
-        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
-                                               or isinstance(max_prefill_tokens, bool)
-                                               or max_prefill_tokens < 1):
-            raise ValueError(f"adakv: max_prefill_tokens must be a positive int or None, "
-                             f"got {max_prefill_tokens!r}")
+        for name, v in (("chunk_size", chunk_size), ("max_prefill_tokens", max_prefill_tokens)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"adakv: {name} must be a positive int or None, got {v!r}")
         self.model = model
         # bucket pad rows are -1 entries of the segment index: no slot, no page
         self.cache = AdaKVCache(model, num_pages=num_pages, max_batch=max_batch, **cache_kwargs)
@@ -258,12 +252,12 @@ class Engine:
     @torch.no_grad()
     def warmup(self, buckets: Optional[Sequence[int]] = None) -> float:
         """Compile (and with ``mode="reduce-overhead"`` or ``"max-autotune"`` record the CUDA
-        graph of) the decode step of every bucket in ``buckets`` (default: :attr:`buckets`, all of them) before any
-        request is served, as serving engines capture their graphs at start-up: otherwise the
-        first step at each new batch bucket compiles it while every running request waits
-        (tens of seconds per bucket for an 8B model). Each bucket: a one-token request is
-        prefilled, forked to the bucket's size and decoded for three steps (compile, graph
-        warm-up, recording), then cancelled; its pages go back, its ids are not kept, and the
+        graph of) the decode step of every bucket in ``buckets`` (default: :attr:`buckets`,
+        all of them) before any request is served, as serving engines capture their graphs at
+        start-up: otherwise the first step at each new batch bucket compiles it while every
+        running request waits (tens of seconds per bucket for an 8B model). Each bucket: a
+        one-token request is prefilled, forked to the bucket's size and decoded for three
+        steps (compile, graph warm-up, recording), then cancelled; its pages go back, its ids are not kept, and the
         statistics start from zero. Runs only on an idle engine; returns the seconds taken
         (0 without ``compile``). Set ``max_seq_len`` (see the class): otherwise the first
         request whose segments outgrow the tables' initial width changes their shape and every
