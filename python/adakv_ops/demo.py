@@ -221,7 +221,7 @@ def model_demo(args) -> int:
     n_layers, hk = cfg.num_hidden_layers, cfg.num_key_value_heads
     print(f"model : {info['source']}")
     if args.serve:
-        return serve_demo(args, model, tok, info, device, t_load)
+        return serve_demo(args, model, tok, info, t_load)
 
     # 2. a needle question in a ~prompt-tokens prompt (question-aware: the question is part of
     #    the prompt, so SnapKV's observation window sees it)
@@ -287,7 +287,7 @@ def model_demo(args) -> int:
     return 0
 
 
-def serve_demo(args, model, tok, info, device, t_load: float) -> int:
+def serve_demo(args, model, tok, info, t_load: float) -> int:
     """``--serve R``: R needle questions through :class:`adakv_ops.serve.Engine`."""
     from .eval import PromptBuilder, make_samples
     from .serve import Engine
