@@ -257,11 +257,11 @@ class Engine:
         start-up: otherwise the first step at each new batch bucket compiles it while every
         running request waits (tens of seconds per bucket for an 8B model). Each bucket: a
         one-token request is prefilled, forked to the bucket's size and decoded for three
-        steps (compile, graph warm-up, recording), then cancelled; its pages go back, its ids are not kept, and the
-        statistics start from zero. Runs only on an idle engine; returns the seconds taken
-        (0 without ``compile``). Set ``max_seq_len`` (see the class): otherwise the first
-        request whose segments outgrow the tables' initial width changes their shape and every
-        bucket compiles again (a warning says so)."""
+        steps (compile, graph warm-up, recording), then cancelled; its pages go back, its ids
+        are not kept, and the statistics start from zero. Runs only on an idle engine; returns
+        the seconds taken (0 without ``compile``). Set ``max_seq_len`` (see the class):
+        otherwise the first request whose segments outgrow the tables' initial width changes
+        their shape and every bucket compiles again (a warning says so)."""
         if buckets is not None:
             buckets = list(buckets) if not isinstance(buckets, (str, bytes)) else [buckets]
             for b in buckets:
