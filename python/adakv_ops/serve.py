@@ -76,6 +76,7 @@ from torch import Tensor
 
 from . import fusion
 from .hf import AdaKVCache, PrefillJob, cache_kwarg
+from .hf.cache import is_integer_dtype
 from .sampling import SamplingParams, select_next
 from .store import to_device
 
@@ -91,7 +92,7 @@ def _token_ids(name: str, ids) -> List[int]:
     """``ids`` (ints, or an integer tensor) as a list of Python ints; anything else (a float,
     a bool, a string, a float tensor) raises :class:`AdmissionError` naming ``name``."""
     if isinstance(ids, Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        if not is_integer_dtype(ids.dtype):
             raise AdmissionError(f"adakv: {name} must hold integer token ids, got a "
                                  f"{ids.dtype} tensor")
         return ids.reshape(-1).tolist()

@@ -43,6 +43,11 @@ def _chunk_size(N: int, chunk_size) -> int:
     return chunk_size
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether token ids may have ``dtype``: an integer type (not bool, float or complex)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_prompt(model, input_ids, attention_mask=None) -> None:
     """A prompt's ``input_ids`` (and ``attention_mask``) checked before any model work: a
     ``[B, N]`` integer tensor with ``N >= 1`` and every id an embedding row (on CUDA an id out
@@ -54,8 +59,7 @@ def check_prompt(model, input_ids, attention_mask=None) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"adakv: input_ids must be [B, N] with N >= 1, got "
                          f"{list(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or \
-            input_ids.dtype == torch.bool:
+    if not is_integer_dtype(input_ids.dtype):
         raise TypeError(f"adakv: input_ids must be an integer tensor, got {input_ids.dtype}")
     # the config's vocabulary (with tensor parallelism the embedding module may be a shard)
     vocab = model.config.get_text_config(decoder=True).vocab_size
