@@ -2,11 +2,12 @@
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
-#                                            benchfollowups|benchitl|benchautotune|all]...
+#                                            benchfollowups|benchitl|benchautotune|benchprofile|all]...
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
 #   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
 #   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
-#   benchautotune: the decode step at batch 64 compiled with max-autotune (issue 13's 85%)
+#   benchautotune: the decode step at batch 64 compiled with max-autotune (issue 13's 85%);
+#   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler)
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -116,6 +117,11 @@ if [[ " $steps " == *" benchautotune "* ]]; then  # the decode figures print bef
     --mode max-autotune --warmup 3 --steps 12 --out "$out/serve-autotune.jsonl" \
     > "$out/autotune.log" 2>&1; echo "bench_serve max-autotune rc=$?"
   grep -E "^batch |^prompt |^ +64 " "$out/autotune.log" | tail -n 4
+fi
+if [[ " $steps " == *" benchprofile "* ]]; then  # device vs wall time, kernels by category
+  timeout 300 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128 --compile \
+    --profile --warmup 3 --steps 12 --out "$out/serve-profile.jsonl" > "$out/profile.log" 2>&1
+  echo "bench_serve --profile rc=$?"; sed -n '/^prompt /,$p' "$out/profile.log"
 fi
 if [[ " $steps " == *" benchfollowups "* ]]; then
   timeout 300 $PY benchmarks/bench_followups.py --out "$out/followups.jsonl" > "$out/bench_followups.log" 2>&1
