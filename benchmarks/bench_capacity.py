@@ -45,26 +45,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_generate as bg  # noqa: E402
+import bench_ops  # noqa: E402
 
 from adakv_ops.hf import AdaKVCache, cache_kwarg  # noqa: E402
 
 
-def copy_bandwidth(dev, nbytes=4 << 30, reps=20):
-    """Device copy bandwidth (read + write bytes / s), median of ``reps``."""
+def copy_bandwidth(dev, nbytes=4 << 30):
+    """Device copy bandwidth in bytes / s (read + write; ``bench_ops.copy_bandwidth`` over a
+    4 GiB copy); NaN off CUDA (no roofline there)."""
     if dev.type != "cuda":
         return float("nan")
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    ts = []
-    for _ in range(reps + 3):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) / 1e3)
-    del a, b
-    return 2 * nbytes / statistics.median(ts[3:])
+    return bench_ops.copy_bandwidth(False, nbytes)[0] * 1e9
 
 
 def main(argv=None):

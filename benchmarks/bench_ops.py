@@ -283,10 +283,12 @@ def calibrate_sleep():
     return 2_000_000 / max(s.elapsed_time(e), 1e-3)
 
 
-def copy_bandwidth(cpu):
-    """Device-to-device copy bandwidth in GB/s, counting bytes read + bytes written."""
+def copy_bandwidth(cpu, nbytes=None):
+    """Device-to-device copy bandwidth of an ``nbytes`` copy (default 1 GiB, 256 MiB on the CPU)
+    in GB/s, counting bytes read + bytes written: ``(GB/s, median ms, nbytes)``."""
     dev = "cpu" if cpu else "cuda"
-    nbytes = (256 << 20) if cpu else (1 << 30)
+    if nbytes is None:
+        nbytes = (256 << 20) if cpu else (1 << 30)
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).uniform_()
     dst = torch.empty_like(src)
     times = []
