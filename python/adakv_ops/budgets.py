@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from ._checks import is_int
+
 __all__ = ["uniform_budgets", "pyramid_budgets"]
 
 
 def _check(budget: int, n_layers: int) -> None:
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+    if not is_int(budget, 0):
         raise ValueError(f"budget must be an int >= 0, got {budget!r}")
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+    if not is_int(n_layers, 1):
         raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
 
 

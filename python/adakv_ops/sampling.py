@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import is_int
+
 __all__ = ["SamplingParams", "select_next"]
 
 
@@ -35,7 +37,7 @@ class SamplingParams:
             raise ValueError(f"adakv: temperature must be a finite number >= 0, got {t!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"adakv: top_p must be a number in (0, 1], got {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if not is_int(k, 0):
             raise ValueError(f"adakv: top_k must be an int >= 0 (0: no limit), got {k!r}")
 
     @property

@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from . import fusion
+from ._checks import is_int
 from .hf import AdaKVCache, PrefillJob, cache_kwarg
 from .hf.cache import is_integer_dtype
 from .sampling import SamplingParams, select_next
@@ -190,7 +191,7 @@ class Engine:
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         for name, v in (("chunk_size", chunk_size), ("max_prefill_tokens", max_prefill_tokens)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and not is_int(v, 1):
                 raise ValueError(f"adakv: {name} must be a positive int or None, got {v!r}")
         self.model = model
         # bucket pad rows are -1 entries of the segment index: no slot, no page
@@ -266,7 +267,7 @@ class Engine:
         if buckets is not None:
             buckets = list(buckets) if not isinstance(buckets, (str, bytes)) else [buckets]
             for b in buckets:
-                if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= self.max_batch:
+                if not is_int(b, 1, self.max_batch):
                     raise ValueError(f"adakv: buckets must be batch sizes in [1, max_batch="
                                      f"{self.max_batch}], got {b!r}")
         if not self._compiled:
@@ -326,8 +327,7 @@ class Engine:
             raise AdmissionError("adakv: the prompt is empty")
         if any(not 0 <= t < self._vocab for t in prompt):
             raise AdmissionError(f"adakv: prompt ids must be in [0, {self._vocab})")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
+        if not is_int(max_new_tokens, 1):
             raise AdmissionError(f"adakv: max_new_tokens must be an int >= 1, got "
                                  f"{max_new_tokens!r}")
         longest = self.cache.settings.max_seq_len
@@ -361,7 +361,7 @@ class Engine:
         if req.state != "running":
             raise AdmissionError(f"adakv: request {rid} is {req.state}; only a running request "
                                  f"can be forked")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not is_int(n, 1):
             raise AdmissionError(f"adakv: n must be an int >= 1, got {n!r}")
         reserved = self._reserved()
         if self._slots_taken() + n > self.max_batch or \

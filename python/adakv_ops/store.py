@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops as _ops
+from ._checks import is_int
 from .policy import METHODS, EvictionPolicy, Kept, streaming_scores  # noqa: F401 (re-exported)
 from .staging import to_device  # noqa: F401 (re-exported: the host -> device copies)
 
@@ -138,11 +139,11 @@ class PagedKVStore:
         for name, v, lo in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
                             ("head_dim", head_dim, 1), ("page_size", page_size, 1),
                             ("num_pages", num_pages, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= _INT32_MAX:
+            if not is_int(v, lo, _INT32_MAX):
                 raise ValueError(f"{name} must be an int in [{lo}, 2^31 - 1], got {v!r}")
         for name, v in (("max_pages_per_segment", max_pages_per_segment),
                         ("max_sequences", max_sequences)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and not is_int(v, 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be fp32 / fp16 / bf16, got {dtype}")
@@ -640,8 +641,7 @@ class PagedKVStore:
     def grow_pool(self, num_pages: int) -> None:
         """Enlarge the pool to ``num_pages`` pages (one device copy of the pool; ``k_pages`` /
         ``v_pages`` get new addresses, tables and page indices stay valid)."""
-        if not isinstance(num_pages, int) or isinstance(num_pages, bool) \
-                or num_pages <= self.num_pages:
+        if not is_int(num_pages, self.num_pages + 1):
             raise ValueError(f"num_pages must be an int > {self.num_pages}, got {num_pages!r}")
         if num_pages > _INT32_MAX:
             raise ValueError(f"num_pages must be <= 2^31 - 1, got {num_pages}")

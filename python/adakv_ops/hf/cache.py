@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._checks import is_int
 from ..distributed import HeadShards
 from ..policy import METHODS, VALUE_METHODS, EvictionPolicy
 from .flat import FlatLayer
@@ -37,7 +38,7 @@ def _chunk_size(N: int, chunk_size) -> int:
     """``chunk_size`` checked (``None``: the whole prompt)."""
     if chunk_size is None:
         chunk_size = N
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not is_int(chunk_size, 1):
         raise ValueError(f"adakv: chunk_size must be None or an int >= 1, got "
                          f"{chunk_size!r}")
     return chunk_size
@@ -197,7 +198,7 @@ class AdaKVCache(Cache):
         for name, val, lo in (("budget", budget, 0), ("window", window, 1), ("reserve", reserve, 0),
                               ("n_sink", n_sink, 0), ("kernel_size", kernel_size, 1),
                               ("pyramid_beta", pyramid_beta, 1)):
-            if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= INT32_MAX:
+            if not is_int(val, lo, INT32_MAX):
                 raise ValueError(f"adakv: {name} must be an int in [{lo}, 2^31 - 1], "
                                  f"got {val!r}")
         if storage not in STORAGES:
@@ -206,7 +207,7 @@ class AdaKVCache(Cache):
                           ("max_batch", max_batch), ("max_seq_len", max_seq_len)):
             if val is None and name != "page_size":
                 continue
-            if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= INT32_MAX:
+            if not is_int(val, 1, INT32_MAX):
                 raise ValueError(f"adakv: {name} must be an int in [1, 2^31 - 1], got {val!r}")
         if kernel_size % 2 == 0:
             raise ValueError(f"adakv: kernel_size must be odd, got {kernel_size}")
@@ -220,8 +221,7 @@ class AdaKVCache(Cache):
             if method in VALUE_METHODS:
                 raise NotImplementedError(f"adakv: max_growth (re-eviction) with {method!r} is "
                                           f"not supported yet (docs/hf.md)")
-            if (not isinstance(max_growth, int) or isinstance(max_growth, bool)
-                    or not window <= max_growth <= INT32_MAX):
+            if not is_int(max_growth, window, INT32_MAX):
                 raise ValueError(f"adakv: max_growth must be an int in [window ({window}), "
                                  f"2^31 - 1], got {max_growth!r}")
         # One segment's capacity (budget + window + reserve) is an int32 row count; a pyramid
@@ -372,7 +372,7 @@ class AdaKVCache(Cache):
         """Grow every evicted layer now so ``num_tokens`` more tokens fit without growing
         (fixed tensor addresses for a CUDA-graph decode loop; re-eviction mode is already
         fixed-size)."""
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+        if not is_int(num_tokens, 0):
             raise ValueError(f"adakv: num_tokens must be an int >= 0, got {num_tokens!r}")
         self.check_claimed()
         for layer in self.adakv_layers:
@@ -708,7 +708,7 @@ class AdaKVCache(Cache):
         B = self.batch_size
         rows = [rows] if isinstance(rows, int) else list(rows)
         for r in rows:
-            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < B:
+            if not is_int(r, 0, B - 1):
                 raise ValueError(f"adakv: rows must be batch rows in [0, {B}), got {r!r}")
         return B, rows
 
