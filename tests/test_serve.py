@@ -382,7 +382,7 @@ def test_engine_rejects_hostile_input_before_any_device_work():
     for bad in (0, -5, True, 2.5, "16"):
         with pytest.raises(ValueError, match="chunk_size must be"):
             Engine(model, num_pages=10, max_batch=2, chunk_size=bad, **KW)
-    for bad in ([3], [0], [-1], [1.0], "x", [True]):   # a bucket beyond max_batch=2 would
+    for bad in ([3], [0], [-1], [1.0], "x", [True], 2, torch.tensor([1])):   # a bucket beyond max_batch=2 would
         with pytest.raises(ValueError, match="buckets must be"):   # leave its request behind
             eng.warmup(bad)
     assert not eng.has_work() and eng.pages_free == 500

@@ -265,7 +265,9 @@ class Engine:
         otherwise the first request whose segments outgrow the tables' initial width changes
         their shape and every bucket compiles again (a warning says so)."""
         if buckets is not None:
-            buckets = list(buckets) if not isinstance(buckets, (str, bytes)) else [buckets]
+            if not isinstance(buckets, (list, tuple, range)):   # an int or a string too
+                raise ValueError(f"adakv: buckets must be a list of batch sizes, got "
+                                 f"{buckets!r}")
             for b in buckets:
                 if not is_int(b, 1, self.max_batch):
                     raise ValueError(f"adakv: buckets must be batch sizes in [1, max_batch="
