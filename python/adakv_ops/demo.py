@@ -161,6 +161,13 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join([fmt(rows[0]), sep] + [fmt(r) for r in rows[1:]])
 
 
+def _stop_tokens(model, tok):
+    """The stop token(s) of both demo paths: the model's ``generation_config.eos_token_id``
+    (what ``generate`` stops on by default; often a list), else the tokenizer's, else None."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return getattr(tok, "eos_token_id", None) if eos is None else eos
+
+
 def _answer_text(tok, sample, new: list[int]) -> str:
     """The answer as printed: the sample's answer prefix + the new tokens decoded (special
     tokens skipped where the tokenizer has them), unprintable characters as ``?``."""
@@ -239,9 +246,9 @@ def model_demo(args) -> int:
 
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, top_p=None, top_k=None,
                temperature=None)
-    eos = getattr(tok, "eos_token_id", None)
+    eos = _stop_tokens(model, tok)
     if eos is not None:
-        gen.update(eos_token_id=eos, pad_token_id=eos)
+        gen.update(eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
     else:
         gen.update(pad_token_id=0)
 
@@ -320,10 +327,7 @@ def serve_demo(args, model, tok, info, t_load: float) -> int:
           f"{_mib(pool * page_bytes)}) is what a full cache needs for all {R} at once; besides "
           f"decoding, a step prefills at most {chunk} prompt tokens' worth (chunks of {chunk} "
           f"tokens, a layer at a time)")
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tok, "eos_token_id", None)
+    eos = _stop_tokens(model, tok)
     rids, arrived, first, finished, most, peak = {}, {}, {}, {}, {}, 0
     step, t0 = 0, time.perf_counter()
     print()
