@@ -200,3 +200,16 @@ def _fresh_dynamo():
     yield
     if getattr(torch, "_dynamo", None) is not None and "torch._dynamo" in sys.modules:
         torch._dynamo.reset()
+
+
+def set_decode_schedule(monkeypatch, splits="auto", cluster="1", path=None):
+    """The CUDA decode kernel's schedule for one test (read by the launcher on every call): a
+    forced split count or the heuristic's ("auto"), the cluster merge allowed ("1") or not, and
+    (``path`` "split" / "balanced"; None leaves it) the split or the work-balanced kernel."""
+    if path is not None:
+        monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
+    if splits == "auto":
+        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
+    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)

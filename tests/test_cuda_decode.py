@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import assert_equal, gen, rel_err, requires_ops
+from conftest import assert_equal, gen, rel_err, requires_ops, set_decode_schedule
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
@@ -220,21 +220,13 @@ SPLIT_CASES = [("auto", "1"), ("1", "1"), ("2", "1"), ("3", "1"), ("5", "1"), ("
                ("16", "1"), ("20", "1"), ("40", "1"), ("auto", "0"), ("4", "0")]
 
 
-def _set_split_env(monkeypatch, splits, cluster):
-    if splits == "auto":
-        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
-    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("splits,cluster", SPLIT_CASES,
                          ids=[f"s{a}-c{b}" for a, b in SPLIT_CASES])
 def test_decode_split_counts(monkeypatch, splits, cluster, dtype):
     """Every split count / merge path gives the CPU result: batch 2, G 4, T 2, segments of
     length 0, 1 (< T), short, longer than the splits, full; more splits than keys."""
-    _set_split_env(monkeypatch, splits, cluster)
+    set_decode_schedule(monkeypatch, splits, cluster)
     sd = seed_of("cuda_decode_splits", splits, cluster, str(dtype))
     q, kf, vf, st, ln = make_case(2, 16, 4, 2, 128, dtype, sd, cap_hi=900)
     run_and_check(q, kf, vf, st, ln, dtype)
@@ -247,7 +239,7 @@ def test_decode_split_counts(monkeypatch, splits, cluster, dtype):
 def test_decode_cluster_merge_shapes(monkeypatch, splits, G, T, D, dtype):
     """The in-launch (cluster) merge over head dims, dtypes, T > 1 and G * T > 16 (several
     query blocks per segment, each its own cluster)."""
-    _set_split_env(monkeypatch, splits, "1")
+    set_decode_schedule(monkeypatch, splits, "1")
     sd = seed_of("cuda_decode_cluster", splits, G, T, D, str(dtype))
     q, kf, vf, st, ln = make_case(3, 2 * G, 2, T, D, dtype, sd, cap_hi=500)
     run_and_check(q, kf, vf, st, ln, dtype)
@@ -337,7 +329,7 @@ def test_decode_sanitize_balanced(monkeypatch, dtype, D, T):
 def test_decode_sanitize_merge_paths(monkeypatch, splits, cluster, dtype, D):
     """Sanitizer cases for both merge paths (cluster / distributed shared memory and the
     two-launch workspace merge), T 3, empty and full segments."""
-    _set_split_env(monkeypatch, splits, cluster)
+    set_decode_schedule(monkeypatch, splits, cluster)
     sd = seed_of("cuda_decode_san_merge", splits, cluster, str(dtype), D)
     q, kf, vf, st, ln = make_case(1, 8, 2, 3, D, dtype, sd, cap_hi=300)
     run_and_check(q, kf, vf, st, ln, dtype)

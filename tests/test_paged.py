@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import (DEVICES, assert_equal, cpu, gen, make_key_start, make_qkv, randn,
-                      ref, rel_err, requires_ops, to)
+                      ref, rel_err, requires_ops, set_decode_schedule, to)
 
 pytestmark = requires_ops
 
@@ -396,6 +396,20 @@ def test_reference_paged_equals_flat():
 # CUDA: the paged layout through every path of the shared decode kernel family
 
 
+def check_paged_cuda_decode(qd, kp, vp, table, lens, dtype, what):
+    """CUDA paged decode against the float64 reference and against the CUDA contiguous kernel
+    over the same segments laid out back to back."""
+    D = kp.shape[-1]
+    dev = to("cuda", qd, kp, vp, table, lens)
+    got = ops.paged_decode_attention(*dev, return_lse=True)
+    keys, values = ref.paged_segments_ref(kp, vp, table, lens)
+    flat = to("cuda", *flat_from_segments(keys, values, D, dtype))
+    want_flat = ops.decode_attention(dev[0], *flat, return_lse=True)
+    check_decode(got, ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True),
+                 dtype, f"{what}: paged vs reference")
+    check_decode(got, cpu(*want_flat), dtype, f"{what}: paged vs contiguous")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("splits,cluster", [("1", "0"), ("3", "0"), ("16", "0"), ("4", "1"),
                                             ("16", "1"), ("auto", "1")])
@@ -409,12 +423,7 @@ def test_cuda_paged_decode_split_paths(monkeypatch, path, splits, cluster, dtype
     that split a key tile (5), match it (16) or hold whole segments (256), scattered pages;
     and the same with the work-balanced schedule (ADAKV_DECODE_BALANCED=1; fp16 / bf16 with
     P % 16 == 0, else the split kernel) on both layouts."""
-    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
-    if splits == "auto":
-        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
-    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
+    set_decode_schedule(monkeypatch, splits, cluster, path)
     B, Hk, G, T = 2, 2, 4, 3
     S, Hq = B * Hk, Hk * G
     sd = 9000 + P + 7 * D + 13 * ["1", "3", "16", "4", "auto"].index(splits) + int(cluster)
@@ -423,15 +432,30 @@ def test_cuda_paged_decode_split_paths(monkeypatch, path, splits, cluster, dtype
     lens[0] = 0
     lens[1] = 2 * P
     kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
-    qd = randn((B, Hq, T, D), sd + 2, dtype)
-    dev = to("cuda", qd, kp, vp, table, lens)
-    got = ops.paged_decode_attention(*dev, return_lse=True)
-    keys, values = ref.paged_segments_ref(kp, vp, table, lens)
-    flat = to("cuda", *flat_from_segments(keys, values, D, dtype))
-    want_flat = ops.decode_attention(dev[0], *flat, return_lse=True)
-    want = ref.paged_decode_attention_ref(qd, kp, vp, table, lens, return_lse=True)
-    check_decode(got, want, dtype, "paged vs reference")
-    check_decode(got, cpu(*want_flat), dtype, "paged vs contiguous")
+    check_paged_cuda_decode(randn((B, Hq, T, D), sd + 2, dtype), kp, vp, table, lens, dtype,
+                            f"{path}, splits {splits}, cluster {cluster}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("splits", ["1", "2", "auto"])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 32)])
+@pytest.mark.parametrize("P", [16, 48, 64])
+def test_cuda_paged_decode_long_segments(monkeypatch, splits, dtype, D, P):
+    """Segments long enough that a warp of the split kernel walks more than 32 tiles (the
+    table entries of its tiles are held 32 at a time and the next 32 loaded ahead): lengths
+    at and around the batch edges (2048 keys per split on the tensor-core path, 1024 on the
+    fp32 one, 32 tiles x 4 warps), several batches per warp, a power-of-two and a
+    non-power-of-two page size; == the contiguous kernel on the same data and the float64
+    reference."""
+    set_decode_schedule(monkeypatch, splits, cluster="0", path="split")
+    B, Hk, G, T = 2, 4, 2, 2
+    Hq = Hk * G
+    sd = 13_000 + P + D + 7 * ["1", "2", "auto"].index(splits)
+    lens = torch.tensor([0, 1023, 2048, 2049, 1024 + 5, 4096 + 64 * 3 + 5, 6200, 9001],
+                        dtype=torch.int32)
+    kp, vp, table = make_pool([n_pages(int(n), P) for n in lens], P, D, dtype, sd + 1)
+    check_paged_cuda_decode(randn((B, Hq, T, D), sd + 2, dtype), kp, vp, table, lens, dtype,
+                            f"long segments, splits {splits}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,7 +680,7 @@ def test_cuda_paged_decode_batch64_bucket(monkeypatch, path, dtype, D, P):
     both schedules, over a store of 600 sequence slots, Ada-skewed
     lengths (0 .. 1500), pad rows (-1) in the segment index: bitwise the gathered-table
     decode, and the float64 reference."""
-    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
+    set_decode_schedule(monkeypatch, path=path)
     B, Hk, G, T, S_tab = 64, 8, 4, 1, 600
     Hq = Hk * G
     sd = 71_000 + P + D
@@ -679,12 +703,7 @@ def test_cuda_paged_decode_segment_index_split_paths(monkeypatch, path, splits, 
     """segment_index through every split / merge path of the decode kernel family (padding
     segments next to long ones in one cluster) and the work-balanced schedule: bitwise the
     gathered-table decode."""
-    monkeypatch.setenv("ADAKV_DECODE_BALANCED", "1" if path == "balanced" else "0")
-    if splits == "auto":
-        monkeypatch.delenv("ADAKV_DECODE_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("ADAKV_DECODE_SPLITS", splits)
-    monkeypatch.setenv("ADAKV_DECODE_CLUSTER", cluster)
+    set_decode_schedule(monkeypatch, splits, cluster, path)
     B, Hk, G, T, S_tab = 3, 2, 4, 2, 11
     Hq = Hk * G
     sd = 60_000 + P + 7 * D + 13 * ["1", "4", "auto"].index(splits) + int(cluster)

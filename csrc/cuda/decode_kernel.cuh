@@ -5,8 +5,9 @@
 // t = s, or t = seg_index[s] with a segment_index). The address computation of a key tile is
 // the only difference: a tile (kTileKeys consecutive keys, starting at a multiple of kTileKeys)
 // lies in one page when P % kTileKeys == 0, so its rows are contiguous in both layouts (other
-// P: one table entry per row). The table entry of a warp's next tile is loaded one tile ahead
-// of its use, so the dependent read does not stall the issue of the tile's copies.
+// P: one table entry per row). A warp holds the table entries of its tiles in registers, 32
+// tiles at a time (lane i: tile 32 b + i), and loads the next 32 when it starts on the current
+// ones, so no dependent table read stands between a tile's turn and the issue of its copies.
 //
 // One CTA = (segment s, split, query-row block mb), blockIdx.x = (s * num_splits + split) *
 // num_mblocks + mb, so the CTAs that share a K/V chunk run next to each other. The CTA's query
@@ -499,15 +500,35 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // Contiguous, or pages holding whole tiles (P % kTileKeys == 0): one table entry per tile.
   const bool whole_tiles = !kPaged || p.page_size % kTileKeys == 0;
   // The raw table entry of tile j's page (paged, whole tiles; j < my_tiles, so the entry is
-  // inside the segment's row of the table). The main loops load it one tile ahead of its use:
-  // the dependent table read is in flight while a tile computes instead of stalling the issue
-  // of the tile's copies.
+  // inside the segment's row of the table).
   auto tile_page_id = [&](int j) -> int32_t {
     if constexpr (kPaged) {
       return page_entry(p, geo, tile_key0(j));
     } else {
       return 0;
     }
+  };
+  // Paged, whole tiles: the entries of this warp's tiles, kIdBatch at a time in registers (lane
+  // i holds the entry of tile b * kIdBatch + i of batch b). Batch b + 1 is loaded when batch b
+  // comes into use, kIdBatch tiles before its first entry is needed: a table read one tile
+  // ahead still stalled the warp (one tile of compute is shorter than the read's latency).
+  constexpr int kIdBatch = 32;
+  const bool id_batches = kPaged && whole_tiles;
+  auto load_ids = [&](int t0) -> int32_t {
+    const int t = t0 + lane;
+    return t < my_tiles ? tile_page_id(t) : 0;  // bounds: only tiles of this warp's split
+  };
+  int32_t ids_cur = id_batches ? load_ids(0) : 0;
+  int32_t ids_next = id_batches ? load_ids(kIdBatch) : 0;
+  // The raw table entry of tile t, for t = 0, 1, 2, ... in this order (each tile's copies are
+  // issued once, in tile order), called by the whole warp (my_tiles is warp-uniform).
+  auto page_id_of = [&](int t) -> int32_t {
+    if (!id_batches) return 0;
+    if (t > 0 && t % kIdBatch == 0) {
+      ids_cur = ids_next;
+      ids_next = load_ids(t + kIdBatch);
+    }
+    return __shfl_sync(0xffffffffu, ids_cur, t % kIdBatch);
   };
   auto issue = [&](int j, int32_t page_id) {
     const int key0 = tile_key0(j);
@@ -532,7 +553,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
   // Prologue: put kStages - 1 tiles in flight (empty groups keep the group count uniform).
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < my_tiles) issue(st, whole_tiles ? tile_page_id(st) : 0);
+    if (st < my_tiles) issue(st, page_id_of(st));
     cp_async_commit();
   }
 
@@ -568,10 +589,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     MmaRowState<D> st;
     st.reset();
 
-    int32_t next_id = kStages - 1 < my_tiles && whole_tiles ? tile_page_id(kStages - 1) : 0;
     for (int j = 0; j < my_tiles; ++j) {
-      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, next_id);
-      if (kPaged && whole_tiles && j + kStages < my_tiles) next_id = tile_page_id(j + kStages);
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, page_id_of(j + kStages - 1));
       cp_async_commit();
       cp_async_wait<kStages - 1>();  // this lane's copies of tile j have landed
       __syncwarp();                  // ... and every lane's are visible
@@ -626,10 +645,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
       lim[r] = row_limit(r);
     }
     const T* ring_t = reinterpret_cast<const T*>(ring + warp * kStages * Tr::kStageBytes);
-    int32_t next_id = kStages - 1 < my_tiles && whole_tiles ? tile_page_id(kStages - 1) : 0;
     for (int j = 0; j < my_tiles; ++j) {
-      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, next_id);
-      if (kPaged && whole_tiles && j + kStages < my_tiles) next_id = tile_page_id(j + kStages);
+      if (j + kStages - 1 < my_tiles) issue(j + kStages - 1, page_id_of(j + kStages - 1));
       cp_async_commit();
       cp_async_wait<kStages - 1>();
       __syncwarp();
