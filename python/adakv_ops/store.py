@@ -328,7 +328,7 @@ class PagedKVStore:
         All-or-nothing: raises :class:`OutOfPages` (store unchanged) if the free list is too
         short. Returns the number of pages handed out."""
         seq_ids = self._check_seqs(seq_ids)
-        if not isinstance(T, int) or isinstance(T, bool) or T < 0:
+        if not is_int(T, 0):
             raise ValueError(f"T must be an int >= 0, got {T!r}")
         lay = self._layer_array(layers)
         P = self.page_size
