@@ -1,7 +1,8 @@
 """Paged decode vs the contiguous kernel (issue 12's evidence): one Llama-3.1-8B layer (Hq 32,
 Hk 8, D 128, bf16), Ada-like per-head lengths, at batch 1 (~1K tokens/head) and batch 64
-(2K tokens/head), for several page sizes P. Pages are scattered (a random permutation of the
-pool), as after many joins and leaves.
+(2K tokens/head), for several page sizes P (``--configs`` picks other batch x budget pairs,
+``--sigma`` the spread of the heads' lengths: 1 by default, 0 for even heads). Pages are
+scattered (a random permutation of the pool), as after many joins and leaves.
 
 Times are CUDA-event medians over rotating input sets larger than L2, eager (each call behind a
 ``torch.cuda._sleep``, so the events time the GPU and not the launch latency) and replayed in a
@@ -59,7 +60,10 @@ Hq, Hk, D, W = 32, 8, 128, 32
 CPU_SHAPES = dict(Hq=8, Hk=2, D=64, W=8)  # --cpu: a small layer (smoke test)
 # decode schedules of the kernel family (--schedules): the environment each is timed under
 SCHEDULE_ENV = {"default": {}, "split": {"ADAKV_DECODE_BALANCED": "0"},
-                "balanced": {"ADAKV_DECODE_BALANCED": "1"}}
+                "balanced": {"ADAKV_DECODE_BALANCED": "1"},
+                # a forced split count of the split kernel (the heuristic's alternatives)
+                **{f"split{n}": {"ADAKV_DECODE_SPLITS": str(n), "ADAKV_DECODE_BALANCED": "0"}
+                   for n in (1, 2, 3, 4, 6, 8, 16)}}
 
 
 def median_ms(fn, nsets, reps=200, cpu=False, sleep_cycles=0):
@@ -115,8 +119,8 @@ def graph_ms(fn, nsets, calls=64, reps=30):
     return statistics.median(times)
 
 
-def build(B, C, P_list, gen, dev, ordered=False):
-    lens = (ada_budgets(B, Hk, C, gen).reshape(-1) + W).to(torch.int64)
+def build(B, C, P_list, gen, dev, ordered=False, sigma=1.0):
+    lens = (ada_budgets(B, Hk, C, gen, sigma=sigma).reshape(-1) + W).to(torch.int64)
     S = B * Hk
     rows = int(lens.sum())
     seg_start = (torch.cumsum(lens, 0) - lens).to(torch.int32)
@@ -267,7 +271,15 @@ def main():
     ap.add_argument("--schedules", default="default",
                     help="comma list of decode schedules timed for the library's kernels: "
                          "default (the launcher's choice), split (ADAKV_DECODE_BALANCED=0), "
-                         "balanced (ADAKV_DECODE_BALANCED=1)")
+                         "balanced (ADAKV_DECODE_BALANCED=1), splitN (ADAKV_DECODE_SPLITS=N, "
+                         "N in 1, 2, 3, 4, 6, 8, 16)")
+    ap.add_argument("--configs", default="1x1024,64x2048",
+                    help="comma list of BATCHxC (Ada budget per head, the window added): "
+                         "batch 1 is always also replayed in a CUDA graph, others with "
+                         "--graph-all")
+    ap.add_argument("--sigma", type=float, default=1.0,
+                    help="spread of the per-head budgets (lognormal sigma of ada_budgets; 0: "
+                         "every head C, as a model with even attention gets)")
     ap.add_argument("--graph-all", action="store_true",
                     help="also replay batch 64 in a CUDA graph (launch gaps removed)")
     ap.add_argument("--tol", type=float, default=2e-2,
@@ -281,7 +293,8 @@ def main():
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: use --cpu for the CPU smoke test")
-        configs = ((1, 1024, True), (64, 2048, args.graph_all))
+        configs = tuple((b, c, b == 1 or args.graph_all) for b, c in
+                        (map(int, x.split("x")) for x in args.configs.split(",") if x))
     reps = (20 if cpu else 50) if args.quick else 200
     dev = torch.device("cpu" if cpu else "cuda")
 
@@ -301,7 +314,8 @@ def main():
     date = datetime.date.today().isoformat()
     name = device_name(cpu)
     header = (f"# {name}, torch {torch.__version__}, {date}; copy bandwidth {copy_gbps:.0f} GB/s "
-              f"(read + write, same run); layer Hq {Hq} Hk {Hk} D {D} bf16, W {W}")
+              f"(read + write, same run); layer Hq {Hq} Hk {Hk} D {D} bf16, W {W}, "
+              f"budget spread sigma {args.sigma}")
     print(header)
 
     flex_fn, flex_why = None, None
@@ -342,7 +356,7 @@ def main():
 
     records, failures = [], []
     for B, C, graph in configs:
-        lay = build(B, C, P_list, gen, dev, ordered=args.ordered)
+        lay = build(B, C, P_list, gen, dev, ordered=args.ordered, sigma=args.sigma)
         sl, ss = lay["seg_len"], lay["seg_start"]
         nbytes = 2 * lay["rows"] * D * 2 + 2 * B * Hq * D * 2 + 2 * sl.numel() * 4
         sets, ns = lay["sets"], lay["nsets"]
@@ -419,7 +433,8 @@ def main():
                        pct_copy=100 * gbps / copy_gbps, vs_contiguous=ms / base,
                        pct_copy_graph=(100 * nbytes / (gms * 1e-3) / 1e9 / copy_gbps
                                        if gms else None),
-                       max_abs_diff=err, copy_gbps=copy_gbps, device=name,
+                       budget=C, sigma=args.sigma, max_abs_diff=err, copy_gbps=copy_gbps,
+                       device=name,
                        torch=torch.__version__, date=date)
             tail = ""
             if extra is not None:

@@ -10,7 +10,11 @@
 //     even out skewed, Ada-like segment lengths), at most max_cluster splits, and at most
 //     max(4, one wave / base CTAs) of them (large clusters in a multi-wave grid schedule badly:
 //     measured on an H100 at batch 64, 12-16 splits ran 1.6x slower than 4). Batch 1 of an
-//     8-KV-head layer: 16 splits = 128 CTAs;
+//     8-KV-head layer: 16 splits = 128 CTAs. Against forced counts 1-4 on an H100 (2026-12-07,
+//     benchmarks/results/paged-h100.md) this choice is within 0.9 points of the best where
+//     the heads' lengths spread as Ada's do, and up to 6.5 points behind one split where they
+//     are all equal (batch 64 x 1K): the longest head sets the time of one split per segment,
+//     so the spread real evictions have decides;
 //   * a forced split count (developer override) replaces the choice; the result is clamped to
 //     [1, kMaxSplits] and the cluster path is used only when 1 < splits <= max_cluster.
 // And whether the work-balanced kernel (decode_balanced.cuh) replaces the split kernel: where
