@@ -28,7 +28,11 @@ the decode kernel reads every copy's own pages). At each batch size it decodes `
 steps (graph recording), then ``--steps`` timed steps: step time (median, host work and the
 per-step token read included, as an engine runs), tokens/s, roofline, KV held, and the cost
 of one leave (a cancelled request) and one join (a 512-token request admitted: ms of its
-prefill), which should not grow with the batch; ``--profile``
+prefill), which should not grow with the batch; on CUDA also the step split into its
+attention (every layer's ``paged_decode_attention`` over the running requests' own pages,
+replayed alone in a CUDA graph: ms and percent of the copy bandwidth) and the rest (the
+weights' side: GEMMs, norms, RoPE, the append, launch gaps; percent of the weights' roofline,
+the weights minus the embedding at the copy bandwidth); ``--profile``
 adds a ``torch.profiler`` breakdown of the device time of 3 steps at each batch (GEMMs,
 the paged decode kernel, the append, fused elementwise, the rest) against the step time.
 
@@ -359,6 +363,45 @@ def profile_steps(eng, n=3):
             "top": [{"ms": round(a, 4), "calls": b, "kernel": k} for a, b, k in top[:25]]}
 
 
+def attention_alone(eng, cfg, reps=40):
+    """The step's attention apart from the rest: ``paged_decode_attention`` of every layer over
+    the running requests' own tables and pages (``PagedKVStore.batch_table``, the engine's
+    launch schedule), replayed in one CUDA graph, with a random query; the median ms of the
+    graph and the K/V bytes it reads. What the step spends beyond it is the weights' side
+    (GEMMs, norms, RoPE, the append, launch gaps)."""
+    st = eng.cache.pool.store
+    seqs = list(eng.cache.pool.seqs)
+    Hq, D = cfg.num_attention_heads, cfg.head_dim
+    q = torch.randn(len(seqs), Hq, 1, D, device=st.k_pages.device, dtype=st.k_pages.dtype)
+    views = [st.batch_table(layer, seqs) for layer in range(cfg.num_hidden_layers)]
+    kv_bytes = sum(int(sl.sum()) for _, sl in views) * 2 * D * st.k_pages.element_size()
+
+    def run():
+        for table, sl in views:
+            torch.ops.adakv.paged_decode_attention(q, st.k_pages, st.v_pages, table, sl,
+                                                   None, None)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    return statistics.median(times), kv_bytes
+
+
 def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el, page_bytes,
               cpu):
     """Prefill ``--requests`` prompts for real, then fork them up to each batch of ``targets``
@@ -404,6 +447,13 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
         # the decode figures first: timing the join may compile another bucket's graph
+        if not cpu:   # the step split into its attention and the rest (the weights' side)
+            attn_ms, attn_bytes = attention_alone(eng, cfg)
+            rest_ms = med * 1e3 - attn_ms
+            rec.update(attention_ms=attn_ms, attention_kv_bytes=attn_bytes,
+                       attention_pct_copy=attn_bytes / bw / attn_ms * 1e3 * 100,
+                       rest_ms=rest_ms, rest_roofline_ms=step_weights / bw * 1e3,
+                       rest_pct_roofline=step_weights / bw * 1e3 / rest_ms * 100)
         print(f"batch {B}: step {med * 1e3:.2f} ms, {B / med:.0f} tok/s, roofline "
               f"{roof * 1e3:.2f} ms ({100 * roof / med:.1f}%)", flush=True)
         rec.update(join_leave(eng, cfg, g, news[0], cpu))
@@ -418,13 +468,16 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
     print(f"\nprompt {N}, {len(real)} real prefills ({prefill_wall:.1f} s), the rest forked, "
           f"{header['fused_projections']} projection groups fused")
     print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'roof ms':>8} {'%roof':>6} {'KV GiB':>7}"
-          f" {'host':>6} {'launch':>6} {'wait':>6} {'leave':>7} {'join':>7}")
+          f" {'host':>6} {'launch':>6} {'wait':>6} {'leave':>7} {'join':>7} {'attn ms':>8}"
+          f" {'attn %BW':>8} {'rest ms':>8} {'rest %roof':>10}")
     for r in recs:
         pct = 100 * r["pct_roofline"] if r["pct_roofline"] else float("nan")
         ph = r["step_phases_mean"]
         print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tok_s']:8.0f} {r['roofline_ms']:8.2f} "
               f"{pct:6.1f} {r['kv_held_gib']:7.2f} {ph['host_ms']:6.2f} {ph['launch_ms']:6.2f} "
-              f"{ph['wait_ms']:6.2f} {r['leave_ms']:7.2f} {r['join_prefill_ms']:7.1f}")
+              f"{ph['wait_ms']:6.2f} {r['leave_ms']:7.2f} {r['join_prefill_ms']:7.1f}"
+              + (f" {r['attention_ms']:8.2f} {r['attention_pct_copy']:8.1f} {r['rest_ms']:8.2f}"
+                 f" {r['rest_pct_roofline']:10.1f}" if "attention_ms" in r else ""))
         if "profile" in r:
             p = r["profile"]
             print(f"  profile: wall {p['wall_ms']:.2f} ms/step, device {p['device_ms']:.2f}")
