@@ -90,6 +90,9 @@ def main(argv=None):
     ap.add_argument("--no-fuse", action="store_true",
                     help="leave q/k/v_proj and gate/up_proj unfused (Engine(fuse_projections="
                          "False)): the A/B of the fused projections")
+    ap.add_argument("--blas", default="auto", choices=["auto", "cublas", "cublaslt", "none"],
+                    help="Engine(blas=...): the decode GEMMs' BLAS library (none: torch's "
+                         "setting)")
     ap.add_argument("--max-growth", type=int, default=None,
                     help="decode-time re-eviction every this many tokens per head (the "
                          "decode-heavy stream: e.g. --prompt 4096 --new 8192,8192 "
@@ -149,7 +152,8 @@ def main(argv=None):
                  compile=args.compile, mode=None if cpu else args.mode,
                  method="ada_snapkv", budget=C, window=W, page_size=P,
                  max_growth=args.max_growth, max_seq_len=max_seq_len,
-                 fuse_projections=not args.no_fuse)
+                 fuse_projections=not args.no_fuse,
+                 blas=None if args.blas == "none" else args.blas)
     g = torch.Generator().manual_seed(args.seed)
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
@@ -160,7 +164,7 @@ def main(argv=None):
               "max_prefill_tokens": args.max_prefill_tokens or None, "compile": args.compile,
               "mode": args.mode if args.compile else None,
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
-              "fused_projections": eng.fused_projections,
+              "fused_projections": eng.fused_projections, "blas": eng.blas,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:

@@ -382,10 +382,58 @@ def test_engine_rejects_hostile_input_before_any_device_work():
     for bad in (0, -5, True, 2.5, "16"):
         with pytest.raises(ValueError, match="chunk_size must be"):
             Engine(model, num_pages=10, max_batch=2, chunk_size=bad, **KW)
+    for bad in ("cublasLt", "cuda", 1, True, ["auto"]):
+        with pytest.raises(ValueError, match="blas must be one of"):
+            Engine(model, num_pages=10, max_batch=2, blas=bad, **KW)
     for bad in ([3], [0], [-1], [1.0], "x", [True], 2, torch.tensor([1])):   # a bucket beyond max_batch=2 would
         with pytest.raises(ValueError, match="buckets must be"):   # leave its request behind
             eng.warmup(bad)
     assert not eng.has_work() and eng.pages_free == 500
+
+
+def test_decode_blas_policy():
+    from adakv_ops.serve import CUBLASLT_MAX_BATCH, _preferred_blas, decode_blas
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for dt in (bf16, fp16):
+        assert [decode_blas("auto", b, dt) for b in (1, 64, CUBLASLT_MAX_BATCH)] == \
+            ["cublaslt"] * 3
+        assert decode_blas("auto", CUBLASLT_MAX_BATCH + 1, dt) == "cublas"
+    assert decode_blas("auto", 64, fp32) is None            # not measured: torch's setting
+    assert decode_blas("cublas", 8, fp32) == "cublas"
+    assert decode_blas("cublaslt", 512, bf16) == "cublaslt"
+    assert decode_blas(None, 64, bf16) is None
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU build of torch has no cuBLASLt")
+def test_preferred_blas_is_set_inside_the_block_only():
+    from adakv_ops.serve import _preferred_blas
+    before = torch.backends.cuda.preferred_blas_library()
+    other = "cublas" if "lt" in str(before).lower() else "cublaslt"
+    with _preferred_blas(other):
+        assert other in str(torch.backends.cuda.preferred_blas_library()).lower()
+    assert torch.backends.cuda.preferred_blas_library() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with _preferred_blas(other):
+            raise RuntimeError("inside")
+    assert torch.backends.cuda.preferred_blas_library() == before
+    with _preferred_blas(None):
+        assert torch.backends.cuda.preferred_blas_library() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("blas", ["cublaslt", "cublas"])
+def test_cuda_engine_decode_blas_is_scoped_to_the_decode_step(blas):
+    """A bf16 engine decoding with either library (compiled, CUDA graphs): the tokens come
+    out, and torch's preference is the caller's again after every step."""
+    model = make_model("llama").cuda().to(torch.bfloat16)
+    before = torch.backends.cuda.preferred_blas_library()
+    eng = Engine(model, num_pages=4000, max_batch=4, chunk_size=8, compile=True,
+                 mode="reduce-overhead", blas=blas, **KW)
+    rids = [eng.add_request(p, 5) for p in _prompts(3, seed=5)]
+    while eng.has_work():
+        eng.step()
+        assert torch.backends.cuda.preferred_blas_library() == before
+    assert all(len(eng.result(r)) == 5 for r in rids)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

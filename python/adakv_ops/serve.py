@@ -64,6 +64,7 @@ the request alone.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 import warnings
@@ -82,6 +83,50 @@ from .sampling import SamplingParams, select_next
 from .store import to_device
 
 __all__ = ["AdmissionError", "Engine", "Request"]
+
+
+# The BLAS library of the decode step's GEMMs (``Engine(blas=...)``). Measured on an H100
+# (torch 2.11 + CUDA 13, 2026-12-07, benchmarks/results/serve-h100.md, bench_decode_gemm.py):
+# for the 8B model's decode GEMMs cuBLASLt's heuristics pick kernels that read the weights at
+# 90% / 88% of the weights' roofline at M = 64 / 128 against cuBLAS's 85% / 81%, and worse
+# ones at M = 256 (64% against 69%). "auto" takes cuBLASLt up to this batch bucket.
+BLAS_POLICIES = ("auto", "cublas", "cublaslt")
+CUBLASLT_MAX_BATCH = 128
+
+
+def decode_blas(policy: Optional[str], batch: int, dtype: torch.dtype = torch.bfloat16
+                ) -> Optional[str]:
+    """The BLAS library (``torch.backends.cuda.preferred_blas_library`` name) for the decode
+    GEMMs of a step at ``batch`` rows of ``dtype`` weights under ``policy``: ``"auto"`` picks
+    ``"cublaslt"`` for fp16 / bf16 up to :data:`CUBLASLT_MAX_BATCH` rows and ``"cublas"``
+    above (``None``, torch's setting, for other dtypes: not measured), ``"cublas"`` /
+    ``"cublaslt"`` always that one, ``None`` leaves torch's setting alone (returns
+    ``None``)."""
+    if policy is None:
+        return None
+    if policy not in BLAS_POLICIES:
+        raise ValueError(f"adakv: blas must be one of {BLAS_POLICIES} or None, got {policy!r}")
+    if policy == "auto":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return None
+        return "cublaslt" if batch <= CUBLASLT_MAX_BATCH else "cublas"
+    return policy
+
+
+@contextlib.contextmanager
+def _preferred_blas(name: Optional[str]):
+    """torch's preferred BLAS library set to ``name`` inside the block and restored after
+    (nothing done for ``None``). With CUDA graphs the library of each GEMM is the one set
+    when its graph was recorded."""
+    if name is None:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 class AdmissionError(ValueError):
@@ -172,6 +217,13 @@ class Engine:
             a GEMM's rounding, the same memory), as serving engines load their weights: at
             decode the small ``k/v_proj`` GEMMs read their weights far below the copy
             bandwidth. ``False`` leaves the model as it is.
+        blas: the BLAS library of the decode step's GEMMs on CUDA (torch's
+            ``preferred_blas_library``, set around each decode forward and restored after it;
+            prefill keeps torch's setting): ``"auto"`` (default) for fp16 / bf16 models
+            cuBLASLt at batch buckets up to :data:`CUBLASLT_MAX_BATCH` and cuBLAS above
+            (measured faster for decode-shaped GEMMs there, :func:`decode_blas`), torch's
+            setting for other dtypes; ``"cublas"`` / ``"cublaslt"`` always that one; ``None``
+            torch's own setting.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
@@ -187,9 +239,10 @@ class Engine:
                  chunk_size: Optional[int] = 16384, compile: bool = False,
                  max_prefill_tokens: Optional[int] = 16384,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
-                 fuse_projections: bool = True, **cache_kwargs):
+                 fuse_projections: bool = True, blas: Optional[str] = "auto", **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
+        decode_blas(blas, 1)   # rejects an unknown policy before anything is built
         for name, v in (("chunk_size", chunk_size), ("max_prefill_tokens", max_prefill_tokens)):
             if v is not None and not is_int(v, 1):
                 raise ValueError(f"adakv: {name} must be a positive int or None, got {v!r}")
@@ -211,6 +264,8 @@ class Engine:
         self._heads = self.cache.pool.heads          # this rank's heads (all, without TP)
         self._shards = self.cache.settings.shards   # tensor parallelism: one engine per rank
         self._device = next(model.parameters()).device
+        self.blas = blas
+        self._dtype = next(model.parameters()).dtype
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
         self._job: Optional[tuple] = None       # (request, PrefillJob) being prefilled
@@ -525,8 +580,11 @@ class Engine:
             self.cache.prepare_decode(1)
             if self._mode in ("reduce-overhead", "max-autotune"):    # CUDA graph trees
                 torch.compiler.cudagraph_mark_step_begin()
-        logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
-                               **cache_kwarg(self.cache), use_cache=True).logits
+        blas = (decode_blas(self.blas, Bb, self._dtype) if self._device.type == "cuda"
+                else None)
+        with _preferred_blas(blas):
+            logits = self._forward(input_ids=tok.unsqueeze(1), position_ids=pos,
+                                   **cache_kwarg(self.cache), use_cache=True).logits
         ids = self._next_tokens(logits[:B, -1], rows)   # a new tensor: the next replay keeps it
         host = self._copy_out(ids)
         for r in rows:
