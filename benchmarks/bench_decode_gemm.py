@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_capacity import copy_bandwidth  # noqa: E402
+from bench_ops import graph_replay_ms  # noqa: E402
 
 SHAPES_8B = dict(hidden=4096, ffn=14336, heads=32, kv_heads=8, head_dim=128, layers=32,
                  vocab=128256)
@@ -95,27 +96,7 @@ def time_ms(fn, cpu, reps):
             fn()
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    return statistics.median(times)
+    return graph_replay_ms(fn, reps)
 
 
 def main(argv=None):

@@ -313,6 +313,47 @@ def copy_bandwidth(cpu, nbytes=None):
     return 2 * nbytes / (ms * 1e-3) / 1e9, ms, nbytes
 
 
+def cuda_graph_of(fn, warmup=2):
+    """``fn()`` captured in a CUDA graph, after ``warmup`` calls on a side stream (lazy
+    initialisation, allocator pools, compilation stay out of the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def graph_replay_ms(fn, reps=30, warmup=2, sleep_cycles=0):
+    """Median ms of one replay of ``fn()``'s CUDA graph (:func:`cuda_graph_of`) over ``reps``
+    replays after three more, CUDA events around each; ``sleep_cycles`` > 0 puts a
+    ``torch.cuda._sleep`` before each replay (the events then time the GPU alone)."""
+    graph = cuda_graph_of(fn, warmup)
+    for _ in range(3):
+        graph.replay()
+    times = [event_ms(graph.replay, sleep_cycles) for _ in range(reps)]
+    del graph
+    return statistics.median(times)
+
+
+def event_ms(fn, sleep_cycles=0):
+    """ms of one ``fn()`` between two CUDA events (waits for the second); ``sleep_cycles`` > 0
+    queues a ``torch.cuda._sleep`` first, so that the host has queued ``fn``'s work before the
+    GPU reaches the first event (the events then time the GPU, not the launch)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if sleep_cycles:
+        torch.cuda._sleep(sleep_cycles)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def nsets_for(set_bytes, cap=16):
     """Enough independent input sets that their total exceeds ~3x the 50 MB L2."""
     return int(max(1, min(cap, math.ceil(150e6 / max(set_bytes, 1)))))

@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import (ada_budgets, calibrate_sleep, copy_bandwidth, device_name,  # noqa: E402
-                       nsets_for)
+                       event_ms, graph_replay_ms, nsets_for)
 
 import adakv_ops  # noqa: E402
 
@@ -81,42 +81,13 @@ def median_ms(fn, nsets, reps=200, cpu=False, sleep_cycles=0):
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
     torch.cuda.synchronize()
-    times = []
-    for r in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if sleep_cycles:
-            torch.cuda._sleep(sleep_cycles)
-        s.record()
-        fn(r % nsets)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+    times = [event_ms(lambda r=r: fn(r % nsets), sleep_cycles) for r in range(reps)]
     return statistics.median(times)
 
 
 def graph_ms(fn, nsets, calls=64, reps=30):
     """Per-call time of ``calls`` calls replayed in one CUDA graph (launch overhead removed)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i % nsets)
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i % nsets)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / calls)
-    return statistics.median(times)
+    return graph_replay_ms(lambda: [fn(i % nsets) for i in range(calls)], reps) / calls
 
 
 def build(B, C, P_list, gen, dev, ordered=False, sigma=1.0):

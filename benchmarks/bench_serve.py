@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_generate as bg  # noqa: E402
 from bench_capacity import copy_bandwidth  # noqa: E402
+from bench_ops import graph_replay_ms  # noqa: E402
 
 from adakv_ops.serve import Engine  # noqa: E402
 
@@ -384,26 +385,7 @@ def attention_alone(eng, cfg, reps=40):
         for table, sl in views:
             torch.ops.adakv.paged_decode_attention(q, st.k_pages, st.v_pages, table, sl,
                                                    None, None)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    return statistics.median(times), kv_bytes
+    return graph_replay_ms(run, reps, warmup=1), kv_bytes
 
 
 def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el, page_bytes,

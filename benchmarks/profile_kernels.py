@@ -2,7 +2,6 @@
 stages at N = 8K / 32K / 128K. Developer tool: `python benchmarks/profile_kernels.py [cases]`."""
 import os
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -61,30 +60,10 @@ def prof(name, fn, nsets, reps=40):
 
 
 def graph_time(fn, nsets):
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        for i in range(nsets):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(st)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(nsets):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(30):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(200000)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / nsets)
-    ts.sort()
-    return ts[len(ts) // 2]
+    """us per call of ``fn(0..nsets-1)`` replayed in one CUDA graph (GPU time: a sleep ahead
+    of each replay)."""
+    return bo.graph_replay_ms(lambda: [fn(i) for i in range(nsets)], 30, warmup=1,
+                              sleep_cycles=200000) * 1e3 / nsets
 
 
 def decode(B, C, nsets):
