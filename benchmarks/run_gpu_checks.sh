@@ -2,12 +2,15 @@
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
-#                                            benchfollowups|benchitl|benchautotune|benchprofile|all]...
+#                                            benchfollowups|benchitl|benchautotune|benchprofile|
+#                                            benchblas|benchgemm|all]...
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
 #   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
 #   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
 #   benchautotune: the decode step at batch 64 compiled with max-autotune (issue 13's 85%);
-#   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler)
+#   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler);
+#   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
+#   decode GEMMs' library); benchgemm: bench_decode_gemm.py with cuBLAS and with cuBLASLt
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
 #   unchanged) into $OUT/../site instead of building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
@@ -122,6 +125,22 @@ if [[ " $steps " == *" benchprofile "* ]]; then  # device vs wall time, kernels 
   timeout 300 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128 --compile \
     --profile --warmup 3 --steps 12 --out "$out/serve-profile.jsonl" > "$out/profile.log" 2>&1
   echo "bench_serve --profile rc=$?"; sed -n '/^prompt /,$p' "$out/profile.log"
+fi
+if [[ " $steps " == *" benchblas "* ]]; then  # same machine, same call: the A/B of Engine(blas=)
+  for b in auto none; do
+    timeout 280 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128,256 \
+      --compile --warmup 3 --steps 12 --blas $b --out "$out/serve-blas-$b.jsonl" \
+      > "$out/serve-blas-$b.log" 2>&1; echo "bench_serve --blas $b rc=$?"
+    sed -n '/^batch  step/,$p' "$out/serve-blas-$b.log"
+  done
+fi
+if [[ " $steps " == *" benchgemm "* ]]; then  # the decode GEMMs alone, each BLAS library
+  timeout 200 $PY benchmarks/bench_decode_gemm.py --out "$out/decode-gemm.jsonl" \
+    > "$out/decode-gemm.log" 2>&1; echo "bench_decode_gemm rc=$?"
+  TORCH_BLAS_PREFER_CUBLASLT=1 timeout 200 $PY benchmarks/bench_decode_gemm.py --no-compile \
+    --out "$out/decode-gemm-cublaslt.jsonl" > "$out/decode-gemm-lt.log" 2>&1
+  echo "bench_decode_gemm (cuBLASLt) rc=$?"
+  tail -n 19 "$out/decode-gemm.log"; tail -n 16 "$out/decode-gemm-lt.log"
 fi
 if [[ " $steps " == *" benchfollowups "* ]]; then
   timeout 300 $PY benchmarks/bench_followups.py --out "$out/followups.jsonl" > "$out/bench_followups.log" 2>&1
