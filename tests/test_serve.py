@@ -392,12 +392,14 @@ def test_engine_rejects_hostile_input_before_any_device_work():
 
 
 def test_decode_blas_policy():
-    from adakv_ops.serve import CUBLASLT_MAX_BATCH, _preferred_blas, decode_blas
+    from adakv_ops.serve import CUBLASLT_MAX_BATCH, CUBLASLT_MIN_BATCH, decode_blas
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     for dt in (bf16, fp16):
-        assert [decode_blas("auto", b, dt) for b in (1, 64, CUBLASLT_MAX_BATCH)] == \
-            ["cublaslt"] * 3
+        assert [decode_blas("auto", b, dt) for b in (CUBLASLT_MIN_BATCH, CUBLASLT_MAX_BATCH)] \
+            == ["cublaslt"] * 2
         assert decode_blas("auto", CUBLASLT_MAX_BATCH + 1, dt) == "cublas"
+        assert decode_blas("auto", CUBLASLT_MIN_BATCH - 1, dt) is None   # not measured
+        assert decode_blas("auto", 1, dt) is None
     assert decode_blas("auto", 64, fp32) is None            # not measured: torch's setting
     assert decode_blas("cublas", 8, fp32) == "cublas"
     assert decode_blas("cublaslt", 512, bf16) == "cublaslt"

@@ -89,8 +89,11 @@ __all__ = ["AdmissionError", "Engine", "Request"]
 # (torch 2.11 + CUDA 13, 2026-12-07, benchmarks/results/serve-h100.md, bench_decode_gemm.py):
 # for the 8B model's decode GEMMs cuBLASLt's heuristics pick kernels that read the weights at
 # 90% / 88% of the weights' roofline at M = 64 / 128 against cuBLAS's 85% / 81%, and worse
-# ones at M = 256 (64% against 69%). "auto" takes cuBLASLt up to this batch bucket.
+# ones at M = 256 (64% against 69%). "auto" takes cuBLASLt for the batch buckets in
+# [CUBLASLT_MIN_BATCH, CUBLASLT_MAX_BATCH], cuBLAS above, and leaves smaller ones (not
+# measured) to torch's setting.
 BLAS_POLICIES = ("auto", "cublas", "cublaslt")
+CUBLASLT_MIN_BATCH = 64
 CUBLASLT_MAX_BATCH = 128
 
 
@@ -98,16 +101,16 @@ def decode_blas(policy: Optional[str], batch: int, dtype: torch.dtype = torch.bf
                 ) -> Optional[str]:
     """The BLAS library (``torch.backends.cuda.preferred_blas_library`` name) for the decode
     GEMMs of a step at ``batch`` rows of ``dtype`` weights under ``policy``: ``"auto"`` picks
-    ``"cublaslt"`` for fp16 / bf16 up to :data:`CUBLASLT_MAX_BATCH` rows and ``"cublas"``
-    above (``None``, torch's setting, for other dtypes: not measured), ``"cublas"`` /
-    ``"cublaslt"`` always that one, ``None`` leaves torch's setting alone (returns
-    ``None``)."""
+    ``"cublaslt"`` for fp16 / bf16 from :data:`CUBLASLT_MIN_BATCH` to
+    :data:`CUBLASLT_MAX_BATCH` rows and ``"cublas"`` above (``None``, torch's setting, below
+    and for other dtypes: not measured), ``"cublas"`` / ``"cublaslt"`` always that one,
+    ``None`` leaves torch's setting alone (returns ``None``)."""
     if policy is None:
         return None
     if policy not in BLAS_POLICIES:
         raise ValueError(f"adakv: blas must be one of {BLAS_POLICIES} or None, got {policy!r}")
     if policy == "auto":
-        if dtype not in (torch.float16, torch.bfloat16):
+        if dtype not in (torch.float16, torch.bfloat16) or batch < CUBLASLT_MIN_BATCH:
             return None
         return "cublaslt" if batch <= CUBLASLT_MAX_BATCH else "cublas"
     return policy
@@ -220,9 +223,9 @@ class Engine:
         blas: the BLAS library of the decode step's GEMMs on CUDA (torch's
             ``preferred_blas_library``, set around each decode forward and restored after it;
             prefill keeps torch's setting): ``"auto"`` (default) for fp16 / bf16 models
-            cuBLASLt at batch buckets up to :data:`CUBLASLT_MAX_BATCH` and cuBLAS above
-            (measured faster for decode-shaped GEMMs there, :func:`decode_blas`), torch's
-            setting for other dtypes; ``"cublas"`` / ``"cublaslt"`` always that one; ``None``
+            cuBLASLt at batch buckets 64-128 and cuBLAS above (measured faster for
+            decode-shaped GEMMs there, :func:`decode_blas`), torch's setting for smaller
+            buckets and other dtypes; ``"cublas"`` / ``"cublaslt"`` always that one; ``None``
             torch's own setting.
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
