@@ -60,7 +60,7 @@ import bench_generate as bg  # noqa: E402
 from bench_capacity import copy_bandwidth  # noqa: E402
 from bench_ops import graph_replay_ms  # noqa: E402
 
-from adakv_ops.serve import Engine  # noqa: E402
+from adakv_ops.serve import BLAS_POLICIES, Engine  # noqa: E402
 
 JOIN_PROMPT = 512   # prompt tokens of the request admitted to time a join (fork mode)
 
@@ -91,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--no-fuse", action="store_true",
                     help="leave q/k/v_proj and gate/up_proj unfused (Engine(fuse_projections="
                          "False)): the A/B of the fused projections")
-    ap.add_argument("--blas", default="auto", choices=["auto", "cublas", "cublaslt", "none"],
+    ap.add_argument("--blas", default="auto", choices=[*BLAS_POLICIES, "none"],
                     help="Engine(blas=...): the decode GEMMs' BLAS library (none: torch's "
                          "setting)")
     ap.add_argument("--max-growth", type=int, default=None,

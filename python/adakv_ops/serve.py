@@ -266,9 +266,9 @@ class Engine:
         self._layers = len(self.cache.adakv_layers)
         self._heads = self.cache.pool.heads          # this rank's heads (all, without TP)
         self._shards = self.cache.settings.shards   # tensor parallelism: one engine per rank
-        self._device = next(model.parameters()).device
+        first_param = next(model.parameters())
+        self._device, self._dtype = first_param.device, first_param.dtype
         self.blas = blas
-        self._dtype = next(model.parameters()).dtype
         self._queue: deque = deque()
         self._running: List[Request] = []       # batch row order of the cache
         self._job: Optional[tuple] = None       # (request, PrefillJob) being prefilled
