@@ -17,6 +17,12 @@
 //     so the spread real evictions have decides;
 //   * a forced split count (developer override) replaces the choice; the result is clamped to
 //     [1, kMaxSplits] and the cluster path is used only when 1 < splits <= max_cluster.
+//   Tried and dropped (2026-12-07, benchmarks/results/paged-minsplit-h100-2026-12-07.txt): a
+//   shortest split applied on device (a short segment uses fewer of its splits, the rest left
+//   empty) to recover the even-heads case. On the cluster path it cost 30 points at batch 64 x
+//   1K whether or not the empty CTAs left early: a cluster reserves all its CTAs' slots at
+//   once, so one busy CTA per cluster leaves the rest idle; on the two-launch path it was
+//   neutral.
 // And whether the work-balanced kernel (decode_balanced.cuh) replaces the split kernel: where
 // it is available (fp16 / bf16 tensor-core instantiations whose shared memory fits the device),
 // for at most kRows query rows and kMaxSegments segments, while the int32 tile prefix cannot
