@@ -148,10 +148,8 @@ __global__ void __launch_bounds__(BalancedTraits<T, D>::kThreads, 1)
   int4* meta_all = reinterpret_cast<int4*>(smem + Tr::kRingBytes + Tr::kPrefixBytes +
                                            2 * Tr::kSegBytes);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: nothing of the previous kernel is read before this point.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  pdl_wait();
   // the ring is free until the walk starts: the scan's scratch lives there
   balanced_prefix<Tr, kPaged>(p, pre, seg_len_s, seg_at_s, reinterpret_cast<int32_t*>(smem));
   if (blockIdx.x == 0) {
@@ -288,10 +286,8 @@ __global__ void __launch_bounds__(BalancedTraits<T, D>::kThreads, 1)
     }
     cp_async_wait<0>();
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The merge kernel may start launching; its griddepcontrol.wait still waits for all of us.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  // The merge kernel may start launching; its pdl_wait still waits for all of us.
+  pdl_launch_dependents();
 }
 
 }  // namespace decode

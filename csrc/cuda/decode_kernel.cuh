@@ -47,6 +47,7 @@
 #include <cstdint>
 
 #include "cuda/decode_params.cuh"
+#include "cuda/hopper.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/softmax_state.cuh"
 
@@ -338,22 +339,7 @@ __device__ __forceinline__ void combine_and_store(const DecodeParams& p, const f
 // owns from its own shared memory by log-sum-exp and writes them out. Remote accesses are
 // stores before that barrier only, so no second barrier is needed; the barrier phase armed at
 // kernel entry (cluster_arrive_relaxed) guarantees every peer has started before it is written.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_arrive_release() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#endif
-}
-
+// (cluster_arrive_relaxed / cluster_arrive_release / cluster_wait: cuda/hopper.cuh)
 template <typename Tr, typename T>
 __device__ __forceinline__ void cluster_combine_and_store(const DecodeParams& p, const float* o_s,
                                                           const float* m_s, const float* l_s,
@@ -451,10 +437,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     split = bid % p.num_splits;
     s = bid / p.num_splits;
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: nothing of the previous kernel is read before this point.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  pdl_wait();
 
   // bounds: the segment geometry comes from device memory, clamped (segment_geometry) so that
   // every row read below lies in [0, rows) (contiguous) or in the pool (paged: page ids
@@ -703,10 +687,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D>::kThreads)
     }
   }
   __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The next PDL kernel may start launching; its griddepcontrol.wait still waits for all of us.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  // The next PDL kernel may start launching; its pdl_wait still waits for all of us.
+  pdl_launch_dependents();
   if constexpr (kCluster) {
     cluster_combine_and_store<Tr, T>(p, o_s, m_s, l_s, smem + Tr::kBodyBytes, s, split, row_base);
   } else {

@@ -107,9 +107,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Merge
 // tile_prefix) before reading.
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads) decode_balanced_merge_kernel(const MergeParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + (threadIdx.x >> 5);
   if (row >= p.n_rows) return;  // bounds: grid rounds n_rows up to whole CTAs
   const int lane = threadIdx.x & 31;
