@@ -26,6 +26,13 @@ LM head ``[128256, 4096]``. Rows, per ``M`` of ``--batches``:
 
 Each row: median ms of the graph (CUDA events, ``--reps`` replays after warm-up), the weights
 it reads, and ``pct_roofline`` = bytes / copy bandwidth / time.
+
+``--gemm``: ``torch`` (``F.linear``: cuBLAS / cuBLASLt as torch's preferred BLAS library says),
+``adakv`` (``adakv_ops.gemm.linear``: the Hopper kernel of ``csrc/cuda/decode_gemm.cu``, rows
+named ``adakv <row>``) or ``both`` (the default on an sm_90 GPU with the kernels loaded: every
+row twice, the same weights and inputs, one run). ``--splits 1,2,4,8`` adds, per GEMM shape, the
+kernel with each forced split-K factor (rows ``adakv <shape> x32 split=S``) and ``head`` rows
+(the LM head alone) to every variant.
 """
 
 from __future__ import annotations
@@ -73,16 +80,16 @@ def rms_norm(x, w, eps=1e-5):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
-def layer_no_attention(x, L, q_width, ffn):
+def layer_no_attention(x, L, q_width, ffn, linear=F.linear):
     """One decoder layer of the engine's decode step with the attention left out (its output
     replaced by the query slice of the qkv projection, so the o projection keeps its input
     shape and its data dependence)."""
     h = rms_norm(x, L["n1"])
-    qkv = F.linear(h, L["qkv"])
-    x = x + F.linear(qkv[:, :q_width], L["o"])
+    qkv = linear(h, L["qkv"])
+    x = x + linear(qkv[:, :q_width].contiguous(), L["o"])
     h = rms_norm(x, L["n2"])
-    gu = F.linear(h, L["gate_up"])
-    return x + F.linear(F.silu(gu[:, :ffn]) * gu[:, ffn:], L["down"])
+    gu = linear(h, L["gate_up"])
+    return x + linear(F.silu(gu[:, :ffn]) * gu[:, ffn:], L["down"])
 
 
 def time_ms(fn, cpu, reps):
@@ -105,6 +112,10 @@ def main(argv=None):
     ap.add_argument("--batches", default=None, help="decode batch sizes M (default 64,128,256)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled layers row")
+    ap.add_argument("--gemm", choices=("torch", "adakv", "both"), default=None,
+                    help="which GEMM (default: both where the adakv kernel runs, else torch)")
+    ap.add_argument("--splits", default=None,
+                    help="also the adakv kernel with each forced split-K factor, e.g. 1,2,4,8")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
@@ -132,43 +143,64 @@ def main(argv=None):
         recs.append(r)
         print(json.dumps(r), flush=True)
 
+    from adakv_ops import gemm as adakv_gemm
+    have_kernel = adakv_gemm.available(dev, dtype)
+    which = args.gemm or ("both" if have_kernel else "torch")
+    if which != "torch" and not have_kernel:
+        raise SystemExit("the adakv decode GEMM needs an sm_90 GPU and the CUDA kernels")
+    variants = [(p, f) for p, f in (("", F.linear), ("adakv ", adakv_gemm.linear))
+                if which == "both" or (which == "adakv") == (p == "adakv ")]
+    splits = [int(v) for v in args.splits.split(",")] if args.splits else []
+
     for M in batches:
         x = torch.randn(M, sh["hidden"], device=dev, dtype=dtype)
         xf = torch.randn(M, sh["ffn"], device=dev, dtype=dtype)
-        for n in names:
-            inp = xf if n == "down" else x
-            record(M, f"{n} x{sh['layers']}",
-                   time_ms(lambda n=n, inp=inp: [F.linear(inp, L[n]) for L in layers],
-                           cpu, args.reps),
-                   sh["layers"] * layer_bytes[n])
+        for prefix, lin in variants:
+            for n in names:
+                inp = xf if n == "down" else x
+                record(M, f"{prefix}{n} x{sh['layers']}",
+                       time_ms(lambda n=n, inp=inp, lin=lin: [lin(inp, L[n]) for L in layers],
+                               cpu, args.reps),
+                       sh["layers"] * layer_bytes[n])
+            if splits:
+                record(M, f"{prefix}head", time_ms(lambda lin=lin: lin(x, head), cpu, args.reps),
+                       head.numel() * el)
 
-        def gemms():
-            for L in layers:
-                F.linear(x, L["qkv"])
-                F.linear(x, L["o"])
-                F.linear(x, L["gate_up"])
-                F.linear(xf, L["down"])
-            return F.linear(x, head)
-        record(M, "gemms", time_ms(gemms, cpu, args.reps), step_bytes)
-        if not args.no_compile:
-            body = torch.compile(layer_no_attention, dynamic=False)
-
-            def step():
-                h = x
+            def gemms(lin=lin):
                 for L in layers:
-                    h = body(h, L, q_width, ffn)
-                return F.linear(rms_norm(h, norm), head)
-            record(M, "layers", time_ms(step, cpu, args.reps), step_bytes)
+                    lin(x, L["qkv"])
+                    lin(x, L["o"])
+                    lin(x, L["gate_up"])
+                    lin(xf, L["down"])
+                return lin(x, head)
+            record(M, f"{prefix}gemms", time_ms(gemms, cpu, args.reps), step_bytes)
+            if not args.no_compile:
+                body = torch.compile(layer_no_attention, dynamic=False)
+
+                def step(lin=lin, body=body):
+                    h = x
+                    for L in layers:
+                        h = body(h, L, q_width, ffn, lin)
+                    return lin(rms_norm(h, norm), head)
+                record(M, f"{prefix}layers", time_ms(step, cpu, args.reps), step_bytes)
+        for S in (splits if have_kernel else []):
+            for n in names:
+                inp = xf if n == "down" else x
+                record(M, f"adakv {n} x{sh['layers']} split={S}",
+                       time_ms(lambda n=n, inp=inp, S=S: [
+                           torch.ops.adakv.decode_gemm(inp, L[n], None, S) for L in layers],
+                           cpu, args.reps),
+                       sh["layers"] * layer_bytes[n])
         del x, xf
     if args.out:
         with open(args.out, "w") as fh:
             for r in [header] + recs:
                 fh.write(json.dumps(r) + "\n")
     print(f"\n{header['device']}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'M':>5} {'row':>12} {'ms':>8} {'%roof':>7}")
+    print(f"{'M':>5} {'row':>26} {'ms':>8} {'%roof':>7}")
     for r in recs:
         pct = f"{r['pct_roofline']:7.1f}" if r["pct_roofline"] is not None else "      -"
-        print(f"{r['M']:>5} {r['row']:>12} {r['ms']:8.3f} {pct}")
+        print(f"{r['M']:>5} {r['row']:>26} {r['ms']:8.3f} {pct}")
     return recs
 
 

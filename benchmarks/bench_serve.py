@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--no-fuse", action="store_true",
                     help="leave q/k/v_proj and gate/up_proj unfused (Engine(fuse_projections="
                          "False)): the A/B of the fused projections")
+    ap.add_argument("--decode-gemm", action="store_true",
+                    help="Engine(decode_gemm=True): the projections on adakv's Hopper GEMM")
     ap.add_argument("--blas", default="auto", choices=[*BLAS_POLICIES, "none"],
                     help="Engine(blas=...): the decode GEMMs' BLAS library (none: torch's "
                          "setting)")
@@ -154,7 +156,8 @@ def main(argv=None):
                  method="ada_snapkv", budget=C, window=W, page_size=P,
                  max_growth=args.max_growth, max_seq_len=max_seq_len,
                  fuse_projections=not args.no_fuse,
-                 blas=None if args.blas == "none" else args.blas)
+                 blas=None if args.blas == "none" else args.blas,
+                 decode_gemm=args.decode_gemm)
     g = torch.Generator().manual_seed(args.seed)
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
@@ -166,6 +169,7 @@ def main(argv=None):
               "mode": args.mode if args.compile else None,
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
               "fused_projections": eng.fused_projections, "blas": eng.blas,
+              "routed_projections": eng.routed_projections,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:

@@ -10,6 +10,7 @@
 //   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
 //   defensive_score       cpu/followups.cpp      cuda/score.cu           "
 //   value_norm            cpu/followups.cpp      cuda/value_norm.cu      "
+//   decode_gemm           cpu/gemm.cpp           cuda/decode_gemm.cu     "
 //   (the last two: building blocks of SPEC 7.1 / 7.2; python/adakv_ops/_composite.py holds
 //   torch-op versions, registered for CUDA only when _C_cuda is not loaded)
 //
@@ -76,6 +77,8 @@ STABLE_TORCH_LIBRARY(adakv, m) {
   m.def(
       "value_norm(Tensor value, Tensor o_proj_weight, bool normalize=False, int? length=None) "
       "-> Tensor");
+  // The GEMM of a decode step's projections (at most 256 rows of x): y = x weight^T + bias.
+  m.def("decode_gemm(Tensor x, Tensor weight, Tensor? bias=None, int split=0) -> Tensor");
 }
 
 #define ADAKV_BACKEND_KEY CPU
@@ -102,4 +105,5 @@ STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
          TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention_lse));
   m.impl("defensive_score", TORCH_BOX(&adakv::ADAKV_BACKEND::defensive_score));
   m.impl("value_norm", TORCH_BOX(&adakv::ADAKV_BACKEND::value_norm));
+  m.impl("decode_gemm", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_gemm));
 }

@@ -466,6 +466,30 @@ ValueNormShape validate_value_norm(const Tensor& value, const Tensor& o_proj_wei
   return s;
 }
 
+DecodeGemmShape validate_decode_gemm(const Tensor& x, const Tensor& weight,
+                                     const std::optional<Tensor>& bias, int64_t split) {
+  check_kv(x, "x [M, K]", 2);
+  check_kv(weight, "weight [N, K]", 2);
+  check_same_device(x, weight, "x", "weight");
+  check_same_dtype(x, weight, "x", "weight");
+  DecodeGemmShape s{x.size(0), weight.size(0), x.size(1)};
+  ADAKV_CHECK(weight.size(1) == s.K, "adakv: weight must be [N, K] with K = ", s.K,
+              " (x.size(1)), got shape ", shape_str(weight));
+  ADAKV_CHECK(s.M <= 256, "adakv: decode_gemm takes at most 256 rows of x (a decode step), got "
+              "x of shape ", shape_str(x), "; use torch.nn.functional.linear for more");
+  if (bias.has_value()) {
+    check_kv(*bias, "bias [N]", 1);
+    check_same_device(x, *bias, "x", "bias");
+    check_same_dtype(x, *bias, "x", "bias");
+    ADAKV_CHECK(bias->size(0) == s.N, "adakv: bias must have shape [N] = [", s.N, "], got ",
+                shape_str(*bias));
+  }
+  ADAKV_CHECK(split >= 0 && split <= 8, "adakv: split must be in [0, 8] (0: chosen by shape), "
+              "got ", split);
+  checked_mul(s.M, s.N, "M * N (the output of decode_gemm)");
+  return s;
+}
+
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N) {
   if (!key_start.has_value()) return;
   ADAKV_CHECK(key_start->is_cpu(), "adakv: internal error: key_start range check on ",

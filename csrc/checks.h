@@ -113,6 +113,13 @@ struct ValueNormShape { int64_t B, Hk, N, D, Hq, hidden, length; };
 ValueNormShape validate_value_norm(const Tensor& value, const Tensor& o_proj_weight,
                                    const std::optional<int64_t>& length);
 
+// ---- decode_gemm: x [M, K] and weight [N, K] of one dtype (fp32 / fp16 / bf16) and device,
+// contiguous, 0 <= M <= 256 (kDecodeGemmMaxRows), bias [N] or none (same dtype and device),
+// split in [0, 8] (0: the heuristic's choice).
+struct DecodeGemmShape { int64_t M, N, K; };
+DecodeGemmShape validate_decode_gemm(const Tensor& x, const Tensor& weight,
+                                     const std::optional<Tensor>& bias, int64_t split);
+
 // Data-dependent: key_start values in [0, N] (CPU only).
 void check_key_start_range(const std::optional<Tensor>& key_start, int64_t N);
 

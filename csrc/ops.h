@@ -62,7 +62,10 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
                                                      const OptTensor& key_start,                 \
                                                      std::optional<double> scale);               \
   Tensor value_norm(const Tensor& value, const Tensor& o_proj_weight, bool normalize,          \
-                    std::optional<int64_t> length);
+                    std::optional<int64_t> length);                                         \
+  /* the GEMM of a decode step's projections: y = x weight^T + bias, x at most 256 rows */     \
+  Tensor decode_gemm(const Tensor& x, const Tensor& weight, const OptTensor& bias,             \
+                     int64_t split);
 
 namespace cpu {
 ADAKV_DECLARE_BACKEND_OPS

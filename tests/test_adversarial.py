@@ -555,6 +555,55 @@ CASES += [
     ("vnorm_length_huge", lambda t: ops.value_norm(t["v"], t["o"], length=2**62), r"adakv: length", RAISE),
     ("vnorm_length_over_int64", lambda t: ops.value_norm(t["v"], t["o"], length=2**64), r"adakv: length", RAISE),
 ]
+
+
+# ---- the decode step's GEMM (decode_gemm: y = x weight^T + bias, at most 256 rows)
+def _gemm(t, M=4, N=24, K=16, dtype=torch.bfloat16, **kw):
+    x = kw.pop("x", None)
+    w = kw.pop("w", None)
+    x = torch.randn(M, K, device=t["dev"]).to(dtype) if x is None else x
+    w = torch.randn(N, K, device=t["dev"]).to(dtype) if w is None else w
+    return torch.ops.adakv.decode_gemm(x, w, kw.pop("bias", None), kw.pop("split", 0))
+
+
+CASES += [
+    ("gemm_x_rank", lambda t: _gemm(t, x=torch.zeros(2, 4, 16, device=t["dev"], dtype=torch.bfloat16)),
+     r"adakv: x \[M, K\] must have 2 dimensions", RAISE),
+    ("gemm_w_rank", lambda t: _gemm(t, w=torch.zeros(24 * 16, device=t["dev"], dtype=torch.bfloat16)),
+     r"adakv: weight \[N, K\] must have 2 dimensions", RAISE),
+    ("gemm_K_mismatch", lambda t: _gemm(t, w=torch.zeros(24, 8, device=t["dev"], dtype=torch.bfloat16)),
+     r"adakv: weight must be \[N, K\] with K = 16", RAISE),
+    ("gemm_dtype_mismatch", lambda t: _gemm(t, w=torch.zeros(24, 16, device=t["dev"], dtype=torch.float16)),
+     r"adakv: weight has dtype", RAISE),
+    ("gemm_int", lambda t: _gemm(t, dtype=torch.int32, x=torch.zeros(4, 16, dtype=torch.int32, device=t["dev"]),
+                                 w=torch.zeros(24, 16, dtype=torch.int32, device=t["dev"])),
+     r"adakv: x \[M, K\] must be float32, float16 or bfloat16", RAISE),
+    ("gemm_rows_257", lambda t: _gemm(t, M=257), r"adakv: decode_gemm takes at most 256 rows", RAISE),
+    ("gemm_rows_huge", lambda t: _gemm(t, x=torch.empty(2**40, 0, device=t["dev"]).bfloat16(),
+                                       w=torch.zeros(24, 0, device=t["dev"]).bfloat16()),
+     r"adakv: decode_gemm takes at most 256 rows", RAISE),
+    ("gemm_x_noncontiguous", lambda t: _gemm(t, x=torch.zeros(16, 4, device=t["dev"]).bfloat16().t()),
+     r"adakv: x \[M, K\] must be contiguous", RAISE),
+    ("gemm_w_noncontiguous", lambda t: _gemm(t, w=torch.zeros(16, 24, device=t["dev"]).bfloat16().t()),
+     r"adakv: weight \[N, K\] must be contiguous", RAISE),
+    ("gemm_bias_shape", lambda t: _gemm(t, bias=torch.zeros(23, device=t["dev"]).bfloat16()),
+     r"adakv: bias must have shape \[N\] = \[24\]", RAISE),
+    ("gemm_bias_rank", lambda t: _gemm(t, bias=torch.zeros(1, 24, device=t["dev"]).bfloat16()),
+     r"adakv: bias \[N\] must have 1 dimensions", RAISE),
+    ("gemm_bias_dtype", lambda t: _gemm(t, bias=torch.zeros(24, device=t["dev"])),
+     r"adakv: bias has dtype", RAISE),
+    ("gemm_bias_device", lambda t: _gemm(t, bias=torch.zeros(24, dtype=torch.bfloat16, device=t["other"])),
+     r"adakv: bias is on", CUDA_ONLY),
+    ("gemm_w_device", lambda t: _gemm(t, w=torch.zeros(24, 16, dtype=torch.bfloat16, device=t["other"])),
+     r"adakv: weight is on", CUDA_ONLY),
+    ("gemm_split_neg", lambda t: _gemm(t, split=-1), r"adakv: split must be in \[0, 8\]", RAISE),
+    ("gemm_split_9", lambda t: _gemm(t, split=9), r"adakv: split must be in \[0, 8\]", RAISE),
+    ("gemm_split_huge", lambda t: _gemm(t, split=2**62), r"adakv: split must be in \[0, 8\]", RAISE),
+    # a legal problem whose output exceeds any allocation: a clear allocation error
+    ("gemm_alloc_fail", lambda t: _gemm(t, M=256, x=torch.empty(256, 0, device=t["dev"]).bfloat16(),
+                                        w=torch.empty(2**50, 0, device=t["dev"]).bfloat16()),
+     r"adakv: decode_gemm(: could not allocate| \(CUDA\))", RAISE),
+]
 CASE_NAMES = [c[0] for c in CASES]
 assert len(set(CASE_NAMES)) == len(CASE_NAMES)
 _BY_NAME = {c[0]: c for c in CASES}

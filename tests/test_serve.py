@@ -805,3 +805,17 @@ def test_a_random_stream_of_arrivals_and_cancels_keeps_the_pages_accounted(seed,
     for rid, (p, n) in reqs.items():
         if eng.state(rid) == "finished":
             assert eng.result(rid) == _alone(model, p, n, chunk=chunk), rid
+
+
+def test_decode_gemm_routing_is_a_no_op_off_hopper():
+    """Engine(decode_gemm=True) routes the projections through adakv_ops.gemm.linear only on an
+    sm_90 GPU: on the CPU nothing is routed and the tokens are those of the default engine."""
+    model = make_model("llama")
+    prompts = _prompts(2, seed=5)
+    eng = Engine(model, num_pages=4000, max_batch=2, chunk_size=8, decode_gemm=True, **KW)
+    assert eng.routed_projections == 0
+    rids = [eng.add_request(p, 4) for p in prompts]
+    while eng.has_work():
+        eng.step()
+    for rid, p in zip(rids, prompts):
+        assert eng.result(rid) == _alone(model, p, 4, chunk=8)

@@ -181,3 +181,23 @@ def _value_norm_fake(value, o_proj_weight, normalize=False, length=None):
     n = N if length is None else length
     _check(0 <= n <= N, lambda: f"adakv: length must be in [0, N = {N}], got {n}")
     return value.new_empty((B, Hk, n), dtype=torch.float32)
+
+
+@torch.library.register_fake("adakv::decode_gemm")
+def _decode_gemm_fake(x, weight, bias=None, split=0):
+    _check(x.dim() == 2, lambda: f"adakv: x [M, K] must have 2 dimensions, got shape {list(x.shape)}")
+    _check(weight.dim() == 2, lambda: f"adakv: weight [N, K] must have 2 dimensions, got shape "
+                                      f"{list(weight.shape)}")
+    _check(x.dtype == weight.dtype, lambda: f"adakv: weight has dtype {weight.dtype} but x has "
+                                            f"dtype {x.dtype}")
+    M, K = x.shape
+    N = weight.shape[0]
+    _check(weight.shape[1] == K, lambda: f"adakv: weight must be [N, K] with K = {K} "
+                                         f"(x.size(1)), got shape {list(weight.shape)}")
+    _check(M <= 256, lambda: f"adakv: decode_gemm takes at most 256 rows of x (a decode step), "
+                             f"got x of shape {list(x.shape)}")
+    if bias is not None:
+        _check(bias.dim() == 1 and bias.shape[0] == N,
+               lambda: f"adakv: bias must have shape [N] = [{N}], got {list(bias.shape)}")
+    _check(0 <= split <= 8, lambda: f"adakv: split must be in [0, 8] (0: chosen by shape), got {split}")
+    return x.new_empty((M, N))

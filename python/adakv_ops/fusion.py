@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from . import gemm
+
 __all__ = ["FusedLinear", "ProjectionSlice", "fuse_projections", "unfuse_projections"]
 
 #: the groups of sibling projections fused, by attribute name
@@ -67,6 +69,8 @@ class FusedLinear(nn.Module):
         for lin in linears:
             self.bounds.append((start, start + lin.out_features))
             start += lin.out_features
+        #: compute the product with adakv_ops.gemm.linear (set by gemm.route_projections)
+        self.decode_gemm = False
         # the product of the current call, its input, and how many slices have read it
         self._input: Optional[Tensor] = None
         self._product: Optional[Tensor] = None
@@ -79,7 +83,10 @@ class FusedLinear(nn.Module):
         """The fused product for ``x``: computed by the first slice that asks, kept until every
         slice has read it."""
         if self._product is None or self._input is not x:
-            self._product = F.linear(x, self.weight, self.bias)
+            if self.decode_gemm:
+                self._product = gemm.linear(x, self.weight, self.bias)
+            else:
+                self._product = F.linear(x, self.weight, self.bias)
             self._input = x
             self._reads = 0
         out = self._product

@@ -75,7 +75,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import fusion
+from . import fusion, gemm
 from ._checks import is_int
 from .hf import AdaKVCache, PrefillJob, cache_kwarg
 from .hf.cache import is_integer_dtype
@@ -227,6 +227,12 @@ class Engine:
             decode-shaped GEMMs there, :func:`decode_blas`), torch's setting for smaller
             buckets and other dtypes; ``"cublas"`` / ``"cublaslt"`` always that one; ``None``
             torch's own setting.
+        decode_gemm: route the model's projections through :func:`adakv_ops.gemm.linear`
+            (adakv's Hopper GEMM for at most 256 rows, split-K over a cluster for projections
+            with few output tiles; :func:`adakv_ops.gemm.route_projections`) when the model is
+            on an sm_90 GPU in fp16 / bf16; prefill chunks and other devices keep torch's
+            GEMMs. Off by default: on an H100 it beats cuBLAS only for down_proj at 64 rows
+            (benchmarks/results/decode-gemm-h100.md).
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
@@ -242,7 +248,8 @@ class Engine:
                  chunk_size: Optional[int] = 16384, compile: bool = False,
                  max_prefill_tokens: Optional[int] = 16384,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
-                 fuse_projections: bool = True, blas: Optional[str] = "auto", **cache_kwargs):
+                 fuse_projections: bool = True, blas: Optional[str] = "auto",
+                 decode_gemm: bool = False, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         decode_blas(blas, 1)   # rejects an unknown policy before anything is built
@@ -258,6 +265,8 @@ class Engine:
         # the model is changed only once every setting is accepted
         #: the projection groups fused into one GEMM each (0 without ``fuse_projections``)
         self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
+        #: the modules routed through adakv's decode GEMM (0: torch's GEMMs everywhere)
+        self.routed_projections = gemm.route_projections(model) if decode_gemm else 0
         self.chunk_size = chunk_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch
