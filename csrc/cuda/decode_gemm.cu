@@ -7,9 +7,9 @@
 // once per step, so a step's GEMMs should stream their weights at the copy bandwidth; cuBLAS
 // reads the 8B model's o_proj / qkv / down at 57-71% of it at M = 128 on an H200 (32-48 output
 // tiles of 128 rows for 132 SMs). Status (benchmarks/results/decode-gemm-h100.md): correct and
-// deterministic, but on an H100 it beats cuBLAS only for down_proj at M = 64 (87% of the copy
-// bandwidth against 84%) and loses elsewhere (o_proj at M = 128: 55% against 73%), so nothing
-// uses it by default (Engine(decode_gemm=True) opts in).
+// deterministic, but on an H100 it beats cuBLAS only for down_proj and the LM head at M = 64
+// (87% / 95% of the copy bandwidth against 84% / 91%) and loses elsewhere (o_proj at M = 128:
+// 56% against 73%), so nothing uses it by default (Engine(decode_gemm=True) opts in).
 //
 // Layout: "swap AB": the weight rows are the MMA's M side (64 per consumer warpgroup), the
 // tokens its N side (token tile NT = 32 / 64 / 128 / 256, decode_gemm_heuristics.h), so a CTA

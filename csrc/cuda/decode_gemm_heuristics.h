@@ -13,10 +13,10 @@
 //     clusters of 4 and 8 fit fewer CTAs than the SM count suggests), with at least
 //     kMinBlocksPerSplit 64-wide K blocks per CTA. Measured on an H100 (2026-12-07,
 //     benchmarks/results/decode-gemm-h100.md, forced splits 1 / 2 / 4 / 8 for the
-//     Llama-3.1-8B projections at 64 / 128 / 256 rows): this rule picks the fastest split in 13
-//     of 15 cases and is within 3 points of it in the other two. Splits of 3, 5, 6, 7 are not
-//     used (non-power-of-two clusters packed worse: qkv at 128 rows, split 5 ran at 48% of the
-//     copy bandwidth against 67% for 4). Examples (two CTAs per SM up to 128 rows): o_proj
+//     Llama-3.1-8B projections at 64 / 128 / 256 rows): the rule's split is the fastest one
+//     within 2 points of the copy bandwidth for every shape but o_proj at 64 rows (3 points
+//     behind split 2). Splits of 3, 5, 6, 7 are not used (non-power-of-two clusters packed
+//     worse: qkv at 128 rows, split 5 ran at 48% of the copy bandwidth against 67% for 4). Examples (two CTAs per SM up to 128 rows): o_proj
 //     [4096, 4096] (32 tiles) and down [4096, 14336] -> 4, qkv [6144, 4096] (48 tiles) -> 4,
 //     gate_up [28672, 4096] and the LM head -> 1.
 //   * a forced split (the op's `split` argument, for sweeps) replaces the choice, clamped to

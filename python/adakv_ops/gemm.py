@@ -6,7 +6,7 @@ part of it unused where a projection has few 128-row output tiles for the GPU's 
 qkv and down of an 8B model: 57-71% of the copy bandwidth at 128 rows on an H200,
 ``benchmarks/results/serve-h200.md``); ``csrc/cuda/decode_gemm.cu`` splits K over a thread-block
 cluster for those. Measured status (``benchmarks/results/decode-gemm-h100.md``): faster than
-cuBLAS only for down_proj at 64 rows, slower elsewhere, so it is opt-in
+cuBLAS only for down_proj and the LM head at 64 rows, slower elsewhere, so it is opt-in
 (``Engine(decode_gemm=True)``), not a default.
 
 * :func:`linear` is ``torch.nn.functional.linear`` with the kernel where it applies: at most

@@ -231,8 +231,8 @@ class Engine:
             (adakv's Hopper GEMM for at most 256 rows, split-K over a cluster for projections
             with few output tiles; :func:`adakv_ops.gemm.route_projections`) when the model is
             on an sm_90 GPU in fp16 / bf16; prefill chunks and other devices keep torch's
-            GEMMs. Off by default: on an H100 it beats cuBLAS only for down_proj at 64 rows
-            (benchmarks/results/decode-gemm-h100.md).
+            GEMMs. Off by default: on an H100 it beats cuBLAS only for down_proj and the LM
+            head at 64 rows (benchmarks/results/decode-gemm-h100.md).
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
