@@ -2,8 +2,9 @@
 // programmatic dependent launch (launch_ex, cudaLaunchKernelEx with the attributes built from
 // LaunchOpts), launch configuration cached once per device (config_once_per_device), and the
 // largest usable power-of-two cluster of a kernel on a device (pow2_cluster_size).
-// Used by decode_attention.cu (split / balanced decode kernels: clusters, PDL) and by
-// allocate.cu / select.cu (the one-launch cluster kernels). Host code only, no device work
+// Used by decode_attention.cu (split / balanced decode kernels: clusters, PDL), by
+// allocate.cu / select.cu (the one-launch cluster kernels) and by decode_gemm.cu (clusters, PDL,
+// its occupancy per cluster size). Host code only, no device work
 // besides the launch itself; stable ABI only (cuda/common.cuh).
 #pragma once
 

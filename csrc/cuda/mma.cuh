@@ -14,7 +14,7 @@
 // The shared-memory asm (ldmatrix, cp.async and its commit / wait) clobbers "memory", so the
 // compiler keeps ordinary shared-memory loads and stores on their side of it.
 // Used by the score (score_kernel.cuh), value-norm (value_norm.cu) and decode (decode_kernel.cuh)
-// kernels.
+// kernels; decode_gemm.cu takes smem_u32 (its MMAs are hopper.cuh's wgmma).
 #pragma once
 
 #include <cuda_bf16.h>
