@@ -155,13 +155,18 @@ def main(argv=None):
     for M in batches:
         x = torch.randn(M, sh["hidden"], device=dev, dtype=dtype)
         xf = torch.randn(M, sh["ffn"], device=dev, dtype=dtype)
-        for prefix, lin in variants:
+
+        def shape_rows(lin, prefix, suffix=""):
+            """One row per GEMM shape: that GEMM of every layer through ``lin``."""
             for n in names:
                 inp = xf if n == "down" else x
-                record(M, f"{prefix}{n} x{sh['layers']}",
-                       time_ms(lambda n=n, inp=inp, lin=lin: [lin(inp, L[n]) for L in layers],
+                record(M, f"{prefix}{n} x{sh['layers']}{suffix}",
+                       time_ms(lambda n=n, inp=inp: [lin(inp, L[n]) for L in layers],
                                cpu, args.reps),
                        sh["layers"] * layer_bytes[n])
+
+        for prefix, lin in variants:
+            shape_rows(lin, prefix)
             if splits:
                 record(M, f"{prefix}head", time_ms(lambda lin=lin: lin(x, head), cpu, args.reps),
                        head.numel() * el)
@@ -184,13 +189,8 @@ def main(argv=None):
                     return lin(rms_norm(h, norm), head)
                 record(M, f"{prefix}layers", time_ms(step, cpu, args.reps), step_bytes)
         for S in (splits if have_kernel else []):
-            for n in names:
-                inp = xf if n == "down" else x
-                record(M, f"adakv {n} x{sh['layers']} split={S}",
-                       time_ms(lambda n=n, inp=inp, S=S: [
-                           torch.ops.adakv.decode_gemm(inp, L[n], None, S) for L in layers],
-                           cpu, args.reps),
-                       sh["layers"] * layer_bytes[n])
+            shape_rows(lambda a, w, S=S: torch.ops.adakv.decode_gemm(a, w, None, S), "adakv ",
+                       f" split={S}")
         del x, xf
     if args.out:
         with open(args.out, "w") as fh:

@@ -1,7 +1,7 @@
 // CPU kernel of adakv::decode_gemm: y [M, N] = x [M, K] weight [N, K]^T (+ bias [N]), each
 // output a float32 dot product over k in order, rounded once to x's dtype (fp32 / fp16 / bf16).
 // The reference the CUDA kernel (cuda/decode_gemm.cu) is tested against and what opcheck runs;
-// a model on the CPU keeps torch's linear (adakv_ops.decode_gemm.linear). Parallelised over
+// a model on the CPU keeps torch's linear (adakv_ops.gemm.linear). Parallelised over
 // the M * N outputs with torch::stable::parallel_for. Semantics: docs/semantics.md.
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 // Shared CUDA helpers of the adakv kernels: the CUDA side of the stable-ABI adapter (current
 // stream through the C shim, device guard, CUDA error checks), device limits (SMs, shared
 // memory), conversions, vector types, static switches (runtime value -> template parameter),
-// launch checks and the vector width of row copies.
+// launch checks, the vector width of row copies and the developer / test overrides read from
+// the environment (env_override).
 // Like every file in csrc/, this uses PyTorch's stable C++ ABI only (csrc/torch_api.h): no ATen
 // or c10 header.
 #pragma once
@@ -15,6 +16,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "torch_api.h"
 
@@ -85,6 +88,17 @@ inline int num_sms(int device) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A developer / test override of a path, read per call (no device work): NAME=0 forces it off,
+// NAME=1 on, anything else (or unset) leaves the default. Used by allocate.cu / select.cu
+// (ADAKV_*_CLUSTER) and decode_gemm.cu (ADAKV_DECODE_GEMM_PDL).
+enum class EnvOverride { kDefault, kOff, kOn };
+inline EnvOverride env_override(const char* name) {
+  const char* v = std::getenv(name);
+  if (v != nullptr && std::string(v) == "0") return EnvOverride::kOff;
+  if (v != nullptr && std::string(v) == "1") return EnvOverride::kOn;
+  return EnvOverride::kDefault;
+}
 
 // SM count and opt-in shared memory per block, queried once per device (benign race: every
 // thread writes the same values). Used by the launchers that size grids / pick a path by them

@@ -43,10 +43,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
-#include <string>
 #include <type_traits>
 
 #include "checks.h"
@@ -168,10 +166,7 @@ __global__ void __launch_bounds__(kThreads, DgCfg<NT>::kCtasPerSm)
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
         const uint64_t a = smem_desc_sw128(stage + c * 64 * 128 + kk * 32);
         const uint64_t b = smem_desc_sw128(stage + Cfg::kWBytes + kk * 32);
-        if constexpr (NT == 32) wgmma_m64n32k16<kBf16>(acc, a, b);
-        else if constexpr (NT == 64) wgmma_m64n64k16<kBf16>(acc, a, b);
-        else if constexpr (NT == 128) wgmma_m64n128k16<kBf16>(acc, a, b);
-        else wgmma_m64n256k16<kBf16>(acc, a, b);
+        wgmma_m64k16<NT, kBf16>(acc, a, b);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous stage's MMAs are done: hand its buffers back
@@ -252,16 +247,6 @@ __global__ void decode_gemm_fill_kernel(T* y, const T* bias, int64_t M, int64_t 
   y[t] = bias ? bias[t % N] : from_float<T>(0.f);
 }
 
-// Programmatic dependent launch, on unless ADAKV_DECODE_GEMM_PDL=0 (a developer A/B switch,
-// read once).
-bool pdl_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("ADAKV_DECODE_GEMM_PDL");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
 // cuTensorMapEncodeTiled of the driver, fetched once through the runtime (no libcuda link).
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -323,25 +308,8 @@ DgSlots decode_gemm_slots(int device) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::kSmem));
     r.slots[0] = 0;
     r.slots[1] = std::max(1, per_sm) * num_sms(dev);
-    for (int s = 2; s <= kDecodeGemmMaxSplit; ++s) {
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(static_cast<unsigned>(s), 1, 1);
-      cfg.blockDim = dim3(kThreads, 1, 1);
-      cfg.dynamicSmemBytes = Cfg::kSmem;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(s);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
-        (void)cudaGetLastError();  // a cluster size this device cannot run: not a fault
-        clusters = 0;
-      }
-      r.slots[s] = clusters * s;  // 0: this cluster size cannot run (the split rule skips it)
-    }
+    for (int s = 2; s <= kDecodeGemmMaxSplit; ++s)  // 0: cannot run (the split rule skips it)
+      r.slots[s] = cluster_resident_ctas(kernel, kThreads, Cfg::kSmem, s);
     return r;
   });
 }
@@ -353,7 +321,7 @@ void launch_decode_gemm(const Tensor& x, const Tensor& weight, DgParams p, int64
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const int64_t tiles = ceil_div(p.N, kBlockF);
   const DgSlots slots = decode_gemm_slots<T, NT>(x.get_device());
-  p.split = decode_gemm_split(tiles, ceil_div(K, kBlockK), slots.slots, forced_split);
+  p.split = decode_gemm_split(tiles, p.k_blocks, slots.slots, forced_split);
   ADAKV_CHECK(tiles * p.split < std::numeric_limits<int>::max(),
               "adakv: decode_gemm (CUDA) grid too large");
   const CUtensorMap tw = tensor_map_2d(weight.data_ptr(), kBf16, p.N, K, kBlockF, "weight");
@@ -362,7 +330,8 @@ void launch_decode_gemm(const Tensor& x, const Tensor& weight, DgParams p, int64
   set_smem(kernel, Cfg::kSmem);
   LaunchOpts opts;
   opts.cluster = p.split > 1 ? p.split : 0;
-  opts.pdl = pdl_enabled();
+  // programmatic dependent launch unless ADAKV_DECODE_GEMM_PDL=0 (a developer A/B switch)
+  opts.pdl = env_override("ADAKV_DECODE_GEMM_PDL") != EnvOverride::kOff;
   launch_ex(kernel, tiles * p.split, kThreads, Cfg::kSmem, stream, opts, tw, tx, p);
 }
 
@@ -389,7 +358,7 @@ Tensor decode_gemm(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                   reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
               "adakv: decode_gemm (CUDA) needs x and weight 16-byte aligned");
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  ADAKV_CHECK(s.N < kIntMax / 2 && s.K < kIntMax / 2 && s.K <= (int64_t{1} << 32) / 2,
+  ADAKV_CHECK(s.N < kIntMax / 2 && s.K < kIntMax / 2,
               "adakv: decode_gemm (CUDA) sizes exceed the 32-bit index range: weight ",
               shape_str(weight));
   Tensor y = new_empty("decode_gemm", "the output", x, {s.M, s.N}, x.scalar_type());

@@ -14,8 +14,8 @@
 //                         with the 128-byte swizzle (what TMA writes with
 //                         CU_TENSOR_MAP_SWIZZLE_128B); the tile must start 1024-byte aligned
 //   wgmma_fence / wgmma_commit / wgmma_wait<N> / fence_regs
-//   wgmma_m64n{32,64,128,256}k16   D[64 x N] fp32 += A[64 x 16] B[N x 16]^T, fp16 or bf16,
-//                         both operands K-major in shared memory (descriptors)
+//   wgmma_m64k16<N, bf16> D[64 x N] fp32 += A[64 x 16] B[N x 16]^T (N = 32 / 64 / 128 / 256),
+//                         fp16 or bf16, both operands K-major in shared memory (descriptors)
 // Everything outside ADAKV_HOPPER_MMA (sm_90a device code) compiles to a trap, so the kernels
 // that use the MMA build for every target of ADAKV_CUDA_ARCHS; their launchers check the device.
 // Used by decode_kernel.cuh (cluster barriers, PDL), decode_balanced.cuh and decode_merge.cuh
@@ -217,19 +217,6 @@ __device__ __forceinline__ void fence_regs(float (&d)[R]) {
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
       : "l"(a), "l"(b), "r"(1))
 
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b) {
-#if ADAKV_HOPPER_MMA
-  if constexpr (kBf16) {
-    ADAKV_WGMMA_M64N32K16("bf16");
-  } else {
-    ADAKV_WGMMA_M64N32K16("f16");
-  }
-#else
-  __trap();
-#endif
-}
-#undef ADAKV_WGMMA_M64N32K16
 
 #define ADAKV_WGMMA_M64N64K16(DT) \
   asm volatile( \
@@ -244,19 +231,6 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
       : "l"(a), "l"(b), "r"(1))
 
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
-#if ADAKV_HOPPER_MMA
-  if constexpr (kBf16) {
-    ADAKV_WGMMA_M64N64K16("bf16");
-  } else {
-    ADAKV_WGMMA_M64N64K16("f16");
-  }
-#else
-  __trap();
-#endif
-}
-#undef ADAKV_WGMMA_M64N64K16
 
 #define ADAKV_WGMMA_M64N128K16(DT) \
   asm volatile( \
@@ -277,19 +251,6 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
       : "l"(a), "l"(b), "r"(1))
 
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-#if ADAKV_HOPPER_MMA
-  if constexpr (kBf16) {
-    ADAKV_WGMMA_M64N128K16("bf16");
-  } else {
-    ADAKV_WGMMA_M64N128K16("f16");
-  }
-#else
-  __trap();
-#endif
-}
-#undef ADAKV_WGMMA_M64N128K16
 
 #define ADAKV_WGMMA_M64N256K16(DT) \
   asm volatile( \
@@ -322,18 +283,32 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
       : "l"(a), "l"(b), "r"(1))
 
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
+// The one entry point: N = 32, 64, 128 or 256 (the accumulators d[N / 2] per thread).
+template <int N, bool kBf16>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t a, uint64_t b) {
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256, "wgmma N: 32, 64, 128 or 256");
 #if ADAKV_HOPPER_MMA
-  if constexpr (kBf16) {
-    ADAKV_WGMMA_M64N256K16("bf16");
-  } else {
-    ADAKV_WGMMA_M64N256K16("f16");
+#define ADAKV_WGMMA_CASE(NN)                                                                   \
+  if constexpr (N == NN) {                                                                     \
+    if constexpr (kBf16) {                                                                     \
+      ADAKV_WGMMA_M64N##NN##K16("bf16");                                                       \
+    } else {                                                                                   \
+      ADAKV_WGMMA_M64N##NN##K16("f16");                                                        \
+    }                                                                                          \
   }
+  ADAKV_WGMMA_CASE(32)
+  ADAKV_WGMMA_CASE(64)
+  ADAKV_WGMMA_CASE(128)
+  ADAKV_WGMMA_CASE(256)
+#undef ADAKV_WGMMA_CASE
 #else
   __trap();
 #endif
 }
+#undef ADAKV_WGMMA_M64N32K16
+#undef ADAKV_WGMMA_M64N64K16
+#undef ADAKV_WGMMA_M64N128K16
 #undef ADAKV_WGMMA_M64N256K16
+
 }  // namespace cuda
 }  // namespace adakv

@@ -1,7 +1,9 @@
 // Host-side launch helpers of the CUDA kernels: one launcher for thread-block clusters and
 // programmatic dependent launch (launch_ex, cudaLaunchKernelEx with the attributes built from
-// LaunchOpts), launch configuration cached once per device (config_once_per_device), and the
-// largest usable power-of-two cluster of a kernel on a device (pow2_cluster_size).
+// LaunchOpts by launch_attrs), launch configuration cached once per device
+// (config_once_per_device), the largest usable power-of-two cluster of a kernel on a device
+// (pow2_cluster_size) and how many CTAs of a kernel clusters of a given size keep resident
+// (cluster_resident_ctas).
 // Used by decode_attention.cu (split / balanced decode kernels: clusters, PDL), by
 // allocate.cu / select.cu (the one-launch cluster kernels) and by decode_gemm.cu (clusters, PDL,
 // its occupancy per cluster size). Host code only, no device work
@@ -29,12 +31,8 @@ struct LaunchOpts {
   bool pdl = false;
 };
 
-// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with the
-// attributes of `opts`; a launch error raises RuntimeError (ADAKV_CUDA_CHECK).
-template <typename Kernel, typename... Args>
-void launch_ex(Kernel kernel, int64_t grid, int block, size_t smem, cudaStream_t stream,
-               LaunchOpts opts, const Args&... args) {
-  cudaLaunchAttribute attrs[2];
+// The launch attributes of `opts` written to `attrs`; returns how many (at most 2).
+inline unsigned launch_attrs(cudaLaunchAttribute (&attrs)[2], LaunchOpts opts) {
   unsigned n = 0;
   if (opts.cluster > 0) {
     attrs[n].id = cudaLaunchAttributeClusterDimension;
@@ -48,14 +46,47 @@ void launch_ex(Kernel kernel, int64_t grid, int block, size_t smem, cudaStream_t
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
     ++n;
   }
+  return n;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with the
+// attributes of `opts`; a launch error raises RuntimeError (ADAKV_CUDA_CHECK).
+template <typename Kernel, typename... Args>
+void launch_ex(Kernel kernel, int64_t grid, int block, size_t smem, cudaStream_t stream,
+               LaunchOpts opts, const Args&... args) {
+  cudaLaunchAttribute attrs[2];
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(grid), 1, 1);
   cfg.blockDim = dim3(static_cast<unsigned>(block), 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attrs;
-  cfg.numAttrs = n;
+  cfg.numAttrs = launch_attrs(attrs, opts);
   ADAKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+// How many CTAs of `kernel` (block threads, smem bytes of dynamic shared memory, already opted
+// in) are resident at once when it is launched in clusters of `cluster` CTAs:
+// cudaOccupancyMaxActiveClusters x cluster (clusters live inside one GPC, so this can be fewer
+// than CTAs per SM x SMs). 0 when the device cannot run that cluster size (the query's error
+// is cleared, not raised). Host query, no stream work; call it through config_once_per_device.
+template <typename Kernel>
+int cluster_resident_ctas(Kernel kernel, int block, size_t smem, int cluster) {
+  LaunchOpts opts;
+  opts.cluster = cluster;
+  cudaLaunchAttribute attrs[2];
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(block), 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attrs;
+  cfg.numAttrs = launch_attrs(attrs, opts);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return clusters * cluster;
 }
 
 constexpr int kMaxCachedDevices = 64;

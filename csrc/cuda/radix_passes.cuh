@@ -27,9 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
 
 #include "checks.h"
 #include "cuda/common.cuh"
@@ -173,16 +171,6 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline bool scores_vectorizable(const Tensor& scores, int64_t L) {
   return L % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0;
-}
-
-// A test override of a path, read per call (no device work): NAME=0 forces it off, NAME=1 on,
-// anything else (or unset) leaves the default.
-enum class EnvOverride { kDefault, kOff, kOn };
-inline EnvOverride env_override(const char* name) {
-  const char* v = std::getenv(name);
-  if (v != nullptr && std::string(v) == "0") return EnvOverride::kOff;
-  if (v != nullptr && std::string(v) == "1") return EnvOverride::kOn;
-  return EnvOverride::kDefault;
 }
 
 inline void check_cuda(const Tensor& t, const char* op) {

@@ -52,8 +52,9 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, computed by ``adakv::decode_gemm`` when ``x`` has at most
-    :data:`MAX_ROWS` rows (all dimensions but the last), the dtypes are fp16 / bf16 and the
-    weight's rows are 16-byte aligned; the caller guarantees the device (:func:`available`)."""
+    :data:`MAX_ROWS` rows (all dimensions but the last), the dtypes are fp16 / bf16, ``K`` is a
+    multiple of 8 and the weight is contiguous; the caller guarantees the device
+    (:func:`available`) and 16-byte aligned storage (the op raises otherwise)."""
     K = x.shape[-1]
     rows = math.prod(x.shape[:-1])
     if (rows == 0 or rows > MAX_ROWS or K % 8 != 0 or x.dtype != weight.dtype
