@@ -122,6 +122,38 @@ def test_opcheck_cpu():
     torch.library.opcheck(A.decode_gemm.default, (x, w, None, 2))
 
 
+def _nonfinite_case(device):
+    x, w, b = make(5, 12, 72, torch.bfloat16, seed=21, bias=True, device=device)
+    x[1, 3] = float("nan")
+    x[3, 70] = float("inf")
+    w[7, 0] = float("nan")
+    return x, w, b
+
+
+def _check_nonfinite(y, x, w, b):
+    """NaN / inf reach exactly the outputs whose dot product reads them: row 1 (NaN in x), row
+    3 (inf in x: +-inf or NaN), column 7 (NaN in the weight); every other output is finite and
+    matches the reference."""
+    y = y.cpu()
+    assert y[1].isnan().all() and y[:, 7].isnan().all()
+    assert (~y[3].isfinite()).all()
+    rest = torch.ones_like(y, dtype=torch.bool)
+    rest[[1, 3]] = False
+    rest[:, 7] = False
+    assert y[rest].isfinite().all()
+    ref = reference(x.cpu(), w.cpu(), b.cpu())
+    keep = [0, 2, 4]
+    cols = [c for c in range(12) if c != 7]
+    xs, ws, bs = x.cpu()[keep], w.cpu()[cols], b.cpu()[cols]
+    check_close(y[keep][:, cols], xs, ws, bs, "finite part")
+    assert torch.equal(ref[rest].isfinite(), torch.ones_like(ref[rest], dtype=torch.bool))
+
+
+def test_nonfinite_inputs_reach_only_their_outputs():
+    x, w, b = _nonfinite_case("cpu")
+    _check_nonfinite(A.decode_gemm(x, w, b), x, w, b)
+
+
 def test_fake_kernel_shapes_and_errors():
     from torch._subclasses.fake_tensor import FakeTensorMode
     x, w, b = make(6, 10, 24, torch.bfloat16, seed=5, bias=True)
@@ -197,6 +229,13 @@ def test_cuda_every_split(split, M, N, K):
 def test_cuda_small_cases_sanitize(M, N, K, split):
     x, w, b = make(M, N, K, torch.bfloat16, seed=M * N, bias=True, device="cuda")
     check_close(A.decode_gemm(x, w, b, split), x, w, b, "sanitize")
+
+
+@needs_sm90
+@pytest.mark.parametrize("split", [0, 1, 3])
+def test_cuda_nonfinite_inputs_reach_only_their_outputs(split):
+    x, w, b = _nonfinite_case("cuda")
+    _check_nonfinite(A.decode_gemm(x, w, b, split), x, w, b)
 
 
 @needs_sm90
