@@ -82,6 +82,50 @@ def test_policy_keeps_the_reference_sets(method, shape, padded, as_written):
         assert kept.window == (0 if as_written else W)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 16, 2, 300, 32, 64, 50)])
+def test_as_written_defensivekv_scores_in_the_model_dtype(shape, padded, dtype):
+    """A 16-bit model's as_written DefensiveKV computes in that dtype as the authors' code does
+    (D11): the scores equal the oracle's low-precision form exactly (every value a value of the
+    dtype), and the kept sets are the oracle's."""
+    B, Hq, Hk, N, W, D, C = shape
+    for seed in range(2):
+        q, k, v, wo, ks = _inputs(shape, 100 * seed + N + 7, padded)
+        q, k, v, wo = (x.to(dtype) for x in (q, k, v, wo))
+        pol = EvictionPolicy(method="defensivekv", budget=C, window=W, as_written=True)
+        got = pol.defensive_scores(q, k, v, wo, C, ks)
+        want = rf.defensive_scores_ref(q, k, v, wo, C, key_start=ks, as_written=True,
+                                       compute_dtype=dtype)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.double(), want), (shape, seed)
+        fin = torch.isfinite(got)
+        assert torch.equal(got[fin], got[fin].to(dtype).float())
+        kept = pol.keep(q, k, C, key_start=ks, value=v, o_proj_weight=wo)
+        ref = rf.defensive_select_ref(want, C, W, key_start=ks, as_written=True)
+        assert _policy_sets(kept, ks, B, Hk, N) == _ref_sets(*ref), (shape, seed)
+
+
+def test_as_written_model_dtype_rows_without_a_prefix():
+    """Rows whose prefix is all padding (or missing) are not scored: the oracle's result."""
+    B, Hq, Hk, N, W, D, C = 3, 4, 2, 40, 6, 16, 5
+    q, k, v = [x.bfloat16() for x in make_qkv(B, Hq, Hk, N, W, D, 5)]
+    wo = randn((24, Hq * D), 6).bfloat16()
+    ks = torch.tensor([0, N - W, N - 2], dtype=torch.int32)
+    pol = EvictionPolicy(method="defensivekv", budget=C, window=W, as_written=True)
+    got = pol.defensive_scores(q, k, v, wo, C, ks)
+    want = rf.defensive_scores_ref(q, k, v, wo, C, key_start=ks, as_written=True)
+    assert torch.equal(got.double(), want)
+
+
+def test_as_written_model_dtype_refused_under_tensor_parallelism():
+    q, k, v = [x.bfloat16() for x in make_qkv(1, 2, 1, 30, 4, 16, 0)]
+    wo = randn((24, 2 * 16), 1).bfloat16()
+    pol = EvictionPolicy(method="defensivekv", budget=4, window=4, as_written=True)
+    with pytest.raises(NotImplementedError, match="tensor parallelism"):
+        pol.defensive_scores(q, k, v, wo, 4, None, shards=object())
+
+
 def test_policy_needs_values_and_o_proj():
     q, k, v = make_qkv(1, 2, 1, 20, 4, 16, 0)
     for method in ("criticalkv", "ada_criticalkv", "defensivekv"):
@@ -201,6 +245,41 @@ def test_layer_defensivekv_keeps_the_global_top_k(storage, as_written):
         assert total == sum(n_l * H * (C + min(4, 40 - int(k0))) for k0 in ks)
         if not as_written:     # every head keeps its window: no segment empty
             assert min(min(l.segment_lengths()) for l in cache.adakv_layers) >= 4
+
+
+@pytest.mark.parametrize("storage", ["flat", "paged"])
+def test_layer_defensivekv_as_written_in_a_bf16_model(storage):
+    """A bf16 model's as_written Layer-DefensiveKV scores in bf16 (D11) in the cache: its kept
+    rows are the oracle's global top-k over the layers' bf16 scores."""
+    pytest.importorskip("transformers")
+    from test_hf import make_batch, make_model, positions
+    from transformers import DynamicCache
+
+    from adakv_ops.hf import AdaKVCache, QueryRecorder, cache_kwarg
+    model = make_model("llama").to(torch.bfloat16)
+    ids, mask = make_batch(2, 40, pads=(0, 6))
+    full = DynamicCache()
+    with torch.no_grad(), QueryRecorder(model, window=4) as rec:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+              **cache_kwarg(full), use_cache=True)
+    ks = (mask == 0).sum(-1).to(torch.int32)
+    C = 5
+    layer_scores = [rf.defensive_scores_ref(rec.windows[i][:, :, -4:], full.layers[i].keys,
+                                            full.layers[i].values,
+                                            model.model.layers[i].self_attn.o_proj.weight.detach(),
+                                            C, key_start=ks, as_written=True)
+                    for i in range(len(full.layers))]
+    want = rf.layer_defensive_select_ref(layer_scores, C, 4, key_start=ks, as_written=True)
+    cache = AdaKVCache(model, method="layer_defensivekv", budget=C, window=4, storage=storage,
+                       as_written=True)
+    cache.evict_from(full, rec.windows, attention_mask=mask)
+    H = full.layers[0].keys.shape[1]
+    for i, layer in enumerate(cache.adakv_layers):
+        sets = _ref_sets(want.kept_idx[i], want.kept_count[i])
+        assert layer.segment_lengths() == [len(c) for c in sets], i
+        for s, cols in enumerate(sets):
+            got_k, _ = layer.segment_kv(s)
+            assert torch.equal(got_k, full.layers[i].keys[s // H, s % H, cols]), (i, s)
 
 
 def test_generate_as_written_forms():

@@ -288,40 +288,62 @@ class EvictionPolicy:
         raised to the row's maximum; padding columns ``-inf``. ``as_written``: ``[B, H, N]``,
         the window columns at the maximum too, with the authors' ``window_bias`` (the last
         ``W`` prefix columns, averaged over the batch), their batch-wide maximum and their
-        clamp ``int(L (1 - r) - W)`` with its negative slice (D9, D10; float32, not bf16)."""
+        clamp ``int(L (1 - r) - W)`` with its negative slice (D9, D10), and, for a 16-bit
+        model, their arithmetic in the model's dtype (D11, :func:`_defensive_parts_model_dtype`;
+        float32 otherwise)."""
         B, H, N, _ = key.shape
         W = q_window.shape[2]
         L = N - W
         dev = key.device
-        R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
-                                              key_start=key_start, scale=scale)
-        # the value weight normalised across the layer's KV heads (all ranks' heads)
-        n = _ops.value_norm(value, o_proj_weight, length=L)
-        total = (n if shards is None else shards.gather_heads(n)).sum(dim=1, keepdim=True)
-        weight = n / total
         ks = _starts(key_start, B, dev)
         col = torch.arange(L, device=dev)
         valid = (col >= ks.view(B, 1, 1))                                  # [B, 1, L]
         neg_inf = torch.tensor(float("-inf"), device=dev)
-        R = torch.where(valid, R * weight, neg_inf)
-        # stage-1 floor (7.2 step 5; D9): the tokens before the one whose cumulative share of
-        # the head's plain SnapKV mass reaches 0.9 - window_bias, at most the clamp
-        mass = torch.where(valid, snap, torch.zeros((), device=dev))
-        share = mass / mass.sum(dim=-1, keepdim=True)
-        # descending, ties to the lower token; NaN then padding last (ranked lowest, D2)
-        key_ = torch.where(valid, share.nan_to_num(nan=-1.0, posinf=2.0), torch.tensor(-2.0,
-                                                                                        device=dev))
-        sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
-        cum = sorted_share.clamp(min=0).cumsum(dim=-1)
         has = ks < L                                                        # a valid prefix
-        if shards is not None:   # the mean over all query heads: each rank's over its own
-            wmass = shards.mean_of_ranks(wmass)
-        if self.as_written:   # one window_bias for the batch: rows with a prefix (D10)
-            bias = (torch.where(has, wmass[:, 1], torch.zeros((), device=dev)).sum()
-                    / has.sum().clamp(min=1)).expand(B)
+        if self.as_written and key.dtype in (torch.float16, torch.bfloat16):
+            if shards is not None:
+                raise NotImplementedError(
+                    "adakv: the as_written DefensiveKV forms of a 16-bit model score in the "
+                    "model's dtype (the authors' arithmetic) on one device only; under tensor "
+                    "parallelism use the default forms or a float32 model")
+            R, snap, bias = _defensive_parts_model_dtype(q_window, key, value, o_proj_weight,
+                                                         key_start, scale, valid, has)
+            R = torch.where(valid, R, neg_inf.to(R.dtype))
+            # the authors' stage-1 sums: the share and its running sum in the model's dtype,
+            # NaN carried (a NaN share makes every later running sum NaN, never >= threshold)
+            mass = torch.where(valid, snap, torch.zeros((), device=dev, dtype=snap.dtype))
+            share = mass / mass.sum(dim=-1, keepdim=True)
+            key_ = torch.where(valid, share.float().nan_to_num(nan=-1.0, posinf=2.0),
+                               torch.tensor(-2.0, device=dev))
+            order = key_.sort(dim=-1, descending=True, stable=True).indices
+            cum = share.gather(-1, order).cumsum(dim=-1)
         else:
-            bias = wmass[:, 0]
-        threshold = (DEFENSIVE_MASS - bias).view(B, 1, 1)
+            R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
+                                                  key_start=key_start, scale=scale)
+            # the value weight normalised across the layer's KV heads (all ranks' heads)
+            n = _ops.value_norm(value, o_proj_weight, length=L)
+            total = (n if shards is None else shards.gather_heads(n)).sum(dim=1, keepdim=True)
+            weight = n / total
+            R = torch.where(valid, R * weight, neg_inf)
+            # stage-1 floor (7.2 step 5; D9): the tokens before the one whose cumulative share
+            # of the head's plain SnapKV mass reaches 0.9 - window_bias, at most the clamp
+            mass = torch.where(valid, snap, torch.zeros((), device=dev))
+            share = mass / mass.sum(dim=-1, keepdim=True)
+            # descending, ties to the lower token; NaN then padding last (ranked lowest, D2)
+            key_ = torch.where(valid, share.nan_to_num(nan=-1.0, posinf=2.0),
+                               torch.tensor(-2.0, device=dev))
+            sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
+            cum = sorted_share.clamp(min=0).cumsum(dim=-1)
+            if shards is not None:   # the mean over all query heads: each rank's over its own
+                wmass = shards.mean_of_ranks(wmass)
+            if self.as_written:   # one window_bias for the batch: rows with a prefix (D10)
+                bias = (torch.where(has, wmass[:, 1], torch.zeros((), device=dev)).sum()
+                        / has.sum().clamp(min=1)).expand(B)
+            else:
+                bias = wmass[:, 0]
+        # compared in cum's dtype (the model's in the 16-bit as_written form, like the authors'
+        # tensor >= Python float)
+        threshold = (DEFENSIVE_MASS - bias).view(B, 1, 1).to(cum.dtype)
         reached = cum >= threshold
         count = torch.where(reached.any(dim=-1), reached.to(torch.int8).argmax(dim=-1),
                             torch.zeros((), device=dev, dtype=torch.int64))  # [B, H]
@@ -353,7 +375,73 @@ class EvictionPolicy:
         if self.as_written:   # the window columns compete at that maximum
             win = _window_columns(top.view(B, 1, 1).expand(B, H, 1), key_start, N, W, "value")
             scores = torch.cat([scores, win], dim=2)
-        return scores.contiguous()
+        return scores.float().contiguous()
+
+
+def _defensive_parts_model_dtype(q_window: Tensor, key: Tensor, value: Tensor,
+                                 o_proj_weight: Tensor, key_start: Optional[Tensor],
+                                 scale: Optional[float], valid: Tensor, has: Tensor
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-4 of DefensiveKV (SPEC 7.2) in a 16-bit model's dtype ``cdt`` as the authors'
+    code computes them (D11; ``as_written`` only): logits and the matmul in ``cdt``, the
+    softmax in float32 rounded to ``cdt``, pooling, sums, maxima, the mean floor, the value
+    weight's normalisation and product in ``cdt``; each query head's value norm accumulated in
+    float32 and stored in ``cdt``, their group mean in ``cdt``. Batched over rows and heads
+    (padding columns take no part: masked keys, zero probabilities, sums over the valid prefix
+    only), so it matches the oracle's per-row bf16 form (``reference_followups``,
+    ``as_written=True``) up to the accumulation order inside each reduction. Returns
+    ``(R [B, H, L]`` after step 4, ``snap [B, H, L]`` the unpooled SnapKV mean,
+    ``window_bias [B]`` float64: the authors' batch-wide mean of the window queries' mass on
+    the last ``W`` prefix columns over rows with a prefix, rounded to ``cdt``)."""
+    import math
+
+    import torch.nn.functional as F
+
+    B, H, N, D = key.shape
+    Hq, W = q_window.shape[1], q_window.shape[2]
+    G, L = Hq // H, N - W
+    cdt, dev = key.dtype, key.device
+    ks = _starts(key_start, B, dev)
+    logits = torch.matmul(q_window.to(cdt), key.repeat_interleave(G, dim=1).transpose(-1, -2))
+    logits = logits * scale if scale is not None else logits / math.sqrt(D)   # [B, Hq, W, N]
+    n = torch.arange(N, device=dev)
+    t = torch.arange(W, device=dev).view(W, 1)
+    visible = (n.view(1, 1, N) >= ks.view(B, 1, 1)) & (n.view(1, 1, N) <= L + t)  # [B, W, N]
+    logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(cdt)
+    # rows with no visible key (no valid prefix and window: not scored) softmax to NaN
+    probs = torch.where(has.view(B, 1, 1, 1), probs, torch.zeros((), device=dev, dtype=cdt))
+    P = probs[..., :L]                                                 # [B, Hq, W, L]
+    base = P.sum(dim=-1, keepdim=True)                                 # step 1
+    k = FOLLOWUP_KERNEL
+    pooled = F.avg_pool1d(P.reshape(B * Hq, W, L), k, stride=1, padding=k // 2,
+                          count_include_pad=True).view(B, Hq, W, L)    # step 2
+    # the pool spills a valid row's mass into the padding column next to it: not the row's
+    zero = torch.zeros((), device=dev, dtype=cdt)
+    pooled = torch.where(valid.unsqueeze(1), pooled, zero)
+    tot = pooled.sum(dim=-1, keepdim=True)
+    pooled = torch.where(tot > 0, pooled / tot * base, zero)
+    R = pooled.view(B, H, G, W, L).amax(dim=2).amax(dim=2)             # step 3
+    L_b = (L - ks).clamp(min=1).view(B, 1, 1)
+    R_mean = (torch.where(valid, R, zero).float()
+              .sum(dim=-1, keepdim=True) / L_b).to(cdt)
+    R = torch.maximum(R, R_mean)
+    # step 4: n / sum over KV heads of n, n the group mean of per-query-head norms in cdt
+    hidden = o_proj_weight.shape[0]
+    wo = o_proj_weight.view(hidden, H, G, D)
+    per_q = [_ops.value_norm(value, wo[:, :, g].reshape(hidden, H * D).contiguous(),
+                             length=L).to(cdt)
+             for g in range(G)]                                        # the group, not heads
+    vn = torch.stack(per_q, dim=2).mean(dim=2)                         # [B, H, L]
+    R = R * (vn / vn.sum(dim=1, keepdim=True))
+    snap = P.view(B, H, G, W, L).mean(dim=2).mean(dim=2)               # step 5's SnapKV mean
+    # the authors' window_bias: the last W prefix columns (all of a shorter prefix), averaged
+    # over every query head and window query of the rows that have a prefix (D10)
+    slip = P[..., max(L - W, 0):].sum(dim=-1).float()                  # [B, Hq, W]
+    rows = has.to(torch.float32)
+    bias = ((slip.sum(dim=(1, 2)) * rows).sum() / (rows.sum() * Hq * W).clamp(min=1))
+    bias = bias.to(cdt).to(torch.float64).expand(B)
+    return R, snap, bias
 
 
 def _allocate(scores: Tensor, C: int, key_start: Optional[Tensor], shards=None,
