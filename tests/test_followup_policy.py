@@ -106,6 +106,30 @@ def test_as_written_defensivekv_scores_in_the_model_dtype(shape, padded, dtype):
         assert _policy_sets(kept, ks, B, Hk, N) == _ref_sets(*ref), (shape, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 16, 2, 300, 32, 64, 50)])
+@pytest.mark.parametrize("method", ["criticalkv", "ada_criticalkv"])
+def test_as_written_criticalkv_in_the_model_dtype(method, shape, padded, dtype):
+    """A 16-bit model's as_written CriticalKV forms compute the base score, the value weight
+    and the stage-2 product in that dtype (D11): the base scores equal the oracle's
+    low-precision ones exactly and the kept sets are the oracle's."""
+    from adakv_ops.policy import _critical_base_model_dtype
+    B, Hq, Hk, N, W, D, C = shape
+    for seed in range(2):
+        q, k, v, wo, ks = _inputs(shape, 100 * seed + N + 11, padded)
+        q, k, v, wo = (x.to(dtype) for x in (q, k, v, wo))
+        base = _critical_base_model_dtype(q, k, ks, None)
+        want = rf.criticalkv_base_scores_ref(q, k, ks, compute_dtype=dtype)[..., :N - W]
+        assert base.dtype == dtype
+        assert torch.equal(base.double(), want), (shape, seed)
+        kept = EvictionPolicy(method=method, budget=C, window=W, as_written=True).keep(
+            q, k, C, key_start=ks, value=v, o_proj_weight=wo)
+        ref = rf.criticalkv_ref(q, k, v, wo, C, adaptive=method == "ada_criticalkv",
+                                key_start=ks, as_written=True, compute_dtype=dtype)
+        assert _policy_sets(kept, ks, B, Hk, N) == _ref_sets(*ref), (method, shape, seed)
+
+
 def test_as_written_model_dtype_rows_without_a_prefix():
     """Rows whose prefix is all padding (or missing) are not scored: the oracle's result."""
     B, Hq, Hk, N, W, D, C = 3, 4, 2, 40, 6, 16, 5
@@ -118,12 +142,13 @@ def test_as_written_model_dtype_rows_without_a_prefix():
     assert torch.equal(got.double(), want)
 
 
-def test_as_written_model_dtype_refused_under_tensor_parallelism():
+@pytest.mark.parametrize("method", ["criticalkv", "ada_criticalkv", "defensivekv"])
+def test_as_written_model_dtype_refused_under_tensor_parallelism(method):
     q, k, v = [x.bfloat16() for x in make_qkv(1, 2, 1, 30, 4, 16, 0)]
     wo = randn((24, 2 * 16), 1).bfloat16()
-    pol = EvictionPolicy(method="defensivekv", budget=4, window=4, as_written=True)
+    pol = EvictionPolicy(method=method, budget=4, window=4, as_written=True)
     with pytest.raises(NotImplementedError, match="tensor parallelism"):
-        pol.defensive_scores(q, k, v, wo, 4, None, shards=object())
+        pol.keep(q, k, 4, value=v, o_proj_weight=wo, shards=object())
 
 
 def test_policy_needs_values_and_o_proj():

@@ -86,6 +86,12 @@ ERROR_CASES = [
     ("float C", lambda q, k, v, o: _DEF(q, k, v, o, 2.0), "budget C"),
     ("compute dtype", lambda q, k, v, o: _DEF(q, k, v, o, 2, compute_dtype=torch.int32),
      "compute_dtype"),
+    ("base compute dtype", lambda q, k, v, o: _BASE(q, k, compute_dtype=torch.int32),
+     "compute_dtype"),
+    ("value_norm compute dtype",
+     lambda q, k, v, o: rf.value_norm_ref(v, o, compute_dtype="bf16"), "compute_dtype"),
+    ("select compute dtype", lambda q, k, v, o: rf.criticalkv_select_ref(
+        _Z(1, 2, 8), _Z(1, 2, 8), 1, 2, compute_dtype=torch.int64), "compute_dtype"),
     ("key_start float", lambda q, k, v, o: _DEF(q, k, v, o, 2, key_start=_Z(1)),
      "key_start must be an integer"),
     ("value_norm D", lambda q, k, v, o: rf.value_norm_ref(v, o[:, :7]), "o_proj_weight must be"),
@@ -989,3 +995,22 @@ def test_defensivekv_end_to_end_budget_and_window():
         for h in range(Hk):
             assert set(range(L, N)) <= set(idx[b, h, : int(cnt[b, h])].tolist())
     assert len(set(cnt.reshape(-1).tolist())) > 1  # adaptive: heads differ
+
+
+def test_criticalkv_in_a_low_precision_dtype():
+    """CriticalKV's compute_dtype (D11): the base score and the value norm of bf16 inputs are
+    bf16 values near the float64 ones (not equal to them), and the selection keeps the same
+    number of rows per batch row."""
+    q, k, v = (x.bfloat16() for x in make_qkv(2, 4, 2, 90, 8, 16, seed=3))
+    o = _wo(4, 16, 24, 4).bfloat16()
+    for fn, args in ((_BASE, (q, k)), (rf.value_norm_ref, (v, o))):
+        lo, hi = fn(*args, compute_dtype=torch.bfloat16), fn(*args)
+        fin = torch.isfinite(hi)
+        assert torch.equal(lo[fin], lo[fin].bfloat16().double())    # every value a bf16 value
+        assert not torch.equal(lo[fin], hi[fin])
+        torch.testing.assert_close(lo[fin], hi[fin], rtol=3e-2, atol=1e-6)
+    for adaptive in (False, True):
+        lo = rf.criticalkv_ref(q, k, v, o, 20, adaptive=adaptive, as_written=True,
+                               compute_dtype=torch.bfloat16)
+        hi = rf.criticalkv_ref(q, k, v, o, 20, adaptive=adaptive, as_written=True)
+        assert torch.equal(lo[1].sum(dim=1), hi[1].sum(dim=1))       # the same memory

@@ -223,7 +223,9 @@ class EvictionPolicy:
     # Default form: the window is kept outright and the prefix competes for C per head on
     # average. as_written (the authors' code, D6 / D9-D12): every valid column, window
     # included, competes for C + W per head (the window at its row's or the batch's maximum):
-    # the selection then runs over all N columns with no fixed window (Kept.window = 0).
+    # the selection then runs over all N columns with no fixed window (Kept.window = 0); the
+    # scores of an fp16 / bf16 model are computed in its dtype, as the authors' code does
+    # (D11, the *_model_dtype helpers below), those of a float32 model in float32.
 
     def _competition(self, C: int, W: int) -> tuple[int, int]:
         """``(window kept outright, slots per head competed for)``."""
@@ -237,14 +239,24 @@ class EvictionPolicy:
                        shards=None) -> Kept:
         B, H, N, _ = key.shape
         W = q_window.shape[2]
-        base = _ops.score(q_window, key, kernel_size=FOLLOWUP_KERNEL, pooling="avg",
-                          aggregate="mean", gqa_reduce="mean", key_start=key_start,
-                          scale=scale)                                      # [B, H, L]
+        low = _model_dtype_form(self, key, shards)   # the authors' arithmetic (D11)
+        if low:
+            base = _critical_base_model_dtype(q_window, key, key_start, scale)
+        else:
+            base = _ops.score(q_window, key, kernel_size=FOLLOWUP_KERNEL, pooling="avg",
+                              aggregate="mean", gqa_reduce="mean", key_start=key_start,
+                              scale=scale)                                  # [B, H, L]
         Wf, Cs = self._competition(C, W)
         if self.as_written:   # the window columns compete at the row's maximum (D3)
             base = torch.cat([base, _window_columns(base, key_start, N, W, "row", shards)],
                              dim=2)
-        vn = _ops.value_norm(value, o_proj_weight, length=N - Wf)
+        if low:   # the stage-2 product in the model's dtype; the rankings in float32 (exact)
+            vn = _value_norm_model_dtype(value, o_proj_weight, N - Wf)
+            weighted = ((base + CRITICAL_EPS) * vn).float()
+            base = base.float()
+        else:
+            vn = _ops.value_norm(value, o_proj_weight, length=N - Wf)
+            weighted = (base + CRITICAL_EPS) * vn
         if self.method == "ada_criticalkv":
             # safeguard: each head's top int(0.2 (C + W)) by base score (the window first)
             marked = max(int((C + W) * CRITICAL_SAFEGUARD) - Wf, 0)
@@ -256,7 +268,7 @@ class EvictionPolicy:
             budgets = _full(B, H, Cs, key)
             forced = _full(B, H, max(int(0.5 * (C + W)) - Wf, 0), key)
         stage1 = _top_mask(base, forced, key_start)
-        rank = _raise((base + CRITICAL_EPS) * vn, stage1)
+        rank = _raise(weighted, stage1)
         kept_idx, kept_count = _ops.select(rank, budgets, key_start=key_start)
         return Kept(kept_idx, kept_count, budgets, Wf, Cs)
 
@@ -300,12 +312,7 @@ class EvictionPolicy:
         valid = (col >= ks.view(B, 1, 1))                                  # [B, 1, L]
         neg_inf = torch.tensor(float("-inf"), device=dev)
         has = ks < L                                                        # a valid prefix
-        if self.as_written and key.dtype in (torch.float16, torch.bfloat16):
-            if shards is not None:
-                raise NotImplementedError(
-                    "adakv: the as_written DefensiveKV forms of a 16-bit model score in the "
-                    "model's dtype (the authors' arithmetic) on one device only; under tensor "
-                    "parallelism use the default forms or a float32 model")
+        if _model_dtype_form(self, key, shards):
             R, snap, bias = _defensive_parts_model_dtype(q_window, key, value, o_proj_weight,
                                                          key_start, scale, valid, has)
             R = torch.where(valid, R, neg_inf.to(R.dtype))
@@ -378,61 +385,124 @@ class EvictionPolicy:
         return scores.float().contiguous()
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _model_dtype_form(policy: "EvictionPolicy", key: Tensor, shards) -> bool:
+    """Whether a follow-up's scores compute in the model's 16-bit dtype (``as_written`` of an
+    fp16 / bf16 model, D11); refused under tensor parallelism, whose per-rank sums would round
+    differently from one device's."""
+    if not (policy.as_written and key.dtype in _LOW_PRECISION):
+        return False
+    if shards is not None:
+        raise NotImplementedError(
+            "adakv: the as_written follow-up forms of a 16-bit model score in the model's dtype "
+            "(the authors' arithmetic) on one device only; under tensor parallelism use the "
+            "default forms or a float32 model")
+    return True
+
+
+def _window_probs_model_dtype(q_window: Tensor, key: Tensor, key_start: Optional[Tensor],
+                              scale: Optional[float], has: Tensor) -> Tensor:
+    """The window queries' softmax ``[B, Hq, W, N]`` in the keys' dtype ``cdt`` as the authors'
+    code computes it (D1, D11): logits and their matmul in ``cdt``, the softmax over the
+    visible keys (valid, the window causal) in float32 rounded to ``cdt``; rows with no valid
+    prefix (not scored) are zeros."""
+    import math
+
+    B, H, N, D = key.shape
+    Hq, W = q_window.shape[1], q_window.shape[2]
+    L, cdt, dev = N - W, key.dtype, key.device
+    ks = _starts(key_start, B, dev)
+    logits = torch.matmul(q_window.to(cdt),
+                          key.repeat_interleave(Hq // H, dim=1).transpose(-1, -2))
+    logits = logits * scale if scale is not None else logits / math.sqrt(D)   # [B, Hq, W, N]
+    n = torch.arange(N, device=dev).view(1, 1, N)
+    t = torch.arange(W, device=dev).view(W, 1)
+    visible = (n >= ks.view(B, 1, 1)) & (n <= L + t)                     # [B, W, N]
+    logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(cdt)
+    return torch.where(has.view(B, 1, 1, 1), probs, torch.zeros((), device=dev, dtype=cdt))
+
+
+def _pool_valid(x: Tensor, valid: Tensor) -> Tensor:
+    """SPEC 7's ``avg_pool1d(kernel 5, padding 2, zeros counted)`` along the last axis of
+    ``x [B, R, C, L]`` (in its dtype), each row pooled over its valid prefix only: the padding
+    columns (zeros in ``x``) stand for the pool's zero padding, and what the pool spills into
+    them is dropped (``valid [B, 1, L]``)."""
+    import torch.nn.functional as F
+
+    B, R, C, L = x.shape
+    k = FOLLOWUP_KERNEL
+    pooled = F.avg_pool1d(x.reshape(B * R, C, L), k, stride=1, padding=k // 2,
+                          count_include_pad=True).view(B, R, C, L)
+    return torch.where(valid.unsqueeze(1), pooled, torch.zeros((), device=x.device,
+                                                                 dtype=x.dtype))
+
+
+def _value_norm_model_dtype(value: Tensor, o_proj_weight: Tensor, length: int) -> Tensor:
+    """The value weight ``[B, H, length]`` in the values' 16-bit dtype as the authors' kernel
+    computes it (D11): each query head's norm accumulated in float32 (the ``value_norm`` op,
+    once per index in the group, not per head) and stored in the dtype, their group mean in
+    the dtype."""
+    B, H, N, D = value.shape
+    hidden = o_proj_weight.shape[0]
+    wo = o_proj_weight.view(hidden, H, -1, D)
+    per_q = [_ops.value_norm(value, wo[:, :, g].reshape(hidden, H * D).contiguous(),
+                             length=length).to(value.dtype)
+             for g in range(wo.shape[2])]
+    return torch.stack(per_q, dim=2).mean(dim=2)
+
+
+def _critical_base_model_dtype(q_window: Tensor, key: Tensor, key_start: Optional[Tensor],
+                               scale: Optional[float]) -> Tensor:
+    """CriticalKV's base score (the kvpress SnapKV, SPEC 7.1) ``[B, H, L]`` in the keys'
+    16-bit dtype as the authors' code computes it (D11): the window softmax rounded to the
+    dtype, its mean over the window, the pool and the group mean in the dtype; padding
+    columns ``-inf``. Equal to ``reference_followups.criticalkv_base_scores_ref`` with
+    ``compute_dtype`` the keys' dtype (up to the order inside each reduction)."""
+    B, H, N, _ = key.shape
+    Hq, W = q_window.shape[1], q_window.shape[2]
+    L, dev = N - W, key.device
+    ks = _starts(key_start, B, dev)
+    valid = torch.arange(L, device=dev) >= ks.view(B, 1, 1)                 # [B, 1, L]
+    probs = _window_probs_model_dtype(q_window, key, key_start, scale, ks < L)
+    agg = probs[..., :L].mean(dim=2)                                   # [B, Hq, L]
+    pooled = _pool_valid(agg.unsqueeze(2), valid).view(B, H, Hq // H, L)
+    base = pooled.mean(dim=2)
+    return torch.where(valid, base, torch.tensor(float("-inf"), device=dev, dtype=base.dtype))
+
+
 def _defensive_parts_model_dtype(q_window: Tensor, key: Tensor, value: Tensor,
                                  o_proj_weight: Tensor, key_start: Optional[Tensor],
                                  scale: Optional[float], valid: Tensor, has: Tensor
                                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1-4 of DefensiveKV (SPEC 7.2) in a 16-bit model's dtype ``cdt`` as the authors'
-    code computes them (D11; ``as_written`` only): logits and the matmul in ``cdt``, the
-    softmax in float32 rounded to ``cdt``, pooling, sums, maxima, the mean floor, the value
-    weight's normalisation and product in ``cdt``; each query head's value norm accumulated in
-    float32 and stored in ``cdt``, their group mean in ``cdt``. Batched over rows and heads
-    (padding columns take no part: masked keys, zero probabilities, sums over the valid prefix
-    only), so it matches the oracle's per-row bf16 form (``reference_followups``,
+    code computes them (D11; ``as_written`` only): the window softmax of
+    :func:`_window_probs_model_dtype`, pooling, sums, maxima, the mean floor, the value
+    weight's normalisation and product in ``cdt`` (the value weight of
+    :func:`_value_norm_model_dtype`). Batched over rows and heads (padding columns take no
+    part), so it matches the oracle's per-row low-precision form (``reference_followups``,
     ``as_written=True``) up to the accumulation order inside each reduction. Returns
     ``(R [B, H, L]`` after step 4, ``snap [B, H, L]`` the unpooled SnapKV mean,
     ``window_bias [B]`` float64: the authors' batch-wide mean of the window queries' mass on
     the last ``W`` prefix columns over rows with a prefix, rounded to ``cdt``)."""
-    import math
-
-    import torch.nn.functional as F
-
     B, H, N, D = key.shape
     Hq, W = q_window.shape[1], q_window.shape[2]
     G, L = Hq // H, N - W
     cdt, dev = key.dtype, key.device
     ks = _starts(key_start, B, dev)
-    logits = torch.matmul(q_window.to(cdt), key.repeat_interleave(G, dim=1).transpose(-1, -2))
-    logits = logits * scale if scale is not None else logits / math.sqrt(D)   # [B, Hq, W, N]
-    n = torch.arange(N, device=dev)
-    t = torch.arange(W, device=dev).view(W, 1)
-    visible = (n.view(1, 1, N) >= ks.view(B, 1, 1)) & (n.view(1, 1, N) <= L + t)  # [B, W, N]
-    logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(cdt)
-    # rows with no visible key (no valid prefix and window: not scored) softmax to NaN
-    probs = torch.where(has.view(B, 1, 1, 1), probs, torch.zeros((), device=dev, dtype=cdt))
-    P = probs[..., :L]                                                 # [B, Hq, W, L]
-    base = P.sum(dim=-1, keepdim=True)                                 # step 1
-    k = FOLLOWUP_KERNEL
-    pooled = F.avg_pool1d(P.reshape(B * Hq, W, L), k, stride=1, padding=k // 2,
-                          count_include_pad=True).view(B, Hq, W, L)    # step 2
-    # the pool spills a valid row's mass into the padding column next to it: not the row's
     zero = torch.zeros((), device=dev, dtype=cdt)
-    pooled = torch.where(valid.unsqueeze(1), pooled, zero)
+    P = _window_probs_model_dtype(q_window, key, key_start, scale, has)[..., :L]
+    base = P.sum(dim=-1, keepdim=True)                                 # step 1
+    pooled = _pool_valid(P, valid)                                     # step 2
     tot = pooled.sum(dim=-1, keepdim=True)
     pooled = torch.where(tot > 0, pooled / tot * base, zero)
     R = pooled.view(B, H, G, W, L).amax(dim=2).amax(dim=2)             # step 3
     L_b = (L - ks).clamp(min=1).view(B, 1, 1)
-    R_mean = (torch.where(valid, R, zero).float()
-              .sum(dim=-1, keepdim=True) / L_b).to(cdt)
+    R_mean = (torch.where(valid, R, zero).float().sum(dim=-1, keepdim=True) / L_b).to(cdt)
     R = torch.maximum(R, R_mean)
-    # step 4: n / sum over KV heads of n, n the group mean of per-query-head norms in cdt
-    hidden = o_proj_weight.shape[0]
-    wo = o_proj_weight.view(hidden, H, G, D)
-    per_q = [_ops.value_norm(value, wo[:, :, g].reshape(hidden, H * D).contiguous(),
-                             length=L).to(cdt)
-             for g in range(G)]                                        # the group, not heads
-    vn = torch.stack(per_q, dim=2).mean(dim=2)                         # [B, H, L]
+    vn = _value_norm_model_dtype(value, o_proj_weight, L)              # step 4
     R = R * (vn / vn.sum(dim=1, keepdim=True))
     snap = P.view(B, H, G, W, L).mean(dim=2).mean(dim=2)               # step 5's SnapKV mean
     # the authors' window_bias: the last W prefix columns (all of a shorter prefix), averaged

@@ -33,7 +33,8 @@ D1  Window softmax (all methods). Logits of the ``W`` window queries against all
     SPEC section 1 and exactly the authors' ``compute_window_attention`` (``triu`` mask with
     ``diagonal = q_len - window + 1``, softmax over all ``q_len`` keys, slice ``[..., :-W]``).
     Scale ``1/sqrt(D)`` unless given. float64 here; the authors cast the probabilities to the
-    model dtype (bf16) -- reproduced only by ``defensive_scores_ref(as_written=True)``.
+    model dtype (bf16) -- reproduced by ``defensive_scores_ref(as_written=True)`` and by the
+    CriticalKV functions' ``compute_dtype`` (D11).
 D2  Padding (an extension: the authors' code has none). Each batch row is computed on its own
     valid slice ``[ks_b, N)`` exactly as if it were an unpadded prompt of ``N_b`` tokens
     (pooling, the rescale sum, the mean floor, the normalisations and the stage-1 clamp all see
@@ -101,6 +102,11 @@ D11 ``as_written`` DefensiveKV computes in bf16 as the authors do (logits and th
     threshold compared in bf16 as torch promotes a Python float). Accumulation order inside
     those ops is the CPU's, so it reproduces the authors' arithmetic, not a GPU run bit for
     bit. ``compute_dtype`` overrides the dtype (e.g. float64 to isolate the logic slips).
+    CriticalKV's functions take ``compute_dtype`` too (default float64): in a 16-bit model's
+    dtype the kvpress base score computes as above (logits, the softmax rounded to the dtype,
+    the means over the window and the group and the pool in it), the value norm as above,
+    and the stage-2 product ``(score + eps) * n`` in it; the library's ``as_written``
+    CriticalKV forms of a 16-bit model use that arithmetic.
 D12 DefensiveKV allocation (7.2 step 6) and Layer-DefensiveKV (7.3). ``as_written``: one
     global top ``n_layers Hk (C + W)`` over every valid column of every layer (window inside
     the competition at its layer's maximum, no per-layer minimum, a window or a whole segment
@@ -206,6 +212,15 @@ def _check_budget(C: int, W: int) -> None:
         _fail(f"budget C must be an int >= 0, got {C!r}")
     if isinstance(W, bool) or not isinstance(W, int) or W < 1:
         _fail(f"window W must be an int >= 1, got {W!r}")
+
+
+def _compute_dtype(compute_dtype: Optional[torch.dtype],
+                   default: torch.dtype = torch.float64) -> torch.dtype:
+    """The arithmetic dtype of a score (D11): ``compute_dtype`` or ``default``, a float dtype."""
+    cdt = compute_dtype if compute_dtype is not None else default
+    if not isinstance(cdt, torch.dtype) or not cdt.is_floating_point:
+        _fail(f"compute_dtype must be a floating dtype, got {cdt!r}")
+    return cdt
 
 
 def _ks(key_start: Optional[torch.Tensor], B: int, N: int) -> list[int]:
@@ -321,6 +336,7 @@ def criticalkv_base_scores_ref(
     key_start: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     kernel_size: int = POOL_KERNEL,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """The kvpress SnapKV base score of CriticalKV (SPEC 7.1; D1, D2, D3): float64 ``[B, Hk, N]``.
 
@@ -328,10 +344,13 @@ def criticalkv_base_scores_ref(
     mean over the ``W`` window queries, ``avg_pool1d(kernel_size, padding kernel_size // 2,
     count_include_pad)`` along the prefix; then the mean over the group. Prefix columns hold
     that score, the valid window columns the maximum over the row's valid prefix scores of all
-    heads (0 when there is none), padding columns ``-inf``."""
+    heads (0 when there is none), padding columns ``-inf``. ``compute_dtype`` (default
+    float64): a lower one computes as the authors' kvpress code does in a model of that dtype
+    (D11: logits in it, the softmax in float32 rounded to it, the means and the pool in it)."""
     B, Hq, Hk, W, N, D = _check_qk(q_window, key)
     if kernel_size < 1 or kernel_size % 2 == 0:
         _fail(f"kernel_size must be odd and >= 1, got {kernel_size}")
+    cdt = _compute_dtype(compute_dtype)
     ks = _ks(key_start, B, N)
     G, L = Hq // Hk, N - W
     out = torch.full((B, Hk, N), float("-inf"), dtype=torch.float64)
@@ -339,24 +358,26 @@ def criticalkv_base_scores_ref(
         L_b = L - ks[b]
         row_max = 0.0
         if L_b > 0:
-            probs = _row_window_probs(q_window[b], key[b, :, ks[b]:], W, G, scale, torch.float64)
+            probs = _row_window_probs(q_window[b], key[b, :, ks[b]:], W, G, scale, cdt)
             agg = probs[..., :L_b].mean(dim=1)  # [Hq, L_b]: mean over the window queries
             pooled = F.avg_pool1d(agg.unsqueeze(1), kernel_size, stride=1,
                                   padding=kernel_size // 2, count_include_pad=True).squeeze(1)
-            base = pooled.view(Hk, G, L_b).mean(dim=1)  # [Hk, L_b]: mean over the group
+            base = pooled.view(Hk, G, L_b).mean(dim=1).double()  # [Hk, L_b]: mean over the group
             out[b, :, ks[b]:L] = base
             row_max = float(base.max())
         out[b, :, max(ks[b], L):] = row_max
     return out
 
 
-def value_norm_ref(value: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+def value_norm_ref(value: torch.Tensor, o_proj_weight: torch.Tensor,
+                   compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """CriticalKV value weight (SPEC 7.1): float64 ``[B, Hk, N]``,
     ``n[b, h, i] = mean over the group's query heads j of || value[b, h, i] @ W_o[j] ||_1`` with
     ``W_o = o_proj_weight^T`` viewed as ``[Hq, D, hidden]``.
 
     ``value [B, Hk, N, D]``, ``o_proj_weight [hidden, Hq * D]`` (``Hq = o_proj_weight.shape[1]
-    // D``, a multiple of ``Hk``). Not normalised."""
+    // D``, a multiple of ``Hk``). Not normalised. ``compute_dtype`` (default float64): a lower
+    one as the authors' kernel computes (:func:`_row_value_norm`)."""
     _check_float("value", value)
     _check_float("o_proj_weight", o_proj_weight)
     if value.dim() != 4:
@@ -368,10 +389,12 @@ def value_norm_ref(value: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Te
     Hq = o_proj_weight.shape[1] // D
     if Hk == 0 or Hq % Hk != 0:
         _fail(f"o_proj_weight gives Hq={Hq}, which must be a positive multiple of Hk={Hk}")
-    wo = _wo_heads(o_proj_weight.double(), Hq, D)
+    cdt = _compute_dtype(compute_dtype)
+    wo = _wo_heads(o_proj_weight if cdt != torch.float64 else o_proj_weight.double(), Hq, D)
     out = torch.empty(B, Hk, N, dtype=torch.float64)
     for b in range(B):
-        out[b] = _row_value_norm(value[b].double(), wo, Hq // Hk, torch.float64)
+        v = value[b] if cdt != torch.float64 else value[b].double()
+        out[b] = _row_value_norm(v, wo, Hq // Hk, cdt).double()
     return out
 
 
@@ -387,10 +410,11 @@ def _critical_head_order(base_h: torch.Tensor, n_win: int, as_written: bool) -> 
 
 
 def _critical_fill(order_h: torch.Tensor, n_forced: int, budget: int, base_h: torch.Tensor,
-                   vn_h: torch.Tensor, eps: float) -> torch.Tensor:
-    """Forced = ``order_h[:n_forced]``; the rest of ``budget`` by ``(score + eps) * n``."""
+                   vn_h: torch.Tensor, eps: float, cdt: torch.dtype) -> torch.Tensor:
+    """Forced = ``order_h[:n_forced]``; the rest of ``budget`` by ``(score + eps) * n``
+    (computed in ``cdt``)."""
     forced = order_h[:n_forced]
-    key2 = (base_h + eps) * vn_h
+    key2 = ((base_h.to(cdt) + eps) * vn_h.to(cdt)).double()
     rest = _order_asc_ties(key2, order_h[n_forced:])
     return torch.cat([forced, rest[: max(0, budget - n_forced)]])
 
@@ -413,6 +437,7 @@ def criticalkv_select_ref(
     as_written: bool = False,
     eps: float = CRITICAL_EPS,
     first_stage_ratio: float = FIRST_STAGE_RATIO,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform CriticalKV selection (SPEC 7.1; D5, D6): ``(kept_idx [B, Hk, N] int32,
     kept_count [B, Hk] int32)``, window included.
@@ -420,8 +445,10 @@ def criticalkv_select_ref(
     ``base_scores``, ``vnorm [B, Hk, N]`` (:func:`criticalkv_base_scores_ref`,
     :func:`value_norm_ref`). Each head keeps ``C + W``: stage 1 forces its top
     ``int(first_stage_ratio (C + W))`` by base score (default: window first and the whole window
-    forced), stage 2 fills the rest by ``(score + eps) * n``."""
+    forced), stage 2 fills the rest by ``(score + eps) * n``, computed in ``compute_dtype``
+    (default float64)."""
     B, Hk, N, ks = _check_critical(base_scores, vnorm, C, W, key_start)
+    cdt = _compute_dtype(compute_dtype)
     L = N - W
     kept: list[list[torch.Tensor]] = []
     for b in range(B):
@@ -437,7 +464,7 @@ def criticalkv_select_ref(
             order_h = _critical_head_order(base_h, n_win, as_written)
             n_first = int(first_stage_ratio * (C + W))
             n_forced = n_first if as_written else max(n_first, n_win)
-            row.append(_critical_fill(order_h, n_forced, C + W, base_h, vn_h, eps) + ks[b])
+            row.append(_critical_fill(order_h, n_forced, C + W, base_h, vn_h, eps, cdt) + ks[b])
         kept.append(row)
     return _kept_tensors(kept, N)
 
@@ -452,6 +479,7 @@ def ada_criticalkv_select_ref(
     alpha: float = SAFEGUARD_ALPHA,
     eps: float = CRITICAL_EPS,
     first_stage_ratio: float = FIRST_STAGE_RATIO,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaCriticalKV selection (SPEC 7.1; D4, D5, D6): ``(kept_idx [B, Hk, N] int32,
     kept_count [B, Hk] int32)``, window included; ``kept_count`` = the per-head budgets ``C_h``,
@@ -460,8 +488,10 @@ def ada_criticalkv_select_ref(
     Per row: each head's top ``n_safe = int((C + W) alpha)`` base scores (default: and its
     window) are marked; one global top ``Hk (C + W)`` over all heads, marked tokens first, then
     base score, gives ``C_h``; stage 1 forces each head's top ``max(marked, int(0.5 C_h))`` by
-    base score; stage 2 fills to ``C_h`` by ``(score + eps) * n``."""
+    base score; stage 2 fills to ``C_h`` by ``(score + eps) * n`` (in ``compute_dtype``,
+    default float64)."""
     B, Hk, N, ks = _check_critical(base_scores, vnorm, C, W, key_start)
+    cdt = _compute_dtype(compute_dtype)
     if not 0.0 <= alpha <= 1.0:
         _fail(f"alpha must be in [0, 1], got {alpha}")
     L = N - W
@@ -487,7 +517,8 @@ def ada_criticalkv_select_ref(
             n_first = int((torch.tensor(c_h[h], dtype=torch.int64) * first_stage_ratio)
                           .to(torch.int64))  # float32 product, as the authors' code
             n_forced = max(n_marked, n_first)
-            row.append(_critical_fill(orders[h], n_forced, c_h[h], base[h], vn[h], eps) + ks[b])
+            row.append(_critical_fill(orders[h], n_forced, c_h[h], base[h], vn[h], eps, cdt)
+                       + ks[b])
         kept.append(row)
     return _kept_tensors(kept, N)
 
@@ -502,16 +533,19 @@ def criticalkv_ref(
     key_start: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     as_written: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CriticalKV end to end: base score, value norm, then :func:`ada_criticalkv_select_ref`
-    (``adaptive``) or :func:`criticalkv_select_ref`."""
+    (``adaptive``) or :func:`criticalkv_select_ref`, all in ``compute_dtype`` (default
+    float64; a 16-bit model's dtype reproduces the authors' arithmetic, D11)."""
     B, Hq, Hk, W, N, D = _check_qk(q_window, key)
     _check_value(value, key)
     _check_o_proj(o_proj_weight, Hq, D)
-    base = criticalkv_base_scores_ref(q_window, key, key_start, scale)
-    vn = value_norm_ref(value, o_proj_weight)
+    base = criticalkv_base_scores_ref(q_window, key, key_start, scale,
+                                      compute_dtype=compute_dtype)
+    vn = value_norm_ref(value, o_proj_weight, compute_dtype=compute_dtype)
     sel = ada_criticalkv_select_ref if adaptive else criticalkv_select_ref
-    return sel(base, vn, C, W, key_start, as_written)
+    return sel(base, vn, C, W, key_start, as_written, compute_dtype=compute_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,10 +622,7 @@ def defensive_scores_ref(
     _check_budget(C, W)
     if kernel_size < 1 or kernel_size % 2 == 0:
         _fail(f"kernel_size must be odd and >= 1, got {kernel_size}")
-    cdt = compute_dtype if compute_dtype is not None else (
-        torch.bfloat16 if as_written else torch.float64)
-    if not isinstance(cdt, torch.dtype) or not cdt.is_floating_point:
-        _fail(f"compute_dtype must be a floating dtype, got {cdt!r}")
+    cdt = _compute_dtype(compute_dtype, torch.bfloat16 if as_written else torch.float64)
     ks = _ks(key_start, B, N)
     G, L = Hq // Hk, N - W
     wo = _wo_heads(o_proj_weight, Hq, D)

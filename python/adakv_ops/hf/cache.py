@@ -158,7 +158,7 @@ class AdaKVCache(Cache):
             (SPEC 8); each rank's cache holds its own heads.
         as_written: the follow-up methods as the authors' code runs them (the window competes
             for ``budget + window`` slots per head, their ``window_bias`` and clamp, and
-            DefensiveKV's arithmetic in a 16-bit model's dtype; for comparison,
+            their arithmetic in a 16-bit model's dtype; for comparison,
             docs/followups.md); default: the fixed forms.
         storage: ``"paged"`` (default): every evicted layer in one per-head paged store
             (:mod:`adakv_ops.store`), pages handed out on the host, a chunk-major prefill keeps
