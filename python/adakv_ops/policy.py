@@ -45,10 +45,12 @@ only temporaries. Those methods need the layer's values and its ``o_proj`` weigh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops as _ops
@@ -312,18 +314,11 @@ class EvictionPolicy:
         valid = (col >= ks.view(B, 1, 1))                                  # [B, 1, L]
         neg_inf = torch.tensor(float("-inf"), device=dev)
         has = ks < L                                                        # a valid prefix
-        if _model_dtype_form(self, key, shards):
+        low = _model_dtype_form(self, key, shards)   # the authors' arithmetic (D11)
+        if low:
             R, snap, bias = _defensive_parts_model_dtype(q_window, key, value, o_proj_weight,
                                                          key_start, scale, valid, has)
             R = torch.where(valid, R, neg_inf.to(R.dtype))
-            # the authors' stage-1 sums: the share and its running sum in the model's dtype,
-            # NaN carried (a NaN share makes every later running sum NaN, never >= threshold)
-            mass = torch.where(valid, snap, torch.zeros((), device=dev, dtype=snap.dtype))
-            share = mass / mass.sum(dim=-1, keepdim=True)
-            key_ = torch.where(valid, share.float().nan_to_num(nan=-1.0, posinf=2.0),
-                               torch.tensor(-2.0, device=dev))
-            order = key_.sort(dim=-1, descending=True, stable=True).indices
-            cum = share.gather(-1, order).cumsum(dim=-1)
         else:
             R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
                                                   key_start=key_start, scale=scale)
@@ -332,15 +327,6 @@ class EvictionPolicy:
             total = (n if shards is None else shards.gather_heads(n)).sum(dim=1, keepdim=True)
             weight = n / total
             R = torch.where(valid, R * weight, neg_inf)
-            # stage-1 floor (7.2 step 5; D9): the tokens before the one whose cumulative share
-            # of the head's plain SnapKV mass reaches 0.9 - window_bias, at most the clamp
-            mass = torch.where(valid, snap, torch.zeros((), device=dev))
-            share = mass / mass.sum(dim=-1, keepdim=True)
-            # descending, ties to the lower token; NaN then padding last (ranked lowest, D2)
-            key_ = torch.where(valid, share.nan_to_num(nan=-1.0, posinf=2.0),
-                               torch.tensor(-2.0, device=dev))
-            sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
-            cum = sorted_share.clamp(min=0).cumsum(dim=-1)
             if shards is not None:   # the mean over all query heads: each rank's over its own
                 wmass = shards.mean_of_ranks(wmass)
             if self.as_written:   # one window_bias for the batch: rows with a prefix (D10)
@@ -348,6 +334,19 @@ class EvictionPolicy:
                         / has.sum().clamp(min=1)).expand(B)
             else:
                 bias = wmass[:, 0]
+        # stage-1 floor (7.2 step 5; D9): the tokens before the one whose cumulative share of
+        # the head's plain SnapKV mass reaches 0.9 - window_bias, at most the clamp
+        mass = torch.where(valid, snap, torch.zeros((), device=dev, dtype=snap.dtype))
+        share = mass / mass.sum(dim=-1, keepdim=True)
+        # descending, ties to the lower token; NaN then padding last (ranked lowest, D2)
+        key_ = torch.where(valid, share.float().nan_to_num(nan=-1.0, posinf=2.0),
+                           torch.tensor(-2.0, device=dev))
+        sorted_share, order = key_.sort(dim=-1, descending=True, stable=True)
+        if low:   # the authors' running sum in the model's dtype, NaN carried (a NaN share
+            # makes every later running sum NaN, never >= threshold)
+            cum = share.gather(-1, order).cumsum(dim=-1)
+        else:
+            cum = sorted_share.clamp(min=0).cumsum(dim=-1)
         # compared in cum's dtype (the model's in the 16-bit as_written form, like the authors'
         # tensor >= Python float)
         threshold = (DEFENSIVE_MASS - bias).view(B, 1, 1).to(cum.dtype)
@@ -408,8 +407,6 @@ def _window_probs_model_dtype(q_window: Tensor, key: Tensor, key_start: Optional
     code computes it (D1, D11): logits and their matmul in ``cdt``, the softmax over the
     visible keys (valid, the window causal) in float32 rounded to ``cdt``; rows with no valid
     prefix (not scored) are zeros."""
-    import math
-
     B, H, N, D = key.shape
     Hq, W = q_window.shape[1], q_window.shape[2]
     L, cdt, dev = N - W, key.dtype, key.device
@@ -430,8 +427,6 @@ def _pool_valid(x: Tensor, valid: Tensor) -> Tensor:
     ``x [B, R, C, L]`` (in its dtype), each row pooled over its valid prefix only: the padding
     columns (zeros in ``x``) stand for the pool's zero padding, and what the pool spills into
     them is dropped (``valid [B, 1, L]``)."""
-    import torch.nn.functional as F
-
     B, R, C, L = x.shape
     k = FOLLOWUP_KERNEL
     pooled = F.avg_pool1d(x.reshape(B * R, C, L), k, stride=1, padding=k // 2,

@@ -390,11 +390,10 @@ def value_norm_ref(value: torch.Tensor, o_proj_weight: torch.Tensor,
     if Hk == 0 or Hq % Hk != 0:
         _fail(f"o_proj_weight gives Hq={Hq}, which must be a positive multiple of Hk={Hk}")
     cdt = _compute_dtype(compute_dtype)
-    wo = _wo_heads(o_proj_weight if cdt != torch.float64 else o_proj_weight.double(), Hq, D)
+    wo = _wo_heads(o_proj_weight, Hq, D)   # _row_value_norm casts to cdt (exact to float64)
     out = torch.empty(B, Hk, N, dtype=torch.float64)
     for b in range(B):
-        v = value[b] if cdt != torch.float64 else value[b].double()
-        out[b] = _row_value_norm(v, wo, Hq // Hk, cdt).double()
+        out[b] = _row_value_norm(value[b], wo, Hq // Hk, cdt)
     return out
 
 
