@@ -345,6 +345,19 @@ def join_leave(eng, cfg, g, new, cpu, n_join=JOIN_PROMPT):
             "join_prompt": n_join}
 
 
+def head_row_stats(lens):
+    """Min / mean / max and coefficient of variation of the rows the segments (sequence x KV
+    head x layer) hold: how evenly the eviction spread the budget over the heads, which decides
+    the attention's best split count (even heads want one split per head, Ada-like spreads
+    several: benchmarks/results/paged-h100.md). Forked requests repeat their source's lengths."""
+    if not lens:
+        return {"min": 0, "mean": 0.0, "max": 0, "cv": 0.0, "segments": 0}
+    mean = sum(lens) / len(lens)
+    var = sum((n - mean) ** 2 for n in lens) / len(lens)
+    return {"min": min(lens), "mean": mean, "max": max(lens),
+            "cv": var ** 0.5 / mean if mean > 0 else 0.0, "segments": len(lens)}
+
+
 def profile_steps(eng, n=3):
     """Device time of ``n`` engine steps by kernel category (ms per step), and the step's wall
     time."""
@@ -417,7 +430,8 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
         for _ in range(args.warmup):
             eng.step()
         warm = eng.stats["decode_s"] - before
-        kv_rows = sum(sum(l.segment_lengths()) for l in eng.cache.adakv_layers)
+        head_lens = [n for l in eng.cache.adakv_layers for n in l.segment_lengths()]
+        kv_rows = sum(head_lens)
         times = []
         phases = {k: eng.stats[k] for k in ("decode_host_s", "decode_launch_s", "decode_wait_s")}
         for _ in range(args.steps):
@@ -433,7 +447,8 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "pct_roofline": roof / med if not cpu else None,
                "roofline_tok_s": B / roof if not cpu else None,
                "kv_held_gib": (eng.num_pages - eng.pages_free) * page_bytes / 2**30,
-               "kv_rows": kv_rows, "warmup_s": warm, "prefill_wall_s": prefill_wall,
+               "kv_rows": kv_rows, "head_rows": head_row_stats(head_lens),
+               "warmup_s": warm, "prefill_wall_s": prefill_wall,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}
         # the decode figures first: timing the join may compile another bucket's graph
@@ -444,8 +459,10 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                        attention_pct_copy=attn_bytes / bw / attn_ms * 1e3 * 100,
                        rest_ms=rest_ms, rest_roofline_ms=step_weights / bw * 1e3,
                        rest_pct_roofline=step_weights / bw * 1e3 / rest_ms * 100)
+        hr = rec["head_rows"]
         print(f"batch {B}: step {med * 1e3:.2f} ms, {B / med:.0f} tok/s, roofline "
-              f"{roof * 1e3:.2f} ms ({100 * roof / med:.1f}%)", flush=True)
+              f"{roof * 1e3:.2f} ms ({100 * roof / med:.1f}%); rows per head min {hr['min']} "
+              f"mean {hr['mean']:.0f} max {hr['max']} (cv {hr['cv']:.2f})", flush=True)
         rec.update(join_leave(eng, cfg, g, news[0], cpu))
         if args.profile and not cpu:
             rec["profile"] = profile_steps(eng)

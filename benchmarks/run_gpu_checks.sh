@@ -3,12 +3,14 @@
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
 #                                            benchfollowups|benchitl|benchautotune|benchprofile|
-#                                            benchblas|benchgemm|all]...
+#                                            benchsplits|benchblas|benchgemm|all]...
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
 #   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
 #   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
 #   benchautotune: the decode step at batch 64 compiled with max-autotune (issue 13's 85%);
 #   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler);
+#   benchsplits: the paged attention's split count at the engine's shapes (1K keys per head,
+#   even and Ada-like heads) and the engine's step with one split per head forced;
 #   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
 #   decode GEMMs' library); benchgemm: bench_decode_gemm.py with cuBLAS and with cuBLASLt
 #   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
@@ -125,6 +127,20 @@ if [[ " $steps " == *" benchprofile "* ]]; then  # device vs wall time, kernels 
   timeout 300 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128 --compile \
     --profile --warmup 3 --steps 12 --out "$out/serve-profile.jsonl" > "$out/profile.log" 2>&1
   echo "bench_serve --profile rc=$?"; sed -n '/^prompt /,$p' "$out/profile.log"
+fi
+if [[ " $steps " == *" benchsplits "* ]]; then  # the attention's split count at the engine's shapes
+  for sg in 0 1; do  # even heads (the random model's) and Ada-like ones
+    timeout 120 $PY benchmarks/bench_paged.py --no-flex --no-flashinfer --pages 64 --graph-all --quick \
+      --configs 64x1024,128x1024,64x2048 --sigma $sg --schedules default,split1,split2,split3,split4 \
+      --out "$out/paged-splits-sigma$sg.jsonl" > "$out/paged-splits-sigma$sg.log" 2>&1
+    echo "bench_paged splits sigma $sg rc=$?"; grep -E "^B=" "$out/paged-splits-sigma$sg.log" | grep -v "B=  1" | cut -c1-100
+  done
+  for sp in "" 1; do  # the engine's step with the heuristic's splits, then one split per head
+    ADAKV_DECODE_SPLITS=$sp timeout 240 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 \
+      --fork-to 64,128 --compile --warmup 3 --steps 12 --out "$out/serve-splits${sp:-auto}.jsonl" \
+      > "$out/serve-splits${sp:-auto}.log" 2>&1; echo "bench_serve ADAKV_DECODE_SPLITS=${sp:-auto} rc=$?"
+    sed -n '/^batch  step/,$p' "$out/serve-splits${sp:-auto}.log"
+  done
 fi
 if [[ " $steps " == *" benchblas "* ]]; then  # same machine, same call: the A/B of Engine(blas=)
   for b in auto none; do

@@ -28,6 +28,10 @@ def test_fork_mode_records(tmp_path):
         assert r["step_ms"] > 0 and r["tok_s"] > 0 and r["kv_rows"] > 0
         assert r["leave_ms"] >= 0 and r["join_prefill_ms"] > 0
         assert set(r["step_phases_mean"]) == {"host_ms", "launch_ms", "wait_ms"}
+        hr = r["head_rows"]      # the spread of the rows over the heads (split-count evidence)
+        assert hr["segments"] == 2 * 2 * r["batch"]     # 2 layers x 2 KV heads x batch
+        assert 0 < hr["min"] <= hr["mean"] <= hr["max"] and hr["cv"] >= 0
+        assert abs(hr["mean"] * hr["segments"] - r["kv_rows"]) < 1e-6 * r["kv_rows"]
     assert recs[0]["fused_projections"] == 4            # the default: 2 layers x (q/k/v, gate/up)
 
 
