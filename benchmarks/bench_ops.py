@@ -363,6 +363,20 @@ def nsets_for(set_bytes, cap=16):
 # input builders
 
 
+def spread_stats(values) -> dict:
+    """How spread a list of numbers is (e.g. the rows the segments hold): their count
+    (``segments``), min, mean, max, ``p90`` (the value at rank ``int(0.9 (n - 1))`` ascending)
+    and ``cv``, the coefficient of variation (population standard deviation / mean; 0 for no
+    values or a zero mean)."""
+    v = sorted(values)
+    if not v:
+        return {"segments": 0, "min": 0, "mean": 0.0, "max": 0, "p90": 0, "cv": 0.0}
+    mean = statistics.fmean(v)
+    return {"segments": len(v), "min": v[0], "mean": mean, "max": v[-1],
+            "p90": v[int(0.9 * (len(v) - 1))],
+            "cv": statistics.pstdev(v) / mean if mean > 0 else 0.0}
+
+
 def ada_budgets(B, Hk, C, gen, alpha=0.2, sigma=1.0):
     """Per-head budgets [B, Hk] shaped like Ada-KV's: lognormal shares of the Hk*C winners,
     safeguarded with alpha, rounded so each row sums to Hk*C exactly."""

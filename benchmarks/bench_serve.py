@@ -58,7 +58,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_generate as bg  # noqa: E402
 from bench_capacity import copy_bandwidth  # noqa: E402
-from bench_ops import graph_replay_ms  # noqa: E402
+from bench_ops import graph_replay_ms, spread_stats  # noqa: E402
 
 from adakv_ops.serve import BLAS_POLICIES, Engine  # noqa: E402
 
@@ -345,19 +345,6 @@ def join_leave(eng, cfg, g, new, cpu, n_join=JOIN_PROMPT):
             "join_prompt": n_join}
 
 
-def head_row_stats(lens):
-    """Min / mean / max and coefficient of variation of the rows the segments (sequence x KV
-    head x layer) hold: how evenly the eviction spread the budget over the heads, which decides
-    the attention's best split count (even heads want one split per head, Ada-like spreads
-    several: benchmarks/results/paged-h100.md). Forked requests repeat their source's lengths."""
-    if not lens:
-        return {"min": 0, "mean": 0.0, "max": 0, "cv": 0.0, "segments": 0}
-    mean = sum(lens) / len(lens)
-    var = sum((n - mean) ** 2 for n in lens) / len(lens)
-    return {"min": min(lens), "mean": mean, "max": max(lens),
-            "cv": var ** 0.5 / mean if mean > 0 else 0.0, "segments": len(lens)}
-
-
 def profile_steps(eng, n=3):
     """Device time of ``n`` engine steps by kernel category (ms per step), and the step's wall
     time."""
@@ -447,7 +434,10 @@ def fork_mode(args, eng, header, news, N, targets, cfg, g, step_weights, bw, el,
                "pct_roofline": roof / med if not cpu else None,
                "roofline_tok_s": B / roof if not cpu else None,
                "kv_held_gib": (eng.num_pages - eng.pages_free) * page_bytes / 2**30,
-               "kv_rows": kv_rows, "head_rows": head_row_stats(head_lens),
+               # how evenly the eviction spread the rows over the heads: it decides the
+               # attention's best split count (benchmarks/results/paged-h100.md); forked
+               # requests repeat their source's lengths
+               "kv_rows": kv_rows, "head_rows": spread_stats(head_lens),
                "warmup_s": warm, "prefill_wall_s": prefill_wall,
                "step_phases_mean": phases,
                "peak_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30}

@@ -26,14 +26,13 @@ import argparse
 import datetime
 import inspect
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import ada_budgets  # noqa: E402
+from bench_ops import ada_budgets, spread_stats  # noqa: E402
 
 from adakv_ops.eval.models import load_model  # noqa: E402
 from adakv_ops.eval.tasks import TASKS, make_samples  # noqa: E402
@@ -41,14 +40,9 @@ from adakv_ops.hf import AdaKVCache  # noqa: E402
 from adakv_ops.hf.registration import cache_kwarg  # noqa: E402
 
 
-def ratio_stats(ratios: list[float]) -> dict:
-    """cv, p90 and max of rows / mean-of-their-group (the group mean is 1 by construction)."""
-    r = sorted(ratios)
-    return {"segments": len(r), "cv": statistics.pstdev(r) / statistics.fmean(r),
-            "p90": r[int(0.9 * (len(r) - 1))], "max": r[-1], "min": r[0]}
-
-
 def group_ratios(groups: list[list[int]]) -> list[float]:
+    """Each value divided by the mean of its group (Ada-KV keeps a (prompt, layer)'s mean
+    fixed); a group of mean 0 adds nothing."""
     out = []
     for g in groups:
         m = sum(g) / len(g)
@@ -106,9 +100,9 @@ def main(argv=None):
         groups = []
         for _, ids in ps:
             groups += model_groups(model, ids, C, args.window)
-        real = ratio_stats(group_ratios(groups))
+        real = spread_stats(group_ratios(groups))
         g = torch.Generator().manual_seed(0)
-        synth = {f"ada_budgets Hk={h} sigma={s}": ratio_stats(group_ratios(
+        synth = {f"ada_budgets Hk={h} sigma={s}": spread_stats(group_ratios(
                      ada_budgets(2000, h, C, g, sigma=s).tolist()))
                  for h in sorted({Hk, 8}) for s in (0.5, 1.0)}
         rec["by_budget"][str(frac)] = {"budget": C, "model": real, **synth}

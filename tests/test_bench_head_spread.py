@@ -34,9 +34,10 @@ def test_head_spread_report(tmp_path):
     assert syn["ada_budgets Hk=2 sigma=1.0"] > syn["ada_budgets Hk=2 sigma=0.5"] > 0
 
 
-def test_ratio_stats():
+def test_spread_of_group_ratios():
     import head_spread
-    st = head_spread.ratio_stats(head_spread.group_ratios([[1, 3], [2, 2], [0, 0]]))
+    from bench_ops import spread_stats
+    st = spread_stats(head_spread.group_ratios([[1, 3], [2, 2], [0, 0]]))
     assert st["segments"] == 4                         # an empty group adds nothing
     assert st["min"] == 0.5 and st["max"] == 1.5 and st["p90"] == 1.0
     assert st["cv"] == pytest.approx(0.5 / (2 ** 0.5))
