@@ -317,7 +317,7 @@ class EvictionPolicy:
         low = _model_dtype_form(self, key, shards)   # the authors' arithmetic (D11)
         if low:
             R, snap, bias = _defensive_parts_model_dtype(q_window, key, value, o_proj_weight,
-                                                         key_start, scale, valid, has)
+                                                         ks, scale, valid, has)
             R = torch.where(valid, R, neg_inf.to(R.dtype))
         else:
             R, snap, wmass = _ops.defensive_score(q_window, key, kernel_size=FOLLOWUP_KERNEL,
@@ -401,16 +401,15 @@ def _model_dtype_form(policy: "EvictionPolicy", key: Tensor, shards) -> bool:
     return True
 
 
-def _window_probs_model_dtype(q_window: Tensor, key: Tensor, key_start: Optional[Tensor],
+def _window_probs_model_dtype(q_window: Tensor, key: Tensor, ks: Tensor,
                               scale: Optional[float], has: Tensor) -> Tensor:
     """The window queries' softmax ``[B, Hq, W, N]`` in the keys' dtype ``cdt`` as the authors'
     code computes it (D1, D11): logits and their matmul in ``cdt``, the softmax over the
-    visible keys (valid, the window causal) in float32 rounded to ``cdt``; rows with no valid
-    prefix (not scored) are zeros."""
+    visible keys (valid: from the row starts ``ks [B]``, the window causal) in float32 rounded
+    to ``cdt``; rows with no valid prefix (``has`` false: not scored) are zeros."""
     B, H, N, D = key.shape
     Hq, W = q_window.shape[1], q_window.shape[2]
     L, cdt, dev = N - W, key.dtype, key.device
-    ks = _starts(key_start, B, dev)
     logits = torch.matmul(q_window.to(cdt),
                           key.repeat_interleave(Hq // H, dim=1).transpose(-1, -2))
     logits = logits * scale if scale is not None else logits / math.sqrt(D)   # [B, Hq, W, N]
@@ -461,7 +460,7 @@ def _critical_base_model_dtype(q_window: Tensor, key: Tensor, key_start: Optiona
     L, dev = N - W, key.device
     ks = _starts(key_start, B, dev)
     valid = torch.arange(L, device=dev) >= ks.view(B, 1, 1)                 # [B, 1, L]
-    probs = _window_probs_model_dtype(q_window, key, key_start, scale, ks < L)
+    probs = _window_probs_model_dtype(q_window, key, ks, scale, ks < L)
     agg = probs[..., :L].mean(dim=2)                                   # [B, Hq, L]
     pooled = _pool_valid(agg.unsqueeze(2), valid).view(B, H, Hq // H, L)
     base = pooled.mean(dim=2)
@@ -469,7 +468,7 @@ def _critical_base_model_dtype(q_window: Tensor, key: Tensor, key_start: Optiona
 
 
 def _defensive_parts_model_dtype(q_window: Tensor, key: Tensor, value: Tensor,
-                                 o_proj_weight: Tensor, key_start: Optional[Tensor],
+                                 o_proj_weight: Tensor, ks: Tensor,
                                  scale: Optional[float], valid: Tensor, has: Tensor
                                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1-4 of DefensiveKV (SPEC 7.2) in a 16-bit model's dtype ``cdt`` as the authors'
@@ -477,8 +476,10 @@ def _defensive_parts_model_dtype(q_window: Tensor, key: Tensor, value: Tensor,
     :func:`_window_probs_model_dtype`, pooling, sums, maxima, the mean floor, the value
     weight's normalisation and product in ``cdt`` (the value weight of
     :func:`_value_norm_model_dtype`). Batched over rows and heads (padding columns take no
-    part), so it matches the oracle's per-row low-precision form (``reference_followups``,
-    ``as_written=True``) up to the accumulation order inside each reduction. Returns
+    part: ``ks [B]`` the row starts, ``valid [B, 1, L]`` their valid prefix columns, ``has [B]``
+    the rows with a prefix), so it matches the oracle's per-row low-precision form
+    (``reference_followups``, ``as_written=True``) up to the accumulation order inside each
+    reduction. Returns
     ``(R [B, H, L]`` after step 4, ``snap [B, H, L]`` the unpooled SnapKV mean,
     ``window_bias [B]`` float64: the authors' batch-wide mean of the window queries' mass on
     the last ``W`` prefix columns over rows with a prefix, rounded to ``cdt``)."""
@@ -486,9 +487,8 @@ def _defensive_parts_model_dtype(q_window: Tensor, key: Tensor, value: Tensor,
     Hq, W = q_window.shape[1], q_window.shape[2]
     G, L = Hq // H, N - W
     cdt, dev = key.dtype, key.device
-    ks = _starts(key_start, B, dev)
     zero = torch.zeros((), device=dev, dtype=cdt)
-    P = _window_probs_model_dtype(q_window, key, key_start, scale, has)[..., :L]
+    P = _window_probs_model_dtype(q_window, key, ks, scale, has)[..., :L]
     base = P.sum(dim=-1, keepdim=True)                                 # step 1
     pooled = _pool_valid(P, valid)                                     # step 2
     tot = pooled.sum(dim=-1, keepdim=True)
