@@ -22,7 +22,11 @@
 //   empty) to recover the even-heads case. On the cluster path it cost 30 points at batch 64 x
 //   1K whether or not the empty CTAs left early: a cluster reserves all its CTAs' slots at
 //   once, so one busy CTA per cluster leaves the rest idle; on the two-launch path it was
-//   neutral.
+//   neutral. Also tried and dropped (2026-12-08, benchmarks/results/
+//   paged-dealt-h100-2026-12-08.txt): a row-dealt schedule (each batch row's Hk segments,
+//   which Ada-KV gives one shared budget, cut on device into Hk x n equal chunks, one CTA each,
+//   multi-chunk heads merged by a second launch): +4 points on even heads at batch 64 x 1K,
+//   up to 4 points behind these clustered splits with any spread, no gain in the engine.
 // And whether the work-balanced kernel (decode_balanced.cuh) replaces the split kernel: where
 // it is available (fp16 / bf16 tensor-core instantiations whose shared memory fits the device),
 // for at most kRows query rows and kMaxSegments segments, while the int32 tile prefix cannot
