@@ -3,7 +3,7 @@
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
 #                                            benchfollowups|benchitl|benchautotune|benchprofile|
-#                                            benchsplits|benchblas|benchgemm|all]...
+#                                            benchsplits|benchblas|benchgemm|all] [bundle]
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
 #   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
 #   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
@@ -13,8 +13,10 @@
 #   even and Ada-like heads) and the engine's step with one split per head forced;
 #   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
 #   decode GEMMs' library); benchgemm: bench_decode_gemm.py with cuBLAS and with cuBLASLt
-#   (default: all). wheel=PATH installs a prebuilt wheel (the one CI builds, brought here
-#   unchanged) into $OUT/../site instead of building, and tests that.
+#   (default: all); bundle (give it last): packs every file of the output folder into one
+#   results.tar.gz (the device tool brings back at most 8 files). wheel=PATH installs a
+#   prebuilt wheel (the one CI builds, brought here unchanged) into $OUT/../site instead of
+#   building, and tests that.
 # Logs and results go to ${OUT:-/tmp/adakv-gpu} (the device tool's $OUT folder when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -165,5 +167,10 @@ fi
 if has bench; then
   $PY benchmarks/bench_ops.py --cases "${BENCH_CASES:-evict,append,decode_b1,decode_bN,graph}" \
     --out "$out/ops.jsonl" --md "$out/ops.md" 2>&1 | tee "$out/bench_ops.log" | tail -n 40
+fi
+if [[ " $steps " == *" bundle "* ]]; then  # last: one archive instead of many files
+  # (the device tool brings back at most 8 files of $OUT: the run of 2026-12-08 lost a record)
+  (cd "$out" && files=$(ls -A | grep -v '^results\.tar\.gz$') && [ -n "$files" ] \
+     && tar czf results.tar.gz $files && rm -rf $files) && echo "bundled into $out/results.tar.gz"
 fi
 exit $status
