@@ -8,6 +8,7 @@
 //   decode_attention(_lse) cpu/decode_attention.cpp cuda/decode_attention.cu "
 //   evict                 evict.cpp (the four stages above, per backend)
 //   paged_*               cpu/paged.cpp          cuda/paged.cu (+ the decode kernel family)
+//                         (paged_append_rotary_: the RoPE formula of both in rotary.h)
 //   defensive_score       cpu/followups.cpp      cuda/score.cu           "
 //   value_norm            cpu/followups.cpp      cuda/value_norm.cu      "
 //   decode_gemm           cpu/gemm.cpp           cuda/decode_gemm.cu     "
@@ -61,6 +62,13 @@ STABLE_TORCH_LIBRARY(adakv, m) {
       "paged_append_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
       "Tensor(c!) seg_len, Tensor key_new, Tensor value_new, Tensor(d!)? overflow=None, "
       "Tensor? segment_index=None) -> ()");
+  // paged_append_ of key_new rotated by RoPE (rotate_half convention, csrc/rotary.h), in the
+  // same kernel that rotates the query: returns the rotated query [B, Hq, T, D] (contiguous).
+  // query / key_new / value_new / cos / sin may be strided views (last stride 1).
+  m.def(
+      "paged_append_rotary_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor page_table, "
+      "Tensor(c!) seg_len, Tensor query, Tensor key_new, Tensor value_new, Tensor cos, "
+      "Tensor sin, Tensor(d!)? overflow=None, Tensor? segment_index=None) -> Tensor");
   m.def(
       "paged_decode_attention(Tensor query, Tensor k_pages, Tensor v_pages, Tensor page_table, "
       "Tensor seg_len, float? scale=None, Tensor? segment_index=None) -> Tensor");
@@ -100,6 +108,7 @@ STABLE_TORCH_LIBRARY_IMPL(adakv, ADAKV_BACKEND_KEY, m) {
   m.impl("decode_attention_lse", TORCH_BOX(&adakv::ADAKV_BACKEND::decode_attention_lse));
   m.impl("paged_compact_", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_compact_));
   m.impl("paged_append_", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_append_));
+  m.impl("paged_append_rotary_", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_append_rotary_));
   m.impl("paged_decode_attention", TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention));
   m.impl("paged_decode_attention_lse",
          TORCH_BOX(&adakv::ADAKV_BACKEND::paged_decode_attention_lse));

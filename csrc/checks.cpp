@@ -17,14 +17,22 @@ bool is_kv_dtype(ScalarType t) {
   return t == kFloat || t == kHalf || t == kBFloat16;
 }
 
-void check_tensor(const Tensor& t, const char* name, int64_t dim) {
+// Rank `dim`, and contiguous; with `strided` any strides whose last one is 1 instead (rows of
+// contiguous elements: e.g. the heads of one fused projection's output, viewed in place).
+void check_tensor(const Tensor& t, const char* name, int64_t dim, bool strided = false) {
   ADAKV_CHECK(t.dim() == dim, "adakv: ", name, " must have ", dim, " dimensions, got shape ",
               shape_str(t));
-  ADAKV_CHECK(t.is_contiguous(), "adakv: ", name, " must be contiguous");
+  if (strided) {
+    ADAKV_CHECK(t.size(dim - 1) <= 1 || t.stride(dim - 1) == 1, "adakv: ", name,
+                " must have stride 1 in its last dimension, got strides of shape ", shape_str(t),
+                " with last stride ", t.stride(dim - 1));
+  } else {
+    ADAKV_CHECK(t.is_contiguous(), "adakv: ", name, " must be contiguous");
+  }
 }
 
-void check_kv(const Tensor& t, const char* name, int64_t dim) {
-  check_tensor(t, name, dim);
+void check_kv(const Tensor& t, const char* name, int64_t dim, bool strided = false) {
+  check_tensor(t, name, dim, strided);
   ADAKV_CHECK(is_kv_dtype(t.scalar_type()), "adakv: ", name,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
@@ -68,13 +76,14 @@ struct CacheView {
 };
 
 // key_new / value_new [B, Hk, T, D] (+ overflow [S]) of an append into `c`.
+// `strided`: key_new / value_new may have any strides whose last one is 1.
 DecodeShape validate_new_tokens(const char* op, const CacheView& c, const Tensor& key_new,
                                 const Tensor& value_new, const std::optional<Tensor>& overflow,
-                                const char* overflow_name) {
-  check_kv(key_new, "key_new [B, Hk, T, D]", 4);
+                                const char* overflow_name, bool strided = false) {
+  check_kv(key_new, "key_new [B, Hk, T, D]", 4, strided);
   check_same_device(c.k, key_new, c.k_name, "key_new");
   check_same_dtype(c.k, key_new, c.k_name, "key_new");
-  validate_key_value(key_new, value_new);
+  validate_key_value(key_new, value_new, strided);
   DecodeShape s;
   s.B = key_new.size(0);
   s.Hk = key_new.size(1);
@@ -203,8 +212,8 @@ ScoreShape validate_score(const Tensor& q_window, const Tensor& key,
   return s;
 }
 
-void validate_key_value(const Tensor& key, const Tensor& value) {
-  check_kv(value, "value [B, Hk, N, D]", 4);
+void validate_key_value(const Tensor& key, const Tensor& value, bool strided) {
+  check_kv(value, "value [B, Hk, N, D]", 4, strided);
   check_same_device(key, value, "key", "value");
   check_same_dtype(key, value, "key", "value");
   ADAKV_CHECK(same_shape(key, value), "adakv: value has shape ", shape_str(value),
@@ -371,6 +380,61 @@ DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
   const CacheView c = paged_view(k_pages, page_table, pool, segment_index);
   return validate_new_tokens("paged_append_", c, key_new, value_new, overflow,
                              "overflow [B * Hk]");
+}
+
+DecodeShape validate_paged_append_rotary(const Tensor& k_pages, const Tensor& v_pages,
+                                         const Tensor& page_table, const Tensor& seg_len,
+                                         const Tensor& query, const Tensor& key_new,
+                                         const Tensor& value_new, const Tensor& cos,
+                                         const Tensor& sin, const std::optional<Tensor>& overflow,
+                                         const std::optional<Tensor>& segment_index,
+                                         PagedShape& pool) {
+  pool = validate_paged_pool(k_pages, v_pages, page_table, seg_len);
+  const CacheView c = paged_view(k_pages, page_table, pool, segment_index);
+  DecodeShape s = validate_new_tokens("paged_append_rotary_", c, key_new, value_new, overflow,
+                                      "overflow [B * Hk]", /*strided=*/true);
+  check_kv(query, "query [B, Hq, T, D]", 4, /*strided=*/true);
+  check_same_device(k_pages, query, "k_pages", "query");
+  check_same_dtype(k_pages, query, "k_pages", "query");
+  ADAKV_CHECK(query.size(0) == s.B && query.size(2) == s.T && query.size(3) == s.D,
+              "adakv: query has shape ", shape_str(query), " but key_new has shape ",
+              shape_str(key_new), "; query must be [B, Hq, T, D] with key_new's B, T and D");
+  ADAKV_CHECK(s.Hk >= 1 && query.size(1) % s.Hk == 0, "adakv: query heads (", query.size(1),
+              ") must be a multiple of KV heads (", s.Hk, ", at least 1)");
+  s.Hq = query.size(1);
+  ADAKV_CHECK(s.D % 2 == 0, "adakv: paged_append_rotary_ rotates the two halves of a head "
+              "vector, so the head dim must be even, got D = ", s.D);
+  const auto check_angle_table = [&](const Tensor& t, const char* name) {
+    check_tensor(t, name, 3, /*strided=*/true);
+    check_same_device(k_pages, t, "k_pages", name);
+    ADAKV_CHECK(t.scalar_type() == kFloat || t.scalar_type() == k_pages.scalar_type(), "adakv: ",
+                name, " must be float32 or the K/V dtype ", k_pages.scalar_type(), ", got ",
+                t.scalar_type());
+    ADAKV_CHECK((t.size(0) == s.B || t.size(0) == 1) && t.size(1) == s.T && t.size(2) == s.D,
+                "adakv: ", name, " must have shape [B, T, D] = [", s.B, ", ", s.T, ", ", s.D,
+                "] (or [1, T, D]: one row for the whole batch), got ", shape_str(t));
+  };
+  check_angle_table(cos, "cos [B, T, D]");
+  check_angle_table(sin, "sin [B, T, D]");
+  check_same_dtype(cos, sin, "cos", "sin");
+  ADAKV_CHECK(same_shape(cos, sin), "adakv: sin has shape ", shape_str(sin),
+              " but cos has shape ", shape_str(cos));
+  return s;
+}
+
+RotaryStrides rotary_strides(const Tensor& query, const Tensor& key_new, const Tensor& value_new,
+                             const Tensor& cos, const Tensor& sin) {
+  RotaryStrides st{};
+  for (int d = 0; d < 3; ++d) {
+    st.q[d] = query.stride(d);
+    st.k[d] = key_new.stride(d);
+    st.v[d] = value_new.stride(d);
+  }
+  st.cos[0] = cos.size(0) == 1 ? 0 : cos.stride(0);
+  st.cos[1] = cos.stride(1);
+  st.sin[0] = sin.size(0) == 1 ? 0 : sin.stride(0);
+  st.sin[1] = sin.stride(1);
+  return st;
 }
 
 DecodeShape validate_paged_decode(const Tensor& query, const Tensor& k_pages,

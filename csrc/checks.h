@@ -26,7 +26,9 @@ struct DecodeShape { int64_t B, Hq, Hk, T, D, rows, S; };
 
 ScoreShape validate_score(const Tensor& q_window, const Tensor& key,
                           int64_t kernel_size, const std::optional<Tensor>& key_start);
-void validate_key_value(const Tensor& key, const Tensor& value);
+// value matches key (dtype, device, shape); contiguous, or with `strided` any strides whose
+// last one is 1.
+void validate_key_value(const Tensor& key, const Tensor& value, bool strided = false);
 // scores [B, Hk, L] fp32; returns {B, Hk, L} via out-params.
 void validate_scores(const Tensor& scores, const std::optional<Tensor>& key_start);
 // budget >= 0 and 0 <= floor_alpha <= 1 (allocate on every backend).
@@ -78,6 +80,25 @@ DecodeShape validate_paged_append(const Tensor& k_pages, const Tensor& v_pages,
                                   const Tensor& key_new, const Tensor& value_new,
                                   const std::optional<Tensor>& overflow,
                                   const std::optional<Tensor>& segment_index, PagedShape& pool);
+// paged_append_rotary_: paged_append_'s checks, with key_new / value_new of any strides whose
+// last one is 1; plus query [B, Hq, T, D] (the same strides rule, key_new's dtype, B, T and D,
+// Hq a multiple of Hk >= 1), D even, cos / sin [B or 1, T, D] of one dtype (float32 or the
+// K/V dtype), same shape, the same strides rule. DecodeShape::Hq is query's head count.
+DecodeShape validate_paged_append_rotary(const Tensor& k_pages, const Tensor& v_pages,
+                                         const Tensor& page_table, const Tensor& seg_len,
+                                         const Tensor& query, const Tensor& key_new,
+                                         const Tensor& value_new, const Tensor& cos,
+                                         const Tensor& sin, const std::optional<Tensor>& overflow,
+                                         const std::optional<Tensor>& segment_index,
+                                         PagedShape& pool);
+// The element strides paged_append_rotary_'s kernels read its inputs with (the last stride of
+// each is 1): query / key_new / value_new by (batch, head, token), cos / sin by (batch, token),
+// the batch stride 0 for a one-row table [1, T, D].
+struct RotaryStrides {
+  int64_t q[3], k[3], v[3], cos[2], sin[2];
+};
+RotaryStrides rotary_strides(const Tensor& query, const Tensor& key_new, const Tensor& value_new,
+                             const Tensor& cos, const Tensor& sin);
 // paged_decode_attention(_lse): query [B, Hq, T, D], S % B == 0, Hq % (S / B) == 0, T >= 1
 // (S: page_table rows, or the length of segment_index). DecodeShape::rows is num_pages * P
 // (the slots of the pool).

@@ -46,6 +46,12 @@ using FlatCache = std::tuple<Tensor, Tensor, Tensor, Tensor>;
   void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& page_table,   \
                      const Tensor& seg_len, const Tensor& key_new, const Tensor& value_new,    \
                      const OptTensor& overflow, const OptTensor& segment_index);               \
+  /* paged_append_ of RoPE-rotated keys; returns the rotated query [B, Hq, T, D] */             \
+  Tensor paged_append_rotary_(const Tensor& k_pages, const Tensor& v_pages,                    \
+                              const Tensor& page_table, const Tensor& seg_len,                 \
+                              const Tensor& query, const Tensor& key_new,                      \
+                              const Tensor& value_new, const Tensor& cos, const Tensor& sin,   \
+                              const OptTensor& overflow, const OptTensor& segment_index);      \
   std::tuple<Tensor, Tensor> paged_decode_attention_lse(                                       \
       const Tensor& query, const Tensor& k_pages, const Tensor& v_pages,                       \
       const Tensor& page_table, const Tensor& seg_len, std::optional<double> scale,            \

@@ -68,6 +68,7 @@ def base(dev: str) -> dict:
     t = dict(q=q, k=k, v=v, s=s, bud=bud, idx=idx, cnt=cnt, kf=kf, vf=vf, ss=ss, sl=sl,
              kn=torch.randn(B, Hk, 1, D, generator=g), vn=torch.randn(B, Hk, 1, D, generator=g),
              qd=torch.randn(B, Hq, 1, D, generator=g),
+             cs=torch.randn(B, 1, D, generator=g).cos(), sn=torch.randn(B, 1, D, generator=g).sin(),
              o=torch.randn(12, Hq * D, generator=torch.Generator().manual_seed(6)))
     t.update(_paged_base(kf, vf, ss, sl))
     t = {n: x.to(dev) for n, x in t.items()}
@@ -142,6 +143,24 @@ def _pappend(t, **kw):
     ops.paged_append_(a["k_pages"], a["v_pages"], a["page_table"], a["seg_len"], a["key_new"],
                       a["value_new"], a["overflow"], segment_index=a["segment_index"])
     return a
+
+
+def _prappend(t, **kw):
+    a = dict(k_pages=t["kp"].clone(), v_pages=t["vp"].clone(), page_table=t["pt"],
+             seg_len=t["psl"].clone(), query=t["qd"], key_new=t["kn"], value_new=t["vn"],
+             cos=t["cs"], sin=t["sn"], overflow=None, segment_index=None)
+    a.update(kw)
+    ops.paged_append_rotary_(a["k_pages"], a["v_pages"], a["page_table"], a["seg_len"],
+                             a["query"], a["key_new"], a["value_new"], a["cos"], a["sin"],
+                             a["overflow"], segment_index=a["segment_index"])
+    return a
+
+
+def _odd_head_dim(t):
+    """Every tensor of a paged_append_rotary_ call with head dim D - 1 (odd)."""
+    return dict(k_pages=t["kp"][..., :-1].contiguous(), v_pages=t["vp"][..., :-1].contiguous(),
+                query=t["qd"][..., :-1], key_new=t["kn"][..., :-1], value_new=t["vn"][..., :-1],
+                cos=t["cs"][..., :-1], sin=t["sn"][..., :-1])
 
 
 def _pdecode(t, lse=False, **kw):
@@ -451,6 +470,56 @@ CASES += [
      r"adakv: overflow must have shape \[4\]", RAISE),
     ("pappend_pool_shape", lambda t: _pappend(t, v_pages=t["vp"][:-1].clone()), r"adakv: .*v_pages", RAISE),
     ("pappend_device", lambda t: _pappend(t, key_new=t["kn"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+    # ---- paged_append_rotary_: paged_append_'s metadata and new-token cases, plus its own
+    ("prappend_overflow", lambda t: _prappend(t, key_new=t["kn"].repeat(1, 1, PW * PP, 1),
+                                              value_new=t["vn"].repeat(1, 1, PW * PP, 1),
+                                              query=t["qd"].repeat(1, 1, PW * PP, 1),
+                                              cos=t["cs"].repeat(1, PW * PP, 1),
+                                              sin=t["sn"].repeat(1, PW * PP, 1)),
+     r"adakv: paged_append_rotary_ of \d+ tokens exceeds", CLAMP),
+    ("prappend_seg_len_neg", lambda t: _prappend(t, seg_len=with_(t["psl"], 0, -1)),
+     r"adakv: paged_append_rotary_: seg_len\[0\]", CLAMP),
+    ("prappend_seg_len_int32_max", lambda t: _prappend(t, seg_len=with_(t["psl"], 2, I32)),
+     r"adakv: paged_append_rotary_ .*segment 2", CLAMP),
+    ("prappend_page_past_pool", lambda t: _prappend(t, page_table=with_(t["pt"], (1, int(t["psl"][1]) // PP), NP)),
+     r"adakv: paged_append_rotary_: page_table\[1, ", CLAMP),
+    ("prappend_page_neg", lambda t: _prappend(t, page_table=with_(t["pt"], (3, int(t["psl"][3]) // PP), -1)),
+     r"adakv: paged_append_rotary_: page_table\[3, ", CLAMP),
+    *_new_token_cases("prappend", _prappend),
+    *_segment_index_cases("prappend", _prappend, "paged_append_rotary_"),
+    ("prappend_sidx_repeated", lambda t: _prappend(t, segment_index=_sidx(t, 3, 1, -1, 1)),
+     r"adakv: paged_append_rotary_: segment_index\[3\] = 1 repeats segment_index\[1\]", CLAMP),
+    ("prappend_query_batch", lambda t: _prappend(t, query=t["qd"].repeat(2, 1, 1, 1)),
+     r"adakv: query has shape \[4, 4, 1, 8\] but key_new", RAISE),
+    ("prappend_query_tokens", lambda t: _prappend(t, query=t["qd"].repeat(1, 1, 2, 1)),
+     r"adakv: query has shape .* with key_new's B, T and D", RAISE),
+    ("prappend_query_heads", lambda t: _prappend(t, query=t["qd"][:, :3]),
+     r"adakv: query heads \(3\) must be a multiple of KV heads \(2", RAISE),
+    ("prappend_query_dtype", lambda t: _prappend(t, query=t["qd"].double()),
+     r"adakv: query .*float32, float16 or bfloat16", RAISE),
+    ("prappend_query_rank", lambda t: _prappend(t, query=t["qd"][0]), r"adakv: query .*4 dimensions", RAISE),
+    ("prappend_query_last_stride", lambda t: _prappend(t, query=t["qd"].repeat(1, 1, 1, 2)[..., ::2]),
+     r"adakv: query .*stride 1 in its last dimension", RAISE),
+    ("prappend_key_last_stride", lambda t: _prappend(t, key_new=t["kn"].repeat(1, 1, 1, 2)[..., ::2]),
+     r"adakv: key_new .*stride 1 in its last dimension", RAISE),
+    ("prappend_value_last_stride", lambda t: _prappend(t, value_new=t["vn"].repeat(1, 1, 1, 2)[..., ::2]),
+     r"adakv: value .*stride 1 in its last dimension", RAISE),
+    ("prappend_head_dim_odd", lambda t: _prappend(t, **_odd_head_dim(t)),
+     r"adakv: paged_append_rotary_ .*head dim must be even, got D = 7", RAISE),
+    ("prappend_cos_rank", lambda t: _prappend(t, cos=t["cs"][:, 0]), r"adakv: cos .*3 dimensions", RAISE),
+    ("prappend_cos_batch", lambda t: _prappend(t, cos=t["cs"].repeat(2, 1, 1), sin=t["sn"].repeat(2, 1, 1)),
+     r"adakv: cos \[B, T, D\] must have shape \[B, T, D\] = \[2, 1, 8\] \(or \[1, T, D\]", RAISE),
+    ("prappend_cos_tokens", lambda t: _prappend(t, cos=t["cs"].repeat(1, 2, 1)),
+     r"adakv: cos .*must have shape", RAISE),
+    ("prappend_cos_dim", lambda t: _prappend(t, cos=t["cs"][..., :4]), r"adakv: cos .*must have shape", RAISE),
+    ("prappend_cos_dtype", lambda t: _prappend(t, cos=t["cs"].half(), sin=t["sn"].half()),
+     r"adakv: cos .*must be float32 or the K/V dtype", RAISE),
+    ("prappend_cos_int", lambda t: _prappend(t, cos=t["cs"].int()), r"adakv: cos .*float32", RAISE),
+    ("prappend_cos_last_stride", lambda t: _prappend(t, cos=t["cs"].repeat(1, 1, 2)[..., ::2]),
+     r"adakv: cos .*stride 1 in its last dimension", RAISE),
+    ("prappend_sin_shape", lambda t: _prappend(t, sin=t["sn"][:1]), r"adakv: sin has shape \[1, 1, 8\] but cos", RAISE),
+    ("prappend_device", lambda t: _prappend(t, query=t["qd"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
+    ("prappend_cos_device", lambda t: _prappend(t, cos=t["cs"].to(t["other"])), r"adakv: .*device", CUDA_ONLY),
 ]
 for _lse in (False, True):
     _p = "pdecode_lse" if _lse else "pdecode"
@@ -705,7 +774,9 @@ def test_failed_append_changes_nothing(dev):
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("name", ["pcompact_page_past_pool", "pcompact_page_neg", "pcompact_shared_page",
                                   "pcompact_table_too_short", "pcompact_count_huge", "pappend_overflow",
-                                  "pappend_seg_len_int32_max", "pappend_page_past_pool", "pappend_page_neg"])
+                                  "pappend_seg_len_int32_max", "pappend_page_past_pool", "pappend_page_neg",
+                                  "prappend_overflow", "prappend_seg_len_int32_max",
+                                  "prappend_page_past_pool", "prappend_page_neg"])
 def test_bad_paged_metadata_writes_nothing_outside(dev, name):
     """CPU: the bad call raises and changes nothing. CUDA (clamps): the two hole pages of the
     pool, which no table entry names, are never written, and a paged_append_ that cannot fit
@@ -719,7 +790,7 @@ def test_bad_paged_metadata_writes_nothing_outside(dev, name):
             fn(t)
         return
     try:
-        seen = fn(t)  # _pcompact / _pappend return the (copied) arguments they mutated
+        seen = fn(t)  # _pcompact / _pappend / _prappend return the (copied) arguments they mutated
     except RuntimeError as e:  # CLAMP: raising the same clear error is allowed too
         assert str(e).startswith("adakv: ")
         return
@@ -728,7 +799,7 @@ def test_bad_paged_metadata_writes_nothing_outside(dev, name):
     for h in holes:
         assert_equal(kp[h], t["kp"][h].cpu(), f"hole page {h} (k)")
         assert_equal(vp[h], t["vp"][h].cpu(), f"hole page {h} (v)")
-    if name == "pappend_overflow":
+    if name in ("pappend_overflow", "prappend_overflow"):
         assert_equal(seen["seg_len"], t["psl"], "seg_len of segments that could not be written")
 
 

@@ -175,6 +175,36 @@ def test_opcheck_paged_append_and_decode(device, B, Hq, Hk, D, T, dtype, P):
 @pytest.mark.parametrize("B,Hq,Hk,D,T", [(1, 4, 2, 16, 1), (2, 8, 2, 64, 3), (2, 3, 3, 8, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("P", [1, 16])
+def test_opcheck_paged_append_rotary(device, B, Hq, Hk, D, T, dtype, P):
+    """Contiguous inputs, and views of one fused projection output with a one-row angle table
+    (strided query / key / value, broadcast cos / sin); with overflow flags and with a
+    segment_index whose last entry is padding."""
+    S = B * Hk
+    lens = [(5 * s) % 15 for s in range(S)]
+    kp, vp, table, ln = paged_pool(S, P, D, lens, 8 * T, device, dtype, 17)
+    q = to(device, randn((B, Hq, T, D), 18, dtype))
+    kn = to(device, randn((B, Hk, T, D), 19, dtype))
+    vn = to(device, randn((B, Hk, T, D), 20, dtype))
+    cos = to(device, randn((B, T, D), 21, torch.float32))
+    sin = to(device, randn((B, T, D), 22, torch.float32))
+    opcheck(A.paged_append_rotary_.default, (kp, vp, table, ln.clone(), q, kn, vn, cos, sin))
+    fused = to(device, randn((B, T, (Hq + 2 * Hk) * D), 23, dtype))
+    fq = fused[..., : Hq * D].view(B, T, Hq, D).transpose(1, 2)
+    fk = fused[..., Hq * D : (Hq + Hk) * D].view(B, T, Hk, D).transpose(1, 2)
+    fv = fused[..., (Hq + Hk) * D :].view(B, T, Hk, D).transpose(1, 2)
+    c1, s1 = cos[:1].to(dtype), sin[:1].to(dtype)
+    ov = torch.zeros(S, dtype=torch.int32, device=device)
+    opcheck(A.paged_append_rotary_.default, (kp, vp, table, ln.clone(), fq, fk, fv, c1, s1, ov))
+    idx = torch.arange(S, dtype=torch.int32)
+    idx[-1] = -1
+    opcheck(A.paged_append_rotary_.default, (kp, vp, table, ln.clone(), fq, fk, fv, c1, s1),
+            dict(segment_index=idx.to(device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Hq,Hk,D,T", [(1, 4, 2, 16, 1), (2, 8, 2, 64, 3), (2, 3, 3, 8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("P", [1, 16])
 def test_opcheck_paged_segment_index(device, B, Hq, Hk, D, T, dtype, P):
     """paged_append_ / paged_decode_attention(_lse) through a segment_index: tables of more rows
     than batch segments, the batch a reversed subset of them, its last entry padding (-1)."""

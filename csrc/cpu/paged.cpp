@@ -10,6 +10,11 @@
 //   one memcpy per row.
 // paged_append_: key_new/value_new [B, Hk, T, D] written at rows seg_len[s] + [0, T), then
 //   seg_len += T. Parallel over segments.
+// paged_append_rotary_: the same append with key_new rotated by RoPE (rotary.h; cos / sin
+//   [B or 1, T, D] of the token's batch row and position), and the query [B, Hq, T, D] rotated
+//   into a new contiguous tensor (also for padding segments). Inputs read through their
+//   strides (last stride 1). Parallel over segments: segment b * Hk + h also rotates the G
+//   query heads h * G .. h * G + G - 1 of row b.
 // paged_decode_attention(_lse): decode_attention's math (decode_rows, cpu/kernels.h, parallel
 //   over the B * Hq * T query rows) with segment rows read through the page table.
 // segment_index [B * Hk] int32 (append, decode; optional): batch segment i (of key_new / query)
@@ -22,12 +27,14 @@
 // anything is written: a failed call changes nothing. Table rows no batch segment names are
 // neither checked nor read.
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "ops.h"
+#include "rotary.h"
 
 namespace adakv {
 namespace cpu {
@@ -48,6 +55,27 @@ struct PagedRow {
     return int64_t{table[rows(s) * width + n / P]} * P + n % P;
   }
 };
+
+// The data-dependent checks of an append of s.T tokens to the batch segments (paged_append_,
+// paged_append_rotary_), before anything is written: segment_index values in [-1, rows) and
+// distinct (so no two batch segments write one table row: the parallel loops have no race),
+// then each named row's length, table width and page ids. (overflow is the CUDA kernels'
+// report; the CPU raises instead and leaves it as it is.)
+void check_append_segments(const char* op, const OptTensor& segment_index, const int32_t* table,
+                           const int32_t* len, const PagedShape& p, const DecodeShape& s,
+                           const SegmentRows& rows) {
+  check_segment_index_values(op, segment_index, p.S, /*distinct=*/true);
+  for (int64_t i = 0; i < s.S; ++i) {
+    const int64_t r = rows(i);
+    if (r < 0) continue;  // padding
+    ADAKV_CHECK(len[r] >= 0, "adakv: ", op, ": seg_len[", r, "] = ", len[r], " is negative");
+    ADAKV_CHECK(int64_t{len[r]} + s.T <= p.width * p.P, "adakv: ", op, " of ", s.T,
+                " tokens exceeds the page_table of segment ", r, " (length ", len[r], ", ",
+                p.width, " pages of P = ", p.P, " = ", p.width * p.P,
+                " rows); give the segment more pages before appending");
+    check_paged_rows(op, table, p, r, len[r], int64_t{len[r]} + s.T);
+  }
+}
 
 }  // namespace
 
@@ -100,21 +128,7 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
   const int32_t* table = ptr<int32_t>(page_table);
   int32_t* len = ptr<int32_t>(seg_len);
   const SegmentRows rows{ptr<int32_t>(segment_index)};
-  // Validate every segment before writing anything: a failed append changes nothing. (overflow
-  // is the CUDA kernels' report; the CPU raises instead and leaves it as it is.) Distinct rows:
-  // no two batch segments write the same table row, so the parallel loop below has no race.
-  check_segment_index_values("paged_append_", segment_index, p.S, /*distinct=*/true);
-  for (int64_t i = 0; i < s.S; ++i) {
-    const int64_t r = rows(i);
-    if (r < 0) continue;  // padding
-    ADAKV_CHECK(len[r] >= 0, "adakv: paged_append_: seg_len[", r, "] = ", len[r],
-                " is negative");
-    ADAKV_CHECK(int64_t{len[r]} + s.T <= p.width * p.P, "adakv: paged_append_ of ", s.T,
-                " tokens exceeds the page_table of segment ", r, " (length ", len[r], ", ",
-                p.width, " pages of P = ", p.P, " = ", p.width * p.P,
-                " rows); give the segment more pages before appending");
-    check_paged_rows("paged_append_", table, p, r, len[r], int64_t{len[r]} + s.T);
-  }
+  check_append_segments("paged_append_", segment_index, table, len, p, s, rows);
   const PagedRow row{table, p.width, p.P, rows};
   const int64_t row_bytes = s.D * k_pages.element_size();
   const char* kn = static_cast<const char*>(key_new.data_ptr());
@@ -133,6 +147,78 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
       len[r] += static_cast<int32_t>(s.T);
     }
   });
+}
+
+Tensor paged_append_rotary_(const Tensor& k_pages, const Tensor& v_pages,
+                            const Tensor& page_table, const Tensor& seg_len, const Tensor& query,
+                            const Tensor& key_new, const Tensor& value_new, const Tensor& cos,
+                            const Tensor& sin, const OptTensor& overflow,
+                            const OptTensor& segment_index) {
+  const char* op = "paged_append_rotary_";
+  PagedShape p;
+  const DecodeShape s = validate_paged_append_rotary(k_pages, v_pages, page_table, seg_len, query,
+                                                     key_new, value_new, cos, sin, overflow,
+                                                     segment_index, p);
+  const int32_t* table = ptr<int32_t>(page_table);
+  int32_t* len = ptr<int32_t>(seg_len);
+  const SegmentRows rows{ptr<int32_t>(segment_index)};
+  check_append_segments(op, segment_index, table, len, p, s, rows);
+  Tensor q_out =
+      new_empty(op, "the rotated query", query, {s.B, s.Hq, s.T, s.D}, query.scalar_type());
+  const PagedRow row{table, p.width, p.P, rows};
+  const int64_t G = s.Hq / s.Hk, T = s.T, D = s.D, half = D / 2;
+  const RotaryStrides st = rotary_strides(query, key_new, value_new, cos, sin);
+  ADAKV_CPU_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
+    const auto run = [&](const auto* cos_p, const auto* sin_p) {
+      // x [D] rotated by the angles of (batch row b, token t) into out [D]
+      const auto rotate = [&](const scalar_t* x, int64_t b, int64_t t, scalar_t* out) {
+        const auto* c = cos_p + b * st.cos[0] + t * st.cos[1];
+        const auto* sn = sin_p + b * st.sin[0] + t * st.sin[1];
+        for (int64_t i = 0; i < half; ++i) {
+          const RotatedPair r = rotate_pair(
+              static_cast<float>(x[i]), static_cast<float>(x[i + half]),
+              static_cast<float>(c[i]), static_cast<float>(sn[i]),
+              static_cast<float>(c[i + half]), static_cast<float>(sn[i + half]));
+          out[i] = static_cast<scalar_t>(r.lo);
+          out[i + half] = static_cast<scalar_t>(r.hi);
+        }
+      };
+      const scalar_t* q = ptr<scalar_t>(query);
+      const scalar_t* kn = ptr<scalar_t>(key_new);
+      const scalar_t* vn = ptr<scalar_t>(value_new);
+      scalar_t* qo = ptr<scalar_t>(q_out);
+      scalar_t* kd = ptr<scalar_t>(k_pages);
+      scalar_t* vd = ptr<scalar_t>(v_pages);
+      // (D == 0: no element to touch, and no pointer arithmetic on the empty tensors' null
+      // data; the lengths still advance, as paged_append_'s do)
+      torch::stable::parallel_for(0, s.S, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / s.Hk, h = i % s.Hk;
+          for (int64_t t = 0; t < T && D > 0; ++t) {
+            for (int64_t g = h * G; g < (h + 1) * G; ++g) {
+              rotate(q + b * st.q[0] + g * st.q[1] + t * st.q[2], b, t,
+                     qo + ((b * s.Hq + g) * T + t) * D);
+            }
+          }
+          const int64_t r = rows(i);
+          if (r < 0) continue;  // padding: the query is rotated, nothing stored
+          for (int64_t t = 0; t < T && D > 0; ++t) {
+            const int64_t dst = row(i, len[r] + t);
+            rotate(kn + b * st.k[0] + h * st.k[1] + t * st.k[2], b, t, kd + dst * D);
+            const scalar_t* v = vn + b * st.v[0] + h * st.v[1] + t * st.v[2];
+            std::copy(v, v + D, vd + dst * D);
+          }
+          len[r] += static_cast<int32_t>(T);
+        }
+      });
+    };
+    if (cos.scalar_type() == kFloat) {
+      run(ptr<float>(cos), ptr<float>(sin));
+    } else {
+      run(ptr<scalar_t>(cos), ptr<scalar_t>(sin));
+    }
+  });
+  return q_out;
 }
 
 std::tuple<Tensor, Tensor> paged_decode_attention_lse(

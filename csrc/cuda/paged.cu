@@ -1,5 +1,5 @@
 // CUDA kernels of the paged per-head K/V storage (SPEC section 3.1): adakv::paged_compact_,
-// paged_append_, paged_decode_attention(_lse).
+// paged_append_, paged_append_rotary_, paged_decode_attention(_lse).
 //
 // Layout: k_pages / v_pages [num_pages, P, D] (fp32 / fp16 / bf16); segment s = b * Hk + h owns
 // the pages page_table[s, 0 .. width) ([S, width] int32) and holds seg_len[s] ([S] int32)
@@ -27,6 +27,18 @@
 //   paged_append_kernel: one CTA per batch segment (up to 256 threads): thread 0 reads the
 //   table row and its length, the CTA checks the pages it will write (__syncthreads_or),
 //   thread 0 publishes the decision, then the threads copy the T rows of K and V with vectors.
+// paged_append_rotary_(k_pages!, v_pages!, page_table, seg_len!, query [B, Hq, T, D], key_new,
+//                      value_new [B, Hk, T, D], cos, sin [B or 1, T, D], overflow?,
+//                      segment_index?) -> query rotated [B, Hq, T, D]
+//   paged_append_ of key_new rotated by RoPE (rotary.h), and the query rotated into a new
+//   contiguous tensor (every segment, padding and overflowed ones too): the decode step's
+//   RoPE, K/V layout copies and append in one launch. Inputs are read through their strides
+//   (last stride 1), so the heads of a fused QKV projection are read in place.
+//   paged_append_rotary_kernel: one CTA per batch segment b * Hk + h (up to 256 threads):
+//   the append's start as in paged_append_kernel (begin_append), then one loop over element
+//   pairs (i, i + D / 2) of the G query heads and of the key of each token, values copied
+//   alongside the key pairs. Scalar loads: a step moves a few hundred KB; the launch and
+//   the dependent reads of the segment's row, length and page are its cost.
 // paged_decode_attention(_lse)(query [B, Hq, T, D], k_pages, v_pages, page_table, seg_len,
 //                              scale?, segment_index [B * Hk]?)
 //                              -> out [B, Hq, T, D] (, lse [B, Hq, T] fp32)
@@ -57,6 +69,7 @@
 #include "cuda/common.cuh"
 #include "cuda/decode_params.cuh"
 #include "ops.h"
+#include "rotary.h"
 
 namespace adakv {
 namespace cuda {
@@ -179,13 +192,15 @@ struct PagedAppendParams {
   int64_t row_bytes;
 };
 
-template <int VEC>
-__global__ void paged_append_kernel(const PagedAppendParams p) {
-  using V = typename VecType<VEC>::type;
+// The start of an append CTA (paged_append_kernel, paged_append_rotary_kernel), run by every
+// thread of the CTA of batch segment s: resolves its table row, checks the pages its T new
+// rows land on, advances seg_len when they can take them, else flags overflow. Returns whether
+// the rows are to be written (block-uniform), with the row and its length before the append.
+// Only thread 0 reads segment_index[s] and reads and writes seg_len[row]; the others use
+// sh_row / sh_len.
+__device__ bool begin_append(const PagedAppendParams& p, int64_t s, int64_t& row_out,
+                             int64_t& len_out) {
   __shared__ int64_t sh_row, sh_len;
-  const int64_t s = blockIdx.x;  // batch segment: rows of key_new / value_new, overflow[s]
-  // Only thread 0 reads segment_index[s] and reads and writes seg_len[row]; the others use
-  // sh_row / sh_len.
   if (threadIdx.x == 0) {
     const int64_t r = p.seg_index != nullptr ? static_cast<int64_t>(p.seg_index[s]) : s;
     // bounds: a row outside [0, table_rows) is padding: no seg_len or table access below
@@ -196,7 +211,7 @@ __global__ void paged_append_kernel(const PagedAppendParams p) {
   }
   __syncthreads();
   const int64_t row = sh_row, len = sh_len;
-  if (row < 0) return;  // padding (block-uniform): nothing written, no length changed
+  if (row < 0) return false;  // padding (block-uniform): nothing written, no length changed
   // bounds: the new positions [len, len + T) lie in [0, cap], cap <= width * P
   bool ok = len >= 0 && len + p.T <= p.cap;
   int bad = 0;
@@ -215,7 +230,17 @@ __global__ void paged_append_kernel(const PagedAppendParams p) {
       p.overflow[s] = kOverflowCapacity;
     }
   }
-  if (!ok) return;
+  row_out = row;
+  len_out = len;
+  return ok;
+}
+
+template <int VEC>
+__global__ void paged_append_kernel(const PagedAppendParams p) {
+  using V = typename VecType<VEC>::type;
+  const int64_t s = blockIdx.x;  // batch segment: rows of key_new / value_new, overflow[s]
+  int64_t row = 0, len = 0;
+  if (!begin_append(p, s, row, len)) return;
   const int64_t nvec = p.row_bytes / VEC;
   const int64_t per_token = 2 * nvec;
   const V* kn = reinterpret_cast<const V*>(p.key_new);
@@ -235,6 +260,82 @@ __global__ void paged_append_kernel(const PagedAppendParams p) {
       vp[out] = __ldg(vn + src);
     } else {
       kp[out] = __ldg(kn + src);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// paged_append_rotary_
+
+constexpr int kRotaryMaxThreads = 256;
+
+struct PagedAppendRotaryParams {
+  PagedAppendParams append;  // its key_new / value_new / row_bytes are not used
+  const char* query;         // [B, Hq, T, D], strides stride.q (last 1)
+  const char* key_new;       // [B, Hk, T, D], stride.k
+  const char* value_new;     // [B, Hk, T, D], stride.v
+  const char* cos;           // [B or 1, T, D], stride.cos (batch stride 0 for one row)
+  const char* sin;
+  char* q_out;               // [B, Hq, T, D] contiguous
+  int64_t Hk, G, D;
+  RotaryStrides stride;      // of query, key_new, value_new, cos, sin (in elements)
+};
+
+// Elements i and i + D / 2 of x rotated by the angle rows c / sn into out (rotary.h).
+template <typename scalar_t, typename angle_t>
+__device__ __forceinline__ void rotate_pair_into(const scalar_t* x, const angle_t* c,
+                                                 const angle_t* sn, int64_t i, int64_t half,
+                                                 scalar_t* out) {
+  const RotatedPair r =
+      rotate_pair(to_float(x[i]), to_float(x[i + half]), to_float(c[i]), to_float(sn[i]),
+                  to_float(c[i + half]), to_float(sn[i + half]));
+  out[i] = from_float<scalar_t>(r.lo);
+  out[i + half] = from_float<scalar_t>(r.hi);
+}
+
+// One CTA per batch segment s = b * Hk + h: begin_append (the segment's row and the pages of
+// its T new rows), then one loop whose items are element pairs (i, i + D / 2): the G query
+// heads of the segment x T tokens (always: also for padding and overflowed segments), then,
+// when the rows are written, the key (rotated) and value (copied) of each of the T tokens.
+template <typename scalar_t, typename angle_t>
+__global__ void __launch_bounds__(kRotaryMaxThreads)
+    paged_append_rotary_kernel(const PagedAppendRotaryParams p) {
+  const int64_t s = blockIdx.x;
+  const int64_t b = s / p.Hk, h = s - b * p.Hk;
+  const int64_t T = p.append.T, G = p.G, D = p.D, half = D / 2;
+  int64_t row = 0, len = 0;
+  const bool write = begin_append(p.append, s, row, len);
+  const scalar_t* query = reinterpret_cast<const scalar_t*>(p.query);
+  const scalar_t* key_new = reinterpret_cast<const scalar_t*>(p.key_new);
+  const scalar_t* value_new = reinterpret_cast<const scalar_t*>(p.value_new);
+  const angle_t* cos_rows = reinterpret_cast<const angle_t*>(p.cos);
+  const angle_t* sin_rows = reinterpret_cast<const angle_t*>(p.sin);
+  scalar_t* q_out = reinterpret_cast<scalar_t*>(p.q_out);
+  scalar_t* k_pages = reinterpret_cast<scalar_t*>(p.append.k_pages);
+  scalar_t* v_pages = reinterpret_cast<scalar_t*>(p.append.v_pages);
+  const int64_t q_items = T * G * half;
+  const int64_t items = q_items + (write ? T * half : 0);
+  for (int64_t it = threadIdx.x; it < items; it += blockDim.x) {
+    const bool is_q = it < q_items;
+    const int64_t k = is_q ? it : it - q_items;
+    const int64_t i = k % half;
+    const int64_t t = is_q ? k / half / G : k / half;
+    const angle_t* c = cos_rows + b * p.stride.cos[0] + t * p.stride.cos[1];
+    const angle_t* sn = sin_rows + b * p.stride.sin[0] + t * p.stride.sin[1];
+    if (is_q) {
+      const int64_t hq = h * G + (k / half) % G;
+      rotate_pair_into(query + b * p.stride.q[0] + hq * p.stride.q[1] + t * p.stride.q[2], c, sn,
+                       i, half, q_out + ((b * p.Hk * G + hq) * T + t) * D);
+    } else {
+      const int64_t pos = len + t;
+      // checked by begin_append: in the table row, page id in [0, num_pages)
+      const int64_t page = p.append.page_table[row * p.append.width + pos / p.append.P];
+      const int64_t out = (page * p.append.P + pos % p.append.P) * D;
+      rotate_pair_into(key_new + b * p.stride.k[0] + h * p.stride.k[1] + t * p.stride.k[2], c, sn,
+                       i, half, k_pages + out);
+      const scalar_t* v = value_new + b * p.stride.v[0] + h * p.stride.v[1] + t * p.stride.v[2];
+      v_pages[out + i] = v[i];
+      v_pages[out + i + half] = v[i + half];
     }
   }
 }
@@ -384,6 +485,66 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
         <<<static_cast<unsigned>(sh.S), threads, 0, current_stream(k_pages)>>>(p);
     ADAKV_LAUNCH_CHECK();
   });
+}
+
+Tensor paged_append_rotary_(const Tensor& k_pages, const Tensor& v_pages,
+                            const Tensor& page_table, const Tensor& seg_len, const Tensor& query,
+                            const Tensor& key_new, const Tensor& value_new, const Tensor& cos,
+                            const Tensor& sin, const OptTensor& overflow,
+                            const OptTensor& segment_index) {
+  const char* op = "paged_append_rotary_";
+  PagedShape ps;
+  const DecodeShape sh = validate_paged_append_rotary(k_pages, v_pages, page_table, seg_len,
+                                                      query, key_new, value_new, cos, sin,
+                                                      overflow, segment_index, ps);
+  const int64_t cap = cuda_pool_checks(op, k_pages, ps, sh.S);
+  const DeviceGuard guard(k_pages.get_device_index());
+  const Tensor q_out =
+      new_empty(op, "the rotated query", query, {sh.B, sh.Hq, sh.T, sh.D}, query.scalar_type());
+  if (sh.S == 0) return q_out;  // no batch segment (B == 0)
+  PagedAppendRotaryParams p{};
+  PagedAppendParams& a = p.append;
+  a.k_pages = static_cast<char*>(k_pages.data_ptr());
+  a.v_pages = static_cast<char*>(v_pages.data_ptr());
+  a.page_table = ptr<int32_t>(page_table);
+  a.seg_len = ptr<int32_t>(seg_len);
+  a.seg_index = ptr<int32_t>(segment_index);
+  a.overflow = ptr<int32_t>(overflow);
+  a.S = sh.S;
+  a.table_rows = ps.S;
+  a.T = sh.T;
+  a.P = ps.P;
+  a.width = ps.width;
+  a.num_pages = ps.num_pages;
+  a.cap = cap;
+  p.query = static_cast<const char*>(query.data_ptr());
+  p.key_new = static_cast<const char*>(key_new.data_ptr());
+  p.value_new = static_cast<const char*>(value_new.data_ptr());
+  p.cos = static_cast<const char*>(cos.data_ptr());
+  p.sin = static_cast<const char*>(sin.data_ptr());
+  p.q_out = static_cast<char*>(q_out.data_ptr());
+  p.Hk = sh.Hk;
+  p.G = sh.Hq / sh.Hk;
+  p.D = sh.D;
+  p.stride = rotary_strides(query, key_new, value_new, cos, sin);
+  // One thread per element pair of the segment's query heads and key, at most 256 per CTA.
+  const int64_t items =
+      checked_mul(sh.T, checked_mul(p.G + 1, sh.D / 2, "(G + 1) * D"), "T * G * D");
+  const int threads =
+      static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, kRotaryMaxThreads));
+  const bool float_angles = cos.scalar_type() == kFloat;
+  ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
+    const auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(sh.S), threads, 0, current_stream(k_pages)>>>(p);
+      ADAKV_LAUNCH_CHECK();
+    };
+    if (float_angles) {
+      launch(paged_append_rotary_kernel<scalar_t, float>);
+    } else {
+      launch(paged_append_rotary_kernel<scalar_t, scalar_t>);
+    }
+  });
+  return q_out;
 }
 
 std::tuple<Tensor, Tensor> paged_decode_attention_lse(const Tensor& query, const Tensor& k_pages,

@@ -145,6 +145,12 @@ def _paged_append_fake(k_pages, v_pages, page_table, seg_len, key_new, value_new
     return None
 
 
+@torch.library.register_fake("adakv::paged_append_rotary_")
+def _paged_append_rotary_fake(k_pages, v_pages, page_table, seg_len, query, key_new, value_new,
+                              cos, sin, overflow=None, segment_index=None):
+    return query.new_empty(query.shape)      # contiguous, whatever query's strides
+
+
 @torch.library.register_fake("adakv::paged_decode_attention")
 def _paged_decode_fake(query, k_pages, v_pages, page_table, seg_len, scale=None,
                        segment_index=None):

@@ -228,30 +228,30 @@ _OVERFLOW_SEGMENT_INDEX = 2
 
 
 def _append_with_flags(op, args, seg_len: Tensor, overflow: Optional[Tensor], is_cuda: bool,
-                       what: str, segment_index: Optional[Tensor] = None) -> None:
-    """``op(*args, overflow[, segment_index])``; with ``ADAKV_DEBUG=1`` on CUDA and no
-    ``overflow`` given, the op gets a flag tensor (one per batch segment: per ``seg_len`` row,
-    or per ``segment_index`` entry) that is checked after the call (a host sync): a segment
-    whose ``segment_index`` value was out of range raises ``adakv: ... segment_index ...``,
-    any other flagged segment ``adakv: <what> [segments]``. Shared by ``append_`` and
-    ``paged_append_``."""
+                       what: str, segment_index: Optional[Tensor] = None):
+    """``op(*args, overflow[, segment_index])``, returning what the op returns; with
+    ``ADAKV_DEBUG=1`` on CUDA and no ``overflow`` given, the op gets a flag tensor (one per
+    batch segment: per ``seg_len`` row, or per ``segment_index`` entry) that is checked after
+    the call (a host sync): a segment whose ``segment_index`` value was out of range raises
+    ``adakv: ... segment_index ...``, any other flagged segment ``adakv: <what> [segments]``.
+    Shared by ``append_``, ``paged_append_`` and ``paged_append_rotary_``."""
     tail = () if segment_index is None else (segment_index,)
     if overflow is None and is_cuda and os.environ.get("ADAKV_DEBUG") == "1":
         segments = seg_len if segment_index is None else segment_index
         flags = torch.zeros_like(segments, dtype=torch.int32)
-        op(*args, flags, *tail)
+        result = op(*args, flags, *tail)
         bad_index = torch.nonzero(flags == _OVERFLOW_SEGMENT_INDEX).flatten().tolist()
         if bad_index:
             rows = args[2].shape[0]  # page_table
             raise RuntimeError(
-                f"adakv: paged_append_: segment_index values outside [-1, {rows}) (the rows of "
+                f"adakv: {what.split()[0]}: segment_index values outside [-1, {rows}) (the rows of "
                 f"page_table) at batch segments {bad_index}: "
                 f"{segment_index[bad_index].tolist()}; nothing written for them")
         bad = torch.nonzero(flags).flatten().tolist()
         if bad:
             raise RuntimeError(f"adakv: {what} {bad}")
-        return
-    op(*args, overflow, *tail)
+        return result
+    return op(*args, overflow, *tail)
 
 
 def decode_attention(query: Tensor, k_flat: Tensor, v_flat: Tensor, seg_start: Tensor,
@@ -329,6 +329,31 @@ def paged_append_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len:
                        (k_pages, v_pages, page_table, seg_len, key_new, value_new), seg_len,
                        overflow, k_pages.is_cuda, "paged_append_ overflowed the page tables of "
                        "segments", segment_index)
+
+
+def paged_append_rotary_(k_pages: Tensor, v_pages: Tensor, page_table: Tensor, seg_len: Tensor,
+                         query: Tensor, key_new: Tensor, value_new: Tensor, cos: Tensor,
+                         sin: Tensor, overflow: Optional[Tensor] = None,
+                         segment_index: Optional[Tensor] = None) -> Tensor:
+    """:func:`paged_append_` of ``key_new`` rotated by RoPE, and ``query`` rotated: the
+    decode step's rotary embedding, layout copies and append in one kernel. Returns the
+    rotated query ``[B, Hq, T, D]`` (contiguous) for :func:`paged_decode_attention`.
+
+    The rotation is transformers' ``apply_rotary_pos_emb`` (``rotate_half``: the halves of a
+    head vector rotate against each other; Llama, Mistral, Qwen2, Qwen3) with ``cos``, ``sin``
+    ``[B, T, D]`` as the model's rotary embedding returns them (``[1, T, D]``: one row for the
+    whole batch), computed in float32 and rounded once. ``query [B, Hq, T, D]``, ``key_new``,
+    ``value_new [B, Hk, T, D]``, ``cos`` and ``sin`` may be strided views (last stride 1): the
+    heads of a fused QKV projection are read in place. ``D`` must be even; ``cos`` / ``sin``
+    float32 or the K/V dtype. Every other argument, the overflow flags and the padding rows
+    of ``segment_index`` are :func:`paged_append_`'s; the query is rotated for every batch
+    row, padding ones included.
+    """
+    return _append_with_flags(torch.ops.adakv.paged_append_rotary_,
+                              (k_pages, v_pages, page_table, seg_len, query, key_new, value_new,
+                               cos, sin), seg_len, overflow, k_pages.is_cuda,
+                              "paged_append_rotary_ overflowed the page tables of segments",
+                              segment_index)
 
 
 def paged_decode_attention(query: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,

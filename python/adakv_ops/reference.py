@@ -44,6 +44,8 @@ __all__ = [
     "paged_segments_ref",
     "paged_compact_ref",
     "paged_append_ref",
+    "rotary_ref",
+    "paged_append_rotary_ref",
     "paged_decode_attention_ref",
     "pyramid_budgets",
     "uniform_budgets",
@@ -635,6 +637,37 @@ def paged_append_ref(
         kf[rows] = key_new[b, h]
         vf[rows] = value_new[b, h]
     return kp, vp, (seg_len.long() + T).to(torch.int32)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x [B, H, T, D]`` as transformers' ``apply_rotary_pos_emb`` computes it
+    (``rotate_half``: the halves of a head vector rotate against each other), with ``cos``,
+    ``sin [B or 1, T, D]``; float64 result."""
+    x = x.double()
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    h = x.shape[-1] // 2
+    return x * c + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * s
+
+
+def paged_append_rotary_ref(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    seg_len: torch.Tensor,
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional ``paged_append_rotary_``: returns ``(query rotated, k_pages, v_pages,
+    seg_len)``: :func:`paged_append_ref` of the rotated keys (:func:`rotary_ref`, rounded once
+    to the K/V dtype)."""
+    if key_new.shape[-1] % 2:
+        _fail(f"the head dim must be even, got {key_new.shape[-1]}")
+    kp, vp, sl = paged_append_ref(k_pages, v_pages, page_table, seg_len,
+                                  rotary_ref(key_new, cos, sin).to(key_new.dtype), value_new)
+    return rotary_ref(query, cos, sin).to(query.dtype), kp, vp, sl
 
 
 def paged_decode_attention_ref(
