@@ -93,6 +93,9 @@ def main(argv=None):
                          "False)): the A/B of the fused projections")
     ap.add_argument("--decode-gemm", action="store_true",
                     help="Engine(decode_gemm=True): the projections on adakv's Hopper GEMM")
+    ap.add_argument("--rotary-append", action="store_true",
+                    help="Engine(rotary_append=True): RoPE fused into the paged append "
+                         "(paged_append_rotary_)")
     ap.add_argument("--blas", default="auto", choices=[*BLAS_POLICIES, "none"],
                     help="Engine(blas=...): the decode GEMMs' BLAS library (none: torch's "
                          "setting)")
@@ -157,7 +160,7 @@ def main(argv=None):
                  max_growth=args.max_growth, max_seq_len=max_seq_len,
                  fuse_projections=not args.no_fuse,
                  blas=None if args.blas == "none" else args.blas,
-                 decode_gemm=args.decode_gemm)
+                 decode_gemm=args.decode_gemm, rotary_append=args.rotary_append)
     g = torch.Generator().manual_seed(args.seed)
     news = torch.randint(lo, hi + 1, (R,), generator=g).tolist()
     header = {"kind": "header", "device": "cpu" if cpu else torch.cuda.get_device_name(),
@@ -170,6 +173,7 @@ def main(argv=None):
               "max_growth": args.max_growth, "max_seq_len": max_seq_len,
               "fused_projections": eng.fused_projections, "blas": eng.blas,
               "routed_projections": eng.routed_projections,
+              "rotary_modules": eng.rotary_modules,
               "copy_bw_gbs": bw / 1e9, "weights_gib": weights / 2**30}
     print(json.dumps(header), flush=True)
     if targets:
@@ -310,12 +314,15 @@ def _category(name: str) -> str:
     n = name.lower()
     if "decode_split_kernel" in n or "decode_balanced" in n or "decode_merge" in n:
         return "paged decode attention"
+    # before "append": inductor names a kernel after the ops it feeds (the RoPE of k and the
+    # copy of v that feed paged_append_ are "triton_..._paged_append_..."; they were counted
+    # as the append in the profiles before 2026-12-08)
+    if n.startswith("triton") or "fused" in n:
+        return "fused elementwise (inductor)"
     if "append" in n:
         return "paged append"
     if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")):
         return "GEMM (cuBLAS)"
-    if n.startswith("triton") or "fused" in n:
-        return "fused elementwise (inductor)"
     if "memcpy" in n or "memset" in n:
         return "memcpy / memset"
     return "other kernels"

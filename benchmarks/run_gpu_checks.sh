@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
 #                                            benchfollowups|benchitl|benchautotune|benchprofile|
-#                                            benchsplits|benchblas|benchgemm|all] [bundle]
+#                                            benchsplits|benchrotary|benchblas|benchgemm|all]
+#                                            [bundle]
 #   benchpaged / benchprefill / benchserve / benchstreams / benchpeers / benchfollowups: the
 #   evidence runs of issues 12, 13 and 14 (each a few minutes on an H100/H200; not in "all");
 #   benchitl: issue 13's A/B of max_prefill_tokens (inter-token gaps, TTFT by prompt length);
@@ -11,6 +12,8 @@
 #   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler);
 #   benchsplits: the paged attention's split count at the engine's shapes (1K keys per head,
 #   even and Ada-like heads) and the engine's step with one split per head forced;
+#   benchrotary: the engine at batch 64 / 128 with and without Engine(rotary_append=True)
+#   (RoPE fused into the paged append), each with --profile;
 #   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
 #   decode GEMMs' library); benchgemm: bench_decode_gemm.py with cuBLAS and with cuBLASLt
 #   (default: all); bundle (give it last): packs every file of the output folder into one
@@ -142,6 +145,14 @@ if [[ " $steps " == *" benchsplits "* ]]; then  # the attention's split count at
       --fork-to 64,128 --compile --warmup 3 --steps 12 --out "$out/serve-splits${sp:-auto}.jsonl" \
       > "$out/serve-splits${sp:-auto}.log" 2>&1; echo "bench_serve ADAKV_DECODE_SPLITS=${sp:-auto} rc=$?"
     sed -n '/^batch  step/,$p' "$out/serve-splits${sp:-auto}.log"
+  done
+fi
+if [[ " $steps " == *" benchrotary "* ]]; then  # same call: the A/B of Engine(rotary_append=)
+  for r in "" --rotary-append; do
+    name=serve-rotary${r:+-on}
+    timeout 280 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128 \
+      --compile --warmup 3 --steps 12 $r --profile --out "$out/$name.jsonl" > "$out/$name.log" 2>&1
+    echo "bench_serve ${r:---no rotary append} --profile rc=$?"; sed -n '/^batch  step/,$p' "$out/$name.log"
   done
 fi
 if [[ " $steps " == *" benchblas "* ]]; then  # same machine, same call: the A/B of Engine(blas=)

@@ -33,6 +33,17 @@ def test_fork_mode_records(tmp_path):
         assert 0 < hr["min"] <= hr["mean"] <= hr["max"] and hr["cv"] >= 0
         assert abs(hr["mean"] * hr["segments"] - r["kv_rows"]) < 1e-6 * r["kv_rows"]
     assert recs[0]["fused_projections"] == 4            # the default: 2 layers x (q/k/v, gate/up)
+    assert recs[0]["rotary_modules"] == 0               # the default: RoPE not fused
+
+
+def test_fork_mode_with_rotary_append(tmp_path):
+    import bench_serve
+    out = tmp_path / "rotary.jsonl"
+    bench_serve.main(["--cpu", "--fork-to", "2", "--requests", "1", "--warmup", "1",
+                      "--steps", "2", "--rotary-append", "--out", str(out)])
+    recs = bench_records(out)
+    assert recs[0]["rotary_modules"] == 2               # both attention layers
+    assert [r["batch"] for r in recs if r["kind"] == "fork_decode"] == [2]
 
 
 def test_fork_mode_refuses_batches_smaller_than_the_real_requests(tmp_path):
@@ -56,3 +67,19 @@ def test_stream_mode_mixed_prompts_with_reeviction(tmp_path):
     by_len = {int(n): t for n, t in rec["ttft_median_s_by_prompt"].items()}
     assert set(by_len) == set(rec["prompt_lengths"])
     assert min(by_len.values()) >= 0 and max(by_len.values()) <= rec["ttft_max_s"]
+
+
+def test_profile_categories():
+    """--profile's kernel families: inductor kernels named after the append they feed are
+    elementwise work, not the append."""
+    import bench_serve
+    c = bench_serve._category
+    assert c("void adakv::cuda::decode::decode_split_kernel<__nv_bfloat16, 128, true, true>") \
+        == "paged decode attention"
+    assert c("triton_poi_fused__to_copy__unsafe_view_add_cat_clone_cos_mul_neg_paged_append__s") \
+        == "fused elementwise (inductor)"
+    assert c("void adakv::cuda::(anonymous namespace)::paged_append_kernel<16>(adakv::cuda::") \
+        == "paged append"
+    assert c("void adakv::cuda::(anonymous namespace)::paged_append_rotary_kernel<__nv_bfloat16") \
+        == "paged append"
+    assert c("nvjet_sm90_tst_224x64_64x5_2x1_v_bz_TNN") == "GEMM (cuBLAS)"

@@ -78,6 +78,7 @@ from torch import Tensor
 from . import fusion, gemm
 from ._checks import is_int
 from .hf import AdaKVCache, PrefillJob, cache_kwarg
+from .hf.rotary_decode import install_rotary_decode
 from .hf.cache import is_integer_dtype
 from .sampling import SamplingParams, select_next
 from .store import to_device
@@ -233,6 +234,12 @@ class Engine:
             on an sm_90 GPU in fp16 / bf16; prefill chunks and other devices keep torch's
             GEMMs. Off by default: on an H100 it beats cuBLAS only for down_proj and the LM
             head at 64 rows (benchmarks/results/decode-gemm-h100.md).
+        rotary_append: decode with the rotary embedding fused into the paged append
+            (:mod:`adakv_ops.hf.rotary_decode`: one ``paged_append_rotary_`` launch per layer
+            instead of the RoPE of q and k, the K/V layout copies and the append) on the
+            supported attention classes (Llama, Mistral, Qwen2, Qwen3); other modules, and
+            prefill, keep their forward. Off by default until a GPU run has measured it (see
+            docs/serve.md); not combined with tensor parallelism (refused).
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
@@ -249,7 +256,7 @@ class Engine:
                  max_prefill_tokens: Optional[int] = 16384,
                  mode: Optional[str] = None, backend: str = "inductor", seed: int = 0,
                  fuse_projections: bool = True, blas: Optional[str] = "auto",
-                 decode_gemm: bool = False, **cache_kwargs):
+                 decode_gemm: bool = False, rotary_append: bool = False, **cache_kwargs):
         if cache_kwargs.get("storage", "paged") != "paged":
             raise ValueError("adakv: the engine needs storage='paged'")
         decode_blas(blas, 1)   # rejects an unknown policy before anything is built
@@ -267,6 +274,10 @@ class Engine:
         self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
         #: the modules routed through adakv's decode GEMM (0: torch's GEMMs everywhere)
         self.routed_projections = gemm.route_projections(model) if decode_gemm else 0
+        if rotary_append and self.cache.settings.shards is not None:
+            raise ValueError("adakv: rotary_append is not supported with tensor parallelism")
+        #: the attention modules whose decode step runs paged_append_rotary_ (0: none)
+        self.rotary_modules = install_rotary_decode(model) if rotary_append else 0
         self.chunk_size = chunk_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch

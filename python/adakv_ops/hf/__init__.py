@@ -15,7 +15,9 @@ transformers 5.24; ``past_key_values=cache`` works too and is the only name on 5
 installed transformers takes; :data:`CACHE_KWARG` is the name), as the library's own calls do.
 The cache works the same whichever name the caller used.
 
-No model class is patched. The constructor does three things to the *model instance*:
+No model class is patched (the one opt-in exception: ``Engine(rotary_append=True)`` gives the
+attention modules a fused decode forward, :mod:`adakv_ops.hf.rotary_decode`). The constructor
+does three things to the *model instance*:
 
 1. registers the attention function ``"adakv_<orig>"`` with ``AttentionInterface`` and the
    original implementation's mask function under the same name with ``AttentionMaskInterface``

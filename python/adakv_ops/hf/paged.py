@@ -412,6 +412,30 @@ class PagedLayer(EvictedLayer):
                            self._expand(value), segment_index=idx)
         self.keys, self.values = st.k_pages, st.v_pages
 
+    def rotary_decode_ready(self) -> bool:
+        """Whether :meth:`decode_rotary` can serve this layer's next forward: a decode step of
+        an evicted layer (not a prompt being added), one stored head per KV head."""
+        return (self.is_initialized and self.evicted and not self._control.adding
+                and not self.settings.per_query_head)
+
+    def decode_rotary(self, query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor,
+                      scale) -> Tensor:
+        """A decode step of this layer from the un-rotated ``query [B, Hq, T, D]``, ``key``,
+        ``value [B, Hk, T, D]`` (strided views are read in place) and the model's rotary
+        ``cos``, ``sin [B, T, D]``: ``paged_append_rotary_`` (RoPE, the append) then the paged
+        decode attention; what ``update`` + the attention function compute on the rotated
+        tensors (:mod:`adakv_ops.hf.rotary_decode`). Returns ``[B, Hq, T, D]``."""
+        self._check_claimed()
+        self._account(key.shape[-2])
+        st = self.store
+        table, seg_len, idx = self._views()
+        q = _ops.paged_append_rotary_(st.k_pages, st.v_pages, table, seg_len, query, key, value,
+                                      cos, sin, segment_index=idx)
+        self.keys, self.values = st.k_pages, st.v_pages
+        out = self._decode_attention(q, scale)
+        self._after_decode(q)
+        return out
+
     def _decode_attention(self, query: Tensor, scale) -> Tensor:
         st = self.store
         table, seg_len, idx = self._views()
