@@ -77,6 +77,8 @@ def _fused_step(module: nn.Module, hidden_states: Tensor, kwargs: dict) -> Optio
     v = module.v_proj(hidden_states).view(B, T, -1, D)
     if getattr(module, "q_norm", None) is not None:
         q, k = module.q_norm(q), module.k_norm(k)
+    if cos.dtype != k.dtype:         # e.g. autocast: the op takes float32 or the K/V dtype
+        cos, sin = cos.float(), sin.float()
     out = layer.decode_rotary(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin,
                               module.scaling)
     return module.o_proj(out.transpose(1, 2).reshape(B, T, -1))
