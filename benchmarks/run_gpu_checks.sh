@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks.
-# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|bench|benchpaged|
+# Usage: bash benchmarks/run_gpu_checks.sh [wheel=PATH|build|test|cputests|alltests|sanitize|
+#                                            sanitizerotary|bench|benchpaged|
 #                                            benchprefill|benchserve|benchstreams|benchpeers|
 #                                            benchfollowups|benchitl|benchautotune|benchprofile|
 #                                            benchsplits|benchrotary|benchblas|benchgemm|all]
@@ -12,6 +13,8 @@
 #   benchprofile: where the device time of a step goes at batch 64 and 128 (torch.profiler);
 #   benchsplits: the paged attention's split count at the engine's shapes (1K keys per head,
 #   even and Ada-like heads) and the engine's step with one split per head forced;
+#   sanitizerotary: memcheck / racecheck over paged_append_rotary_'s CUDA tests and memcheck
+#   over its adversarial cases (a subset of sanitize);
 #   benchrotary: the engine at batch 64 / 128 with and without Engine(rotary_append=True)
 #   (RoPE fused into the paged append), each with --profile;
 #   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
@@ -85,6 +88,21 @@ if has sanitize; then
     -q -k cuda -p no:cacheprovider > "$out/sanitize_adversarial.log" 2>&1
   rc=$?
   echo "compute-sanitizer memcheck, adversarial + paged: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_adversarial.log" | tail -n 2 | tr '\n' ' ')"
+  [ $rc -eq 0 ] || status=1
+fi
+if [[ " $steps " == *" sanitizerotary "* ]]; then  # paged_append_rotary_ alone (quicker than sanitize)
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_paged_rotary.py -q -k cuda \
+      -p no:cacheprovider > "$out/sanitize_rotary_$tool.log" 2>&1
+    rc=$?
+    echo "compute-sanitizer $tool, paged_append_rotary_: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_rotary_$tool.log" | tail -n 2 | tr '\n' ' ')"
+    [ $rc -eq 0 ] || status=1
+  done
+  compute-sanitizer --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+    $PY -m pytest tests/test_adversarial.py -q -k "prappend and cuda" -p no:cacheprovider \
+    > "$out/sanitize_rotary_adversarial.log" 2>&1
+  rc=$?
+  echo "compute-sanitizer memcheck, adversarial prappend: rc=$rc $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitize_rotary_adversarial.log" | tail -n 2 | tr '\n' ' ')"
   [ $rc -eq 0 ] || status=1
 fi
 if has benchpaged; then
