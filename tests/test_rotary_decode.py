@@ -133,6 +133,23 @@ def test_a_plain_cache_and_generate_are_unchanged(count_fused):
     assert not count_fused
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_with_adakv_cache_on_the_fused_forward(family, count_fused):
+    """Outside the engine: generate() with a paged AdaKVCache on a model with the fused forward
+    installed (left-padded batch) gives the unfused model's tokens, and its decode steps take
+    the fused path."""
+    from test_hf import generate, make_batch
+
+    from adakv_ops.hf import AdaKVCache
+    model = make_model(family)
+    ids, mask = make_batch(3, 30)
+    want = generate(model, ids, mask, AdaKVCache(model, **KW), n=8)
+    assert install_rotary_decode(model) == model.config.num_hidden_layers
+    got = generate(model, ids, mask, AdaKVCache(model, **KW), n=8)
+    assert torch.equal(got, want)
+    assert len(count_fused) == 7 * model.config.num_hidden_layers    # 7 decode forwards
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_rotary_append_engine(compile):
