@@ -248,39 +248,56 @@ def test_hf_cache_under_tensor_parallelism(family, world, storage, tmp_path):
                 assert mine == own, (key, r, li)
 
 
-def _engine_run(model):
+def _engine_run(model, rotary_append=False):
     from test_serve import _prompts
 
+    import adakv_ops
     from adakv_ops.serve import Engine
     prompts = _prompts(5, seed=2, lo=12, hi=40)
     news = [5, 2, 7, 4, 3]
     out = {}
-    for method in ("ada_snapkv", "defensivekv"):
-        eng = Engine(model, num_pages=3000, max_batch=3, chunk_size=8, method=method, budget=6,
-                     window=4, page_size=4)
-        rids = [eng.add_request(prompts[i], news[i]) for i in range(2)]
-        eng.step()
-        rids += [eng.add_request(prompts[i], news[i]) for i in range(2, 5)]
-        eng.run()
-        out[method] = [eng.result(r) for r in rids]
-    return out
+    fused = []                    # the query heads of each paged_append_rotary_ call
+    real = adakv_ops.ops.paged_append_rotary_
+
+    def counted(*a, **k):
+        fused.append(a[4].shape[1])
+        return real(*a, **k)
+
+    adakv_ops.ops.paged_append_rotary_ = counted
+    try:
+        for method in ("ada_snapkv", "defensivekv"):
+            eng = Engine(model, num_pages=3000, max_batch=3, chunk_size=8, method=method,
+                         budget=6, window=4, page_size=4, rotary_append=rotary_append)
+            rids = [eng.add_request(prompts[i], news[i]) for i in range(2)]
+            eng.step()
+            rids += [eng.add_request(prompts[i], news[i]) for i in range(2, 5)]
+            eng.run()
+            out[method] = [eng.result(r) for r in rids]
+    finally:
+        adakv_ops.ops.paged_append_rotary_ = real
+    return out, sorted(set(fused))
 
 
-def test_engine_under_tensor_parallelism(tmp_path):
+@pytest.mark.parametrize("rotary_append", [False, True])
+def test_engine_under_tensor_parallelism(rotary_append, tmp_path):
     """One engine per rank, fed the same requests (SPMD): joins, waits and leaves stay in
     lockstep (admission reads the fewest free pages of all ranks) and every request gets the
-    single-process tokens."""
+    single-process tokens (of the unfused forward, also with each rank's attention on
+    paged_append_rotary_: its heads of the sharded projections)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
     path = str(tmp_path / "model")
     _tiny("llama", path)
     mp.spawn(_tp_worker, args=(2, _rendezvous(tmp_path), path, str(tmp_path / "eng{rank}.pt"),
-                               _engine_run), nprocs=2, join=True)
+                               _engine_run, rotary_append), nprocs=2, join=True)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    want = _engine_run(model)
+    want, none = _engine_run(model)
+    assert none == []
     for r in range(2):
-        assert torch.load(tmp_path / f"eng{r}.pt") == want, r
+        got, fused = torch.load(tmp_path / f"eng{r}.pt")
+        assert got == want, r
+        assert fused == ([4] if rotary_append else []), r    # this rank's 4 of the 8 q heads
 
 
 def _layer_major_run(model):

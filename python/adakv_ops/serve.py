@@ -238,8 +238,9 @@ class Engine:
             (:mod:`adakv_ops.hf.rotary_decode`: one ``paged_append_rotary_`` launch per layer
             instead of the RoPE of q and k, the K/V layout copies and the append) on the
             supported attention classes (Llama, Mistral, Qwen2, Qwen3); other modules, and
-            prefill, keep their forward. Off by default until a GPU run has measured it (see
-            docs/serve.md); not combined with tensor parallelism (refused).
+            prefill, keep their forward; under tensor parallelism each rank's layer gets its
+            own heads of the sharded projections. Off by default until a GPU run has measured
+            it (see docs/serve.md).
         **cache_kwargs: the ``AdaKVCache`` settings (``method``, ``budget``, ``window``,
             ``page_size``, ``max_growth``, ``max_seq_len``, ...). ``max_seq_len`` (prompt +
             new tokens of one request; a longer request is refused) fixes the page tables'
@@ -274,8 +275,6 @@ class Engine:
         self.fused_projections = fusion.fuse_projections(model) if fuse_projections else 0
         #: the modules routed through adakv's decode GEMM (0: torch's GEMMs everywhere)
         self.routed_projections = gemm.route_projections(model) if decode_gemm else 0
-        if rotary_append and self.cache.settings.shards is not None:
-            raise ValueError("adakv: rotary_append is not supported with tensor parallelism")
         #: the attention modules whose decode step runs paged_append_rotary_ (0: none)
         self.rotary_modules = install_rotary_decode(model) if rotary_append else 0
         self.chunk_size = chunk_size
