@@ -15,8 +15,9 @@
 #   even and Ada-like heads) and the engine's step with one split per head forced;
 #   sanitizerotary: memcheck / racecheck over paged_append_rotary_'s CUDA tests and memcheck
 #   over its adversarial cases (a subset of sanitize);
-#   benchrotary: the engine at batch 64 / 128 with and without Engine(rotary_append=True)
-#   (RoPE fused into the paged append), each with --profile;
+#   benchrotary: paged_append_rotary_ against the compiled RoPE + copies + append it replaces
+#   (bench_rotary_append.py, per layer, CUDA graphs), then the engine at batch 64 / 128 with and
+#   without Engine(rotary_append=True), each with --profile;
 #   benchblas: the engine at batch 64 / 128 / 256 with Engine(blas="auto") and blas=None (the
 #   decode GEMMs' library); benchgemm: bench_decode_gemm.py with cuBLAS and with cuBLASLt
 #   (default: all); bundle (give it last): packs every file of the output folder into one
@@ -166,6 +167,8 @@ if [[ " $steps " == *" benchsplits "* ]]; then  # the attention's split count at
   done
 fi
 if [[ " $steps " == *" benchrotary "* ]]; then  # same call: the A/B of Engine(rotary_append=)
+  timeout 120 $PY benchmarks/bench_rotary_append.py --out "$out/rotary-append.jsonl" \
+    > "$out/rotary-append.log" 2>&1; echo "bench_rotary_append rc=$?"; tail -n 4 "$out/rotary-append.log"
   for r in "" --rotary-append; do
     name=serve-rotary${r:+-on}
     timeout 280 $PY benchmarks/bench_serve.py --requests 1 --prompt 32768 --fork-to 64,128 \
