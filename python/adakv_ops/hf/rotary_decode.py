@@ -15,10 +15,11 @@ How: :func:`install_rotary_decode` gives each supported attention module (the cl
 paged layer in a decode step (:meth:`~adakv_ops.hf.paged.PagedLayer.rotary_decode_ready`) and
 the step is an ordinary one (rotary tables of the head dim, no query recorder, no sliding
 window, no logit softcapping); every other call (prefill, a plain cache, another storage) runs
-the class's own forward unchanged. The subclass adds no state; :func:`uninstall_rotary_decode`
-gives the modules their class back. The projections, the q/k norms (Qwen3) and ``o_proj`` are
-the module's own, so fused projections, routed GEMMs and tensor-parallel hooks apply as in
-the original forward.
+the class's own forward unchanged. The subclass adds no state (state dicts are unchanged);
+:func:`uninstall_rotary_decode` gives the modules their class back (do that before pickling
+the whole model object: the subclass is made at run time and has no importable name). The
+projections, the q/k norms (Qwen3) and ``o_proj`` are the module's own, so fused projections,
+routed GEMMs and tensor-parallel hooks apply as in the original forward.
 
 Numerics: the rotation runs in float32 and is rounded once (what ``torch.compile`` makes of
 ``apply_rotary_pos_emb``; eager transformers rounds each product in the model dtype), so in
