@@ -343,6 +343,34 @@ __global__ void __launch_bounds__(kRotaryMaxThreads)
 // ---------------------------------------------------------------------------------------------
 // paged decode
 
+// The fields of PagedAppendParams that begin_append reads (pool, table, lengths, segment index,
+// overflow flags, sizes): the part both append launchers fill alike.
+PagedAppendParams append_target(const Tensor& k_pages, const Tensor& v_pages,
+                                const Tensor& page_table, const Tensor& seg_len,
+                                const OptTensor& overflow, const OptTensor& segment_index,
+                                const PagedShape& ps, const DecodeShape& sh, int64_t cap) {
+  PagedAppendParams p{};
+  p.k_pages = static_cast<char*>(k_pages.data_ptr());
+  p.v_pages = static_cast<char*>(v_pages.data_ptr());
+  p.page_table = ptr<int32_t>(page_table);
+  p.seg_len = ptr<int32_t>(seg_len);
+  p.seg_index = ptr<int32_t>(segment_index);
+  p.overflow = ptr<int32_t>(overflow);
+  p.S = sh.S;
+  p.table_rows = ps.S;
+  p.T = sh.T;
+  p.P = ps.P;
+  p.width = ps.width;
+  p.num_pages = ps.num_pages;
+  p.cap = cap;
+  return p;
+}
+
+// Threads of an append CTA: one per work item, whole warps, in [32, max_threads].
+int append_threads(int64_t items, int max_threads) {
+  return static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, max_threads));
+}
+
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 std::tuple<Tensor, OptTensor> paged_decode_impl(const Tensor& query, const Tensor& k_pages,
@@ -459,27 +487,14 @@ void paged_append_(const Tensor& k_pages, const Tensor& v_pages, const Tensor& p
   const int64_t T = sh.T;
   const DeviceGuard guard(k_pages.get_device_index());
   if (sh.S == 0) return;  // no batch segment (B * Hk == 0)
-  PagedAppendParams p{};
-  p.k_pages = static_cast<char*>(k_pages.data_ptr());
-  p.v_pages = static_cast<char*>(v_pages.data_ptr());
-  p.page_table = ptr<int32_t>(page_table);
-  p.seg_len = ptr<int32_t>(seg_len);
-  p.seg_index = ptr<int32_t>(segment_index);
+  PagedAppendParams p =
+      append_target(k_pages, v_pages, page_table, seg_len, overflow, segment_index, ps, sh, cap);
   p.key_new = static_cast<const char*>(key_new.data_ptr());
   p.value_new = static_cast<const char*>(value_new.data_ptr());
-  p.overflow = ptr<int32_t>(overflow);
-  p.S = sh.S;
-  p.table_rows = ps.S;
-  p.T = T;
-  p.P = ps.P;
-  p.width = ps.width;
-  p.num_pages = ps.num_pages;
-  p.cap = cap;
   p.row_bytes = ps.D * static_cast<int64_t>(k_pages.element_size());
   const int width = vector_width(p.row_bytes, {&k_pages, &v_pages, &key_new, &value_new});
   // One thread per vector of the T rows of K and V, at most 256 per CTA.
-  const int64_t items = checked_mul(T, 2 * (p.row_bytes / width), "T * D");
-  const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
+  const int threads = append_threads(checked_mul(T, 2 * (p.row_bytes / width), "T * D"), 256);
   ADAKV_VEC_SWITCH(width, VEC, [&] {
     paged_append_kernel<VEC>
         <<<static_cast<unsigned>(sh.S), threads, 0, current_stream(k_pages)>>>(p);
@@ -503,20 +518,8 @@ Tensor paged_append_rotary_(const Tensor& k_pages, const Tensor& v_pages,
       new_empty(op, "the rotated query", query, {sh.B, sh.Hq, sh.T, sh.D}, query.scalar_type());
   if (sh.S == 0) return q_out;  // no batch segment (B == 0)
   PagedAppendRotaryParams p{};
-  PagedAppendParams& a = p.append;
-  a.k_pages = static_cast<char*>(k_pages.data_ptr());
-  a.v_pages = static_cast<char*>(v_pages.data_ptr());
-  a.page_table = ptr<int32_t>(page_table);
-  a.seg_len = ptr<int32_t>(seg_len);
-  a.seg_index = ptr<int32_t>(segment_index);
-  a.overflow = ptr<int32_t>(overflow);
-  a.S = sh.S;
-  a.table_rows = ps.S;
-  a.T = sh.T;
-  a.P = ps.P;
-  a.width = ps.width;
-  a.num_pages = ps.num_pages;
-  a.cap = cap;
+  p.append =
+      append_target(k_pages, v_pages, page_table, seg_len, overflow, segment_index, ps, sh, cap);
   p.query = static_cast<const char*>(query.data_ptr());
   p.key_new = static_cast<const char*>(key_new.data_ptr());
   p.value_new = static_cast<const char*>(value_new.data_ptr());
@@ -528,10 +531,9 @@ Tensor paged_append_rotary_(const Tensor& k_pages, const Tensor& v_pages,
   p.D = sh.D;
   p.stride = rotary_strides(query, key_new, value_new, cos, sin);
   // One thread per element pair of the segment's query heads and key, at most 256 per CTA.
-  const int64_t items =
-      checked_mul(sh.T, checked_mul(p.G + 1, sh.D / 2, "(G + 1) * D"), "T * G * D");
-  const int threads =
-      static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, kRotaryMaxThreads));
+  const int threads = append_threads(
+      checked_mul(sh.T, checked_mul(p.G + 1, sh.D / 2, "(G + 1) * D"), "T * G * D"),
+      kRotaryMaxThreads);
   const bool float_angles = cos.scalar_type() == kFloat;
   ADAKV_DTYPE_SWITCH(query.scalar_type(), scalar_t, [&] {
     const auto launch = [&](auto kernel) {

@@ -244,7 +244,7 @@ def _append_with_flags(op, args, seg_len: Tensor, overflow: Optional[Tensor], is
         if bad_index:
             rows = args[2].shape[0]  # page_table
             raise RuntimeError(
-                f"adakv: {what.split()[0]}: segment_index values outside [-1, {rows}) (the rows of "
+                f"adakv: {op.__name__}: segment_index values outside [-1, {rows}) (the rows of "
                 f"page_table) at batch segments {bad_index}: "
                 f"{segment_index[bad_index].tolist()}; nothing written for them")
         bad = torch.nonzero(flags).flatten().tolist()
