@@ -260,6 +260,36 @@ def test_head_dim_zero_advances_the_lengths(device):
     assert dlen.cpu().tolist() == [3, 4, 3, 4]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_values_stay_in_their_rows(device):
+    """NaN / Inf in one query head, one key and one angle row: they reach only the rows that
+    read them (a rotation mixes the two halves of one head vector, nothing else); every other
+    row matches the reference, nothing is dropped or clamped."""
+    B, Hq, Hk, T, D, P = 2, 4, 2, 1, 16, 4
+    lens = torch.tensor([1, 5, 0, 3], dtype=torch.int32)
+    kp, vp, table = make_pool([n_pages(int(n) + T, P) for n in lens], P, D, torch.float32, 61)
+    q, k, v = qkv_inputs(B, Hq, Hk, T, D, 62, torch.float32, "contiguous")
+    cos, sin = angles(B, T, D, 63, torch.float32)
+    q[0, 1, 0, 3] = float("nan")
+    k[1, 0, 0, 10] = float("inf")
+    cos[1, 0, 2] = float("nan")          # batch row 1: every head of it sees a NaN angle
+    wq, wk, wv, wl = ref.paged_append_rotary_ref(kp, vp, table, lens, q, k, v, cos, sin)
+    dkp, dvp, dtab, dlen = fresh(device, kp, vp, table, lens)
+    got_q = cpu(ops.paged_append_rotary_(dkp, dvp, dtab, dlen, *to(device, q, k, v, cos, sin)))
+    assert_equal(dlen, wl, "seg_len")
+    assert torch.equal(got_q.isnan(), wq.isnan()), "NaN positions of the query"
+    fin = ~wq.isnan()
+    torch.testing.assert_close(got_q[fin], wq[fin], rtol=1e-5, atol=1e-5)
+    assert got_q[0, 1].isnan().any() and not got_q[0, [0, 2, 3]].isnan().any()
+    rows = written_rows(table, lens, T, P, range(B * Hk))
+    gk = cpu(dkp).view(-1, D)[rows]
+    want = wk.view(-1, D)[rows]
+    assert torch.equal(gk.isnan(), want.isnan()) and torch.equal(gk.isinf(), want.isinf())
+    ok = want.isfinite()
+    torch.testing.assert_close(gk[ok], want[ok], rtol=1e-5, atol=1e-5)
+    assert_equal(dvp, wv, "v_pages")
+
+
 @pytest.mark.sanitize
 @requires_cuda
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64),
